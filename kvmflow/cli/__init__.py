@@ -1,0 +1,1 @@
+"""The ``kvmflow`` command line."""
