@@ -37,3 +37,31 @@ def qemu(sockdir: Path) -> Iterator[ScratchQemu]:
         yield instance
     finally:
         instance.stop()
+
+
+def kill_qemus_under(root: Path) -> list[int]:
+    """Kill every QEMU whose command line mentions ``root`` (daemonized ones included)."""
+    import psutil
+
+    killed = []
+    for process in psutil.process_iter(["name", "cmdline"]):
+        cmdline = process.info.get("cmdline") or []
+        if cmdline and "qemu-system" in cmdline[0] and any(str(root) in a for a in cmdline):
+            try:
+                process.kill()
+                process.wait(5)
+            except psutil.Error:
+                pass
+            killed.append(process.pid)
+    return killed
+
+
+@pytest.fixture
+def runtime_root() -> Iterator[Path]:
+    """A short runtime root; any QEMU started under it is killed in teardown."""
+    root = Path(tempfile.mkdtemp(prefix="kvfr-"))
+    try:
+        yield root
+    finally:
+        kill_qemus_under(root)
+        shutil.rmtree(root, ignore_errors=True)

@@ -1,5 +1,33 @@
 """The KVM instance layer: parameters, QEMU command lines, runtime files, processes."""
 
+from kvmflow.kvm.argv import build_argv, execution_args
+from kvmflow.kvm.console import console_command
+from kvmflow.kvm.hypervisor import (
+    InstanceInfo,
+    InstanceNotRunningError,
+    InstanceRunningError,
+    KvmHypervisor,
+    StopError,
+)
+from kvmflow.kvm.nicscript import render_up_script
+from kvmflow.kvm.params import (
+    BootOrder,
+    Disk,
+    DiskCache,
+    DiskMode,
+    DiskType,
+    HvParams,
+    InstanceSpec,
+    KvmFlag,
+    Nic,
+    NicMode,
+    NicType,
+    SecurityModel,
+    UsbMouse,
+    check_instance_name,
+    validate_spec,
+)
+from kvmflow.kvm.runtime import RuntimePaths, SavedRuntime
 from kvmflow.kvm.scratch import (
     QemuStartError,
     ScratchQemu,
@@ -8,12 +36,42 @@ from kvmflow.kvm.scratch import (
     scratch_qemu,
     start_scratch_qemu,
 )
+from kvmflow.kvm.uidpool import UidPool, UidPoolExhaustedError, parse_uid_ranges
 
 __all__ = [
+    "BootOrder",
+    "Disk",
+    "DiskCache",
+    "DiskMode",
+    "DiskType",
+    "HvParams",
+    "InstanceInfo",
+    "InstanceNotRunningError",
+    "InstanceRunningError",
+    "InstanceSpec",
+    "KvmFlag",
+    "KvmHypervisor",
+    "Nic",
+    "NicMode",
+    "NicType",
     "QemuStartError",
+    "RuntimePaths",
+    "SavedRuntime",
     "ScratchQemu",
+    "SecurityModel",
+    "StopError",
+    "UidPool",
+    "UidPoolExhaustedError",
+    "UsbMouse",
+    "build_argv",
+    "check_instance_name",
+    "console_command",
     "default_accelerator",
+    "execution_args",
     "kvm_usable",
+    "parse_uid_ranges",
+    "render_up_script",
     "scratch_qemu",
     "start_scratch_qemu",
+    "validate_spec",
 ]

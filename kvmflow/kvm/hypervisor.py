@@ -1,0 +1,368 @@
+"""Process control of KVM instances on one node: start, inspect, stop, reboot, clean up.
+
+:class:`KvmHypervisor` is the ancestor's hypervisor class for one node, async and in
+QEMU 7.2 syntax. Everything it does goes through a :class:`~kvmflow.node.base.Node`, so the
+same code drives this machine and, over SSH, any other. A start either ends with a live,
+verified instance and its saved runtime, or it leaves nothing behind (files, uid, process).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+from dataclasses import dataclass
+
+import anyio
+import structlog
+
+from kvmflow.errors import KvmflowError, MisuseError
+from kvmflow.kvm.argv import QEMU_BINARY, build_argv, execution_args
+from kvmflow.kvm.console import console_command
+from kvmflow.kvm.nicscript import SITE_SCRIPT, render_up_script
+from kvmflow.kvm.params import InstanceSpec, SecurityModel, validate_spec
+from kvmflow.kvm.runtime import RuntimePaths, SavedRuntime, load_runtime, save_runtime
+from kvmflow.kvm.scratch import QemuStartError
+from kvmflow.kvm.uidpool import UidPool
+from kvmflow.monitor.qmp import QMPClient
+from kvmflow.node.base import Node, NodeInfo
+
+_log = structlog.get_logger("kvmflow.kvm")
+
+
+class InstanceRunningError(MisuseError):
+    """The instance is running, and the operation needs it stopped (or vice versa)."""
+
+
+class InstanceNotRunningError(MisuseError):
+    """The instance is not running."""
+
+
+class StopError(KvmflowError):
+    """The instance's process would not go away."""
+
+
+@dataclass(frozen=True)
+class InstanceInfo:
+    """A running instance as its process shows it (read back from the command line)."""
+
+    name: str
+    pid: int
+    memory_mib: int
+    vcpus: int
+
+
+def parse_cmdline_info(name: str, pid: int, cmdline: list[str]) -> InstanceInfo:
+    """Memory and vCPUs from a QEMU command line (``-m`` and ``-smp``)."""
+    memory = vcpus = 0
+    for flag, value in zip(cmdline, cmdline[1:], strict=False):
+        if flag == "-m":
+            memory = int(value.split(",")[0].rstrip("M") or 0)
+        elif flag == "-smp":
+            vcpus = int(value.split(",")[0] or 0)
+    return InstanceInfo(name, pid, memory, vcpus)
+
+
+def cmdline_names_instance(cmdline: list[str], name: str) -> bool:
+    """Whether a process command line is QEMU's for ``name`` (``-name <name>``)."""
+    return any(
+        flag == "-name" and value == name for flag, value in zip(cmdline, cmdline[1:], strict=False)
+    )
+
+
+class KvmHypervisor:
+    """Starts and controls the QEMU processes of instances on one node.
+
+    ``default_accelerator`` is used when an instance leaves ``kvm_flag`` unset (``kvm``
+    where ``/dev/kvm`` works, ``tcg`` elsewhere). ``uid_pool`` is needed for the ``pool``
+    security model. ``site_script`` is what NIC up-scripts run when it exists.
+    """
+
+    def __init__(
+        self,
+        node: Node,
+        paths: RuntimePaths,
+        *,
+        default_accelerator: str = "kvm",
+        qemu_binary: str = QEMU_BINARY,
+        uid_pool: UidPool | None = None,
+        site_script: str = SITE_SCRIPT,
+        start_timeout: float = 60.0,
+    ) -> None:
+        self.node = node
+        self.paths = paths
+        self.default_accelerator = default_accelerator
+        self.qemu_binary = qemu_binary
+        self.uid_pool = uid_pool
+        self.site_script = site_script
+        self.start_timeout = start_timeout
+        self._log = _log.bind(node=node.name)
+
+    # ------------------------------------------------------------------ inspection
+
+    async def find_pid(self, name: str) -> int | None:
+        """The pid of ``name``'s QEMU if it runs: the pid file's process must be alive and
+        carry ``-name <name>`` (a reused pid belonging to anything else is not it)."""
+        data = await self.node.read_file(self.paths.pid_file(name))
+        if data is None:
+            return None
+        try:
+            pid = int(data.strip())
+        except ValueError:
+            return None
+        cmdline = await self.node.process_cmdline(pid)
+        if cmdline is None or not cmdline_names_instance(cmdline, name):
+            return None
+        return pid
+
+    async def is_running(self, name: str) -> bool:
+        return await self.find_pid(name) is not None
+
+    async def info(self, name: str) -> InstanceInfo | None:
+        """Name, pid, memory and vCPUs of a running instance, or ``None``."""
+        pid = await self.find_pid(name)
+        if pid is None:
+            return None
+        cmdline = await self.node.process_cmdline(pid)
+        if cmdline is None:
+            return None
+        return parse_cmdline_info(name, pid, cmdline)
+
+    async def list_instances(self) -> list[str]:
+        """Names of the instances running on this node."""
+        names = []
+        for name in await self.node.list_dir(self.paths.dir("pid")):
+            if not name.startswith(".") and await self.find_pid(name) is not None:
+                names.append(name)
+        return names
+
+    async def node_info(self) -> NodeInfo:
+        return await self.node.node_info()
+
+    def console(self, spec: InstanceSpec) -> list[str] | str:
+        """The console command for ``spec`` (see :mod:`kvmflow.kvm.console`)."""
+        return console_command(spec, self.paths)
+
+    def qmp(
+        self, name: str, *, connect_timeout: float = 5.0, command_timeout: float | None = None
+    ) -> QMPClient:
+        """A QMP client for the instance's monitor (not yet connected)."""
+        return QMPClient(
+            self.node.monitor_connector(self.paths.qmp_socket(name)),
+            connect_timeout=connect_timeout,
+            command_timeout=command_timeout,
+        )
+
+    # ----------------------------------------------------------------------- start
+
+    async def start(
+        self,
+        spec: InstanceSpec,
+        *,
+        runtime: SavedRuntime | None = None,
+        incoming: str | None = None,
+    ) -> InstanceInfo:
+        """Start ``spec``'s QEMU and verify it runs.
+
+        With ``runtime`` (reboot, migration target) the saved argv, and so the NICs and
+        hardware, are reused; security and the VNC password come from ``spec``. With
+        ``incoming`` QEMU waits for a migration stream and the runtime is saved only when
+        the migration is finalized (:meth:`save_runtime`).
+        """
+        validate_spec(spec)
+        if runtime is not None and runtime.spec.name != spec.name:
+            raise MisuseError(f"runtime of {runtime.spec.name} cannot start {spec.name}")
+        name = spec.name
+        if await self.is_running(name):
+            raise InstanceRunningError(f"instance {name} is already running on {self.node.name}")
+        await self.paths.ensure(self.node)
+        if runtime is not None:
+            base_argv = list(runtime.argv)
+            nic_spec = runtime.spec
+        else:
+            base_argv = build_argv(
+                spec,
+                self.paths,
+                default_accelerator=self.default_accelerator,
+                qemu_binary=self.qemu_binary,
+            )
+            nic_spec = spec
+        uid: int | None = None
+        started = False
+        try:
+            # Stale files of an earlier run that died must not be mistaken for this one.
+            for path in (
+                self.paths.pid_file(name),
+                self.paths.qmp_socket(name),
+                self.paths.hmp_socket(name),
+                self.paths.serial_socket(name),
+            ):
+                await self.node.remove(path)
+            if spec.hvparams.security_model is SecurityModel.POOL:
+                if self.uid_pool is None:
+                    raise MisuseError("security_model=pool needs a uid pool on the hypervisor")
+                uid = await self.uid_pool.allocate(self.node, name)
+                await self.node.write_file(self.paths.uid_file(name), f"{uid}\n".encode())
+            await self._write_nic_scripts(nic_spec)
+            if spec.hvparams.use_chroot:
+                await self.node.make_dirs(self.paths.chroot_dir(name), 0o755)
+            argv = base_argv + execution_args(spec, uid=uid, incoming=incoming)
+            self._log.info("starting instance", instance=name, incoming=incoming)
+            result = await self.node.run(argv, timeout=self.start_timeout)
+            if not result.ok:
+                raise QemuStartError(
+                    f"QEMU refused to start {name} on {self.node.name}: {result.error_text()}"
+                )
+            pid = await self.find_pid(name)
+            if pid is None:
+                raise QemuStartError(
+                    f"QEMU for {name} exited right after starting on {self.node.name}"
+                )
+            started = True
+            if spec.hvparams.vnc_password_file:
+                await self._set_vnc_password(spec)
+            if incoming is None:
+                await save_runtime(self.node, self.paths, SavedRuntime(tuple(base_argv), spec, uid))
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._undo_start(name, uid, killed=started)
+            raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._remove_nic_scripts(nic_spec)
+        info = await self.info(name)
+        if info is None:
+            raise QemuStartError(f"instance {name} died right after starting")
+        return info
+
+    async def save_runtime(self, spec: InstanceSpec, argv: list[str]) -> None:
+        """Record the runtime of an instance that was started with ``incoming``."""
+        uid = None
+        data = await self.node.read_file(self.paths.uid_file(spec.name))
+        if data is not None:
+            uid = int(data.strip())
+        await save_runtime(self.node, self.paths, SavedRuntime(tuple(argv), spec, uid))
+
+    async def load_runtime(self, name: str) -> SavedRuntime | None:
+        return await load_runtime(self.node, self.paths, name)
+
+    async def _write_nic_scripts(self, spec: InstanceSpec) -> None:
+        for index, nic in enumerate(spec.nics):
+            script = render_up_script(spec, nic, self.site_script)
+            await self.node.write_file(
+                self.paths.nic_script(spec.name, index), script.encode(), 0o700
+            )
+
+    async def _remove_nic_scripts(self, spec: InstanceSpec) -> None:
+        for index in range(len(spec.nics)):
+            await self.node.remove(self.paths.nic_script(spec.name, index))
+
+    async def _set_vnc_password(self, spec: InstanceSpec) -> None:
+        assert spec.hvparams.vnc_password_file is not None
+        data = await self.node.read_file(spec.hvparams.vnc_password_file)
+        if data is None:
+            raise MisuseError(f"VNC password file {spec.hvparams.vnc_password_file} is gone")
+        password = data.decode(errors="strict").splitlines()[0] if data.strip() else ""
+        if not password:
+            raise MisuseError(f"VNC password file {spec.hvparams.vnc_password_file} is empty")
+        async with self.qmp(spec.name, command_timeout=10) as qmp:
+            await qmp.execute("change-vnc-password", {"password": password})
+        self._log.info("vnc password set", instance=spec.name)
+
+    async def _undo_start(self, name: str, uid: int | None, *, killed: bool) -> None:
+        pid = await self.find_pid(name)
+        if pid is not None:
+            await self._kill_and_wait(name, pid)
+        await self._remove_files(name)
+        if uid is not None and self.uid_pool is not None:
+            await self.uid_pool.release(self.node, uid)
+        if killed:
+            self._log.warning("start undone", instance=name)
+
+    # ------------------------------------------------------------------------ stop
+
+    async def stop(
+        self, name: str, *, force: bool = False, timeout: float = 30.0, acpi: bool = True
+    ) -> None:
+        """Stop ``name`` and clean up after it.
+
+        Without ``force`` and with ACPI, the guest gets ``system_powerdown`` and up to
+        ``timeout`` seconds to power off; then (or with ``force``) QEMU is killed.
+        """
+        pid = await self.find_pid(name)
+        if pid is not None:
+            if acpi and not force:
+                await self._powerdown(name, pid, timeout)
+            pid = await self.find_pid(name)
+            if pid is not None:
+                await self._kill_and_wait(name, pid)
+        await self.cleanup(name)
+
+    async def _powerdown(self, name: str, pid: int, timeout: float) -> None:
+        try:
+            async with self.qmp(name, connect_timeout=5, command_timeout=5) as qmp:
+                await qmp.execute("system_powerdown")
+        except KvmflowError as exc:
+            self._log.warning("powerdown request failed", instance=name, error=str(exc))
+            return
+        self._log.info("powerdown requested", instance=name, timeout=timeout)
+        if not await self._wait_gone(pid, timeout):
+            self._log.warning("guest ignored powerdown; killing", instance=name)
+
+    async def _kill_and_wait(self, name: str, pid: int) -> None:
+        await self.node.signal_process(pid, signal.SIGKILL)
+        if not await self._wait_gone(pid, 10):
+            raise StopError(f"QEMU process {pid} of {name} survived SIGKILL on {self.node.name}")
+        self._log.info("instance process ended", instance=name, pid=pid)
+
+    async def _wait_gone(self, pid: int, timeout: float) -> bool:
+        with anyio.move_on_after(timeout):
+            while await self.node.process_cmdline(pid) is not None:
+                await anyio.sleep(0.05)
+            return True
+        return False
+
+    async def reboot(self, spec: InstanceSpec, *, force: bool = False) -> InstanceInfo:
+        """Stop and start again from the saved runtime (same hardware, current security)."""
+        runtime = await self.load_runtime(spec.name)
+        if runtime is None:
+            raise InstanceNotRunningError(f"instance {spec.name} has no saved runtime to reboot")
+        await self.stop(spec.name, force=force, acpi=spec.hvparams.acpi)
+        return await self.start(spec, runtime=runtime)
+
+    # --------------------------------------------------------------------- cleanup
+
+    async def cleanup(self, name: str) -> None:
+        """Remove everything a stopped instance left: files, uid, chroot (quarantined when
+        not empty). Refuses a live instance."""
+        if await self.is_running(name):
+            raise InstanceRunningError(f"instance {name} is running; stop it before cleanup")
+        uid_data = await self.node.read_file(self.paths.uid_file(name))
+        await self._remove_files(name)
+        if uid_data is not None and self.uid_pool is not None:
+            try:
+                await self.uid_pool.release(self.node, int(uid_data.strip()))
+            except ValueError:
+                self._log.warning("unreadable uid file", instance=name)
+        await self._clean_chroot(name)
+
+    async def _remove_files(self, name: str) -> None:
+        for path in self.paths.instance_files(name):
+            await self.node.remove(path)
+
+    async def _clean_chroot(self, name: str) -> None:
+        chroot = self.paths.chroot_dir(name)
+        entries = await self.node.list_dir(chroot)
+        if not entries:
+            await self.node.remove_tree(chroot)
+            return
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        target = os.path.join(self.paths.quarantine_dir(), f"{name}-{stamp}")
+        await self.node.make_dirs(self.paths.quarantine_dir(), 0o700)
+        await self.node.rename(chroot, target)
+        self._log.warning(
+            "non-empty chroot moved to quarantine; inspect it, it may be a security incident",
+            instance=name,
+            entries=entries[:10],
+            quarantine=target,
+        )

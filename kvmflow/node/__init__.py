@@ -1,0 +1,6 @@
+"""Nodes: where commands run, files live and monitor sockets open."""
+
+from kvmflow.node.base import CommandResult, Node, NodeError, NodeInfo
+from kvmflow.node.local import LocalNode
+
+__all__ = ["CommandResult", "LocalNode", "Node", "NodeError", "NodeInfo"]
