@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ def argv_for(spec: InstanceSpec | None = None, **hv: Any) -> list[str]:
 
 
 def pairs(argv: list[str]) -> list[tuple[str, str]]:
-    return [(a, b) for a, b in zip(argv, argv[1:], strict=False) if a.startswith("-")]
+    return [(a, b) for a, b in itertools.pairwise(argv) if a.startswith("-")]
 
 
 def test_base_command_line() -> None:

@@ -160,9 +160,12 @@ def test_vnc_bind_directory_and_bad_values(files: dict[str, str]) -> None:
 
 
 def test_ip_checks_are_family_specific() -> None:
-    assert is_ipv4("192.0.2.1") and not is_ipv4("::1")
-    assert is_ipv6("::1") and not is_ipv6("192.0.2.1")
-    assert not is_ipv4("192.0.2.1/24") and not is_ipv6("fe80::1%eth0x/")
+    assert is_ipv4("192.0.2.1")
+    assert not is_ipv4("::1")
+    assert is_ipv6("::1")
+    assert not is_ipv6("192.0.2.1")
+    assert not is_ipv4("192.0.2.1/24")
+    assert not is_ipv6("fe80::1%eth0x/")
 
 
 def test_vnc_port_rules() -> None:

@@ -32,8 +32,5 @@ def console_command(spec: InstanceSpec, paths: RuntimePaths) -> list[str] | str:
     """The argv that connects to the serial console, or a message saying there is none."""
     if not spec.hvparams.serial_console:
         return f"instance {spec.name} has no serial console (serial_console is off)"
-    if socat_supports_escape():
-        tty = f"raw,echo=0,escape={ESCAPE_CODE}"
-    else:
-        tty = "echo=0,icanon=0"
+    tty = f"raw,echo=0,escape={ESCAPE_CODE}" if socat_supports_escape() else "echo=0,icanon=0"
     return ["socat", f"STDIO,{tty}", f"UNIX-CONNECT:{paths.serial_socket(spec.name)}"]

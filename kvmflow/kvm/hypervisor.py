@@ -9,6 +9,7 @@ verified instance and its saved runtime, or it leaves nothing behind (files, uid
 from __future__ import annotations
 
 import datetime
+import itertools
 import os
 import signal
 from dataclasses import dataclass
@@ -55,7 +56,7 @@ class InstanceInfo:
 def parse_cmdline_info(name: str, pid: int, cmdline: list[str]) -> InstanceInfo:
     """Memory and vCPUs from a QEMU command line (``-m`` and ``-smp``)."""
     memory = vcpus = 0
-    for flag, value in zip(cmdline, cmdline[1:], strict=False):
+    for flag, value in itertools.pairwise(cmdline):
         if flag == "-m":
             memory = int(value.split(",")[0].rstrip("M") or 0)
         elif flag == "-smp":
@@ -65,9 +66,7 @@ def parse_cmdline_info(name: str, pid: int, cmdline: list[str]) -> InstanceInfo:
 
 def cmdline_names_instance(cmdline: list[str], name: str) -> bool:
     """Whether a process command line is QEMU's for ``name`` (``-name <name>``)."""
-    return any(
-        flag == "-name" and value == name for flag, value in zip(cmdline, cmdline[1:], strict=False)
-    )
+    return any(flag == "-name" and value == name for flag, value in itertools.pairwise(cmdline))
 
 
 class KvmHypervisor:
@@ -282,26 +281,36 @@ class KvmHypervisor:
     # ------------------------------------------------------------------------ stop
 
     async def stop(
-        self, name: str, *, force: bool = False, timeout: float = 30.0, acpi: bool = True
+        self,
+        name: str,
+        *,
+        force: bool = False,
+        timeout: float = 30.0,
+        acpi: bool = True,
+        qmp: QMPClient | None = None,
     ) -> None:
         """Stop ``name`` and clean up after it.
 
         Without ``force`` and with ACPI, the guest gets ``system_powerdown`` and up to
-        ``timeout`` seconds to power off; then (or with ``force``) QEMU is killed.
+        ``timeout`` seconds to power off; then (or with ``force``) QEMU is killed. Pass the
+        caller's open ``qmp`` client when it holds the monitor (a monitor serves one client).
         """
         pid = await self.find_pid(name)
         if pid is not None:
             if acpi and not force:
-                await self._powerdown(name, pid, timeout)
+                await self._powerdown(name, pid, timeout, qmp)
             pid = await self.find_pid(name)
             if pid is not None:
                 await self._kill_and_wait(name, pid)
         await self.cleanup(name)
 
-    async def _powerdown(self, name: str, pid: int, timeout: float) -> None:
+    async def _powerdown(self, name: str, pid: int, timeout: float, qmp: QMPClient | None) -> None:
         try:
-            async with self.qmp(name, connect_timeout=5, command_timeout=5) as qmp:
-                await qmp.execute("system_powerdown")
+            if qmp is not None:
+                await qmp.execute("system_powerdown", timeout=5)
+            else:
+                async with self.qmp(name, connect_timeout=5, command_timeout=5) as own:
+                    await own.execute("system_powerdown")
         except KvmflowError as exc:
             self._log.warning("powerdown request failed", instance=name, error=str(exc))
             return
@@ -317,7 +326,8 @@ class KvmHypervisor:
 
     async def _wait_gone(self, pid: int, timeout: float) -> bool:
         with anyio.move_on_after(timeout):
-            while await self.node.process_cmdline(pid) is not None:
+            # A process on another node offers nothing to await but polling.
+            while await self.node.process_cmdline(pid) is not None:  # noqa: ASYNC110
                 await anyio.sleep(0.05)
             return True
         return False

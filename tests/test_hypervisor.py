@@ -1,0 +1,323 @@
+"""KvmHypervisor against real QEMU processes (KVM or TCG): start, inspect, stop, clean up."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import psutil
+import pytest
+from structlog.testing import capture_logs
+
+from kvmflow.errors import CommandError, ValidationError
+from kvmflow.kvm import (
+    Disk,
+    HvParams,
+    InstanceRunningError,
+    InstanceSpec,
+    KvmHypervisor,
+    Nic,
+    QemuStartError,
+    RuntimePaths,
+    UidPool,
+    UidPoolExhaustedError,
+    default_accelerator,
+)
+from kvmflow.monitor import RunState, query_status
+from kvmflow.node import LocalNode
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # the client is proven on both backends; QEMU work runs once
+
+
+@pytest.fixture
+def hv(runtime_root: Path) -> KvmHypervisor:
+    paths = RuntimePaths(str(runtime_root))
+    return KvmHypervisor(
+        LocalNode("local"),
+        paths,
+        default_accelerator=default_accelerator(),
+        uid_pool=UidPool.from_text("5000-5001", paths),
+    )
+
+
+@pytest.fixture
+def sleeper() -> Iterator[subprocess.Popen[bytes]]:
+    process = subprocess.Popen(["sleep", "60"])
+    try:
+        yield process
+    finally:
+        process.kill()
+        process.wait()
+
+
+def small(name: str, **hv: object) -> InstanceSpec:
+    return InstanceSpec(name, memory_mib=32, hvparams=HvParams(**hv))  # type: ignore[arg-type]
+
+
+def leftovers(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() or p.is_socket())
+
+
+async def test_start_info_list_and_forced_stop(hv: KvmHypervisor, runtime_root: Path) -> None:
+    spec = InstanceSpec("vm-a", memory_mib=48, vcpus=2)
+    info = await hv.start(spec)
+    assert (info.name, info.memory_mib, info.vcpus) == ("vm-a", 48, 2)
+    assert psutil.pid_exists(info.pid)
+    assert await hv.info("vm-a") == info
+    assert await hv.list_instances() == ["vm-a"]
+    runtime = await hv.load_runtime("vm-a")
+    assert runtime is not None
+    assert runtime.spec == spec
+    assert runtime.argv[:3] == ("qemu-system-x86_64", "-name", "vm-a")
+    for directory in ("pid", "conf", "ctrl"):
+        assert (runtime_root / directory).stat().st_mode & 0o777 == 0o700
+    async with hv.qmp("vm-a") as qmp:
+        assert (await query_status(qmp)).state is RunState.RUNNING
+    await hv.stop("vm-a", force=True)
+    assert not psutil.pid_exists(info.pid) or psutil.Process(info.pid).status() == "zombie"
+    assert await hv.info("vm-a") is None
+    assert await hv.list_instances() == []
+    assert leftovers(runtime_root) == []
+
+
+async def test_acpi_stop_sends_powerdown_then_kills_after_timeout(hv: KvmHypervisor) -> None:
+    info = await hv.start(small("vm-acpi"))
+    async with hv.qmp("vm-acpi") as qmp:
+        with qmp.subscribe("POWERDOWN") as events:
+            started = time.monotonic()
+            # SeaBIOS without an OS ignores the ACPI button: the bounded wait must end.
+            await hv.stop("vm-acpi", timeout=1.0, qmp=qmp)
+            assert (await events.receive(timeout=1)).name == "POWERDOWN"
+    assert 1.0 <= time.monotonic() - started < 10
+    assert await hv.info("vm-acpi") is None
+    assert not psutil.pid_exists(info.pid) or psutil.Process(info.pid).status() == "zombie"
+
+
+async def test_second_start_is_refused_and_changes_nothing(hv: KvmHypervisor) -> None:
+    first = await hv.start(small("vm-b"))
+    with pytest.raises(InstanceRunningError, match="already running"):
+        await hv.start(small("vm-b"))
+    assert await hv.info("vm-b") == first
+    await hv.stop("vm-b", force=True)
+
+
+async def test_pid_file_of_an_unrelated_process_is_not_the_instance(
+    hv: KvmHypervisor, runtime_root: Path, sleeper: subprocess.Popen[bytes]
+) -> None:
+    await hv.paths.ensure(hv.node)
+    Path(hv.paths.pid_file("vm-c")).write_text(f"{sleeper.pid}\n")
+    assert await hv.find_pid("vm-c") is None
+    assert await hv.info("vm-c") is None
+    assert await hv.list_instances() == []
+    info = await hv.start(small("vm-c"))  # the stale pid file does not block a start
+    assert info.pid != sleeper.pid
+    assert sleeper.poll() is None  # and the unrelated process was left alone
+    await hv.stop("vm-c", force=True)
+    assert sleeper.poll() is None
+
+
+async def test_start_failure_carries_qemus_message_and_leaves_nothing(
+    hv: KvmHypervisor, runtime_root: Path, tmp_path: Path
+) -> None:
+    image = tmp_path / "flash.img"
+    image.write_bytes(b"\0" * (16 * 1024 * 1024))
+    spec = InstanceSpec(
+        "vm-d",
+        memory_mib=32,
+        disks=(Disk(str(image)),),
+        hvparams=HvParams(disk_type="pflash", security_model="pool"),
+    )
+    with pytest.raises(QemuStartError, match="firmware exceeds"):
+        await hv.start(spec)
+    assert leftovers(runtime_root) == []
+    assert await hv.list_instances() == []
+
+
+async def test_invalid_spec_is_refused_before_anything_is_written(
+    hv: KvmHypervisor, runtime_root: Path
+) -> None:
+    with pytest.raises(ValidationError) as info:
+        await hv.start(small("vm-e", kernel_path="/nope", boot_order="cdrom"))
+    assert {p.field for p in info.value.problems} == {"kernel_path", "root_path", "boot_order"}
+    assert list(runtime_root.iterdir()) == []
+
+
+async def test_reboot_starts_again_from_the_saved_runtime(hv: KvmHypervisor) -> None:
+    first = await hv.start(small("vm-f"))
+    before = await hv.load_runtime("vm-f")
+    second = await hv.reboot(small("vm-f"), force=True)
+    assert second.pid != first.pid
+    after = await hv.load_runtime("vm-f")
+    assert before is not None
+    assert after is not None
+    assert after.argv == before.argv
+    await hv.stop("vm-f", force=True)
+
+
+async def test_cleanup_refuses_a_live_instance(hv: KvmHypervisor, runtime_root: Path) -> None:
+    info = await hv.start(small("vm-g"))
+    with pytest.raises(InstanceRunningError, match="stop it before cleanup"):
+        await hv.cleanup("vm-g")
+    assert await hv.info("vm-g") == info
+    os.kill(info.pid, 9)
+    with anyio.fail_after(5):
+        while await hv.is_running("vm-g"):
+            await anyio.sleep(0.05)
+    await hv.cleanup("vm-g")
+    assert leftovers(runtime_root) == []
+
+
+async def test_non_empty_chroot_goes_to_quarantine(hv: KvmHypervisor, runtime_root: Path) -> None:
+    await hv.start(small("vm-h", use_chroot=True))
+    chroot = Path(hv.paths.chroot_dir("vm-h"))
+    assert chroot.is_dir()
+    (chroot / "dropped-by-guest").write_text("suspicious")
+    with capture_logs() as logs:
+        await hv.stop("vm-h", force=True)
+    assert not chroot.exists()
+    [quarantined] = list((runtime_root / "chroot-quarantine").iterdir())
+    assert quarantined.name.startswith("vm-h-")
+    assert (quarantined / "dropped-by-guest").read_text() == "suspicious"
+    warnings = [e for e in logs if e["log_level"] == "warning"]
+    assert any("quarantine" in e["event"] for e in warnings)
+    # An empty chroot is simply removed.
+    await hv.start(small("vm-h", use_chroot=True))
+    await hv.stop("vm-h", force=True)
+    assert not chroot.exists()
+    assert len(list((runtime_root / "chroot-quarantine").iterdir())) == 1
+
+
+async def test_security_model_user_runs_as_that_user(hv: KvmHypervisor) -> None:
+    info = await hv.start(small("vm-i", security_model="user", security_domain="nobody"))
+    assert psutil.Process(info.pid).uids().real == pwd.getpwnam("nobody").pw_uid
+    await hv.stop("vm-i", force=True)
+
+
+async def test_uid_pool_gives_each_instance_its_own_uid(
+    hv: KvmHypervisor, runtime_root: Path
+) -> None:
+    a = await hv.start(small("vm-p1", security_model="pool"))
+    b = await hv.start(small("vm-p2", security_model="pool"))
+    a_uid, b_uid = psutil.Process(a.pid).uids().real, psutil.Process(b.pid).uids().real
+    assert {a_uid, b_uid} == {5000, 5001}
+    with pytest.raises(UidPoolExhaustedError, match="5000-5001"):
+        await hv.start(small("vm-p3", security_model="pool"))
+    assert not Path(hv.paths.pid_file("vm-p3")).exists()
+    assert not Path(hv.paths.uid_file("vm-p3")).exists()
+    await hv.stop("vm-p1", force=True)
+    assert sorted(os.listdir(runtime_root / "uid-pool")) == [str(b_uid)]
+    c = await hv.start(small("vm-p3", security_model="pool"))  # the released uid is reused
+    assert psutil.Process(c.pid).uids().real == a_uid
+    await hv.stop("vm-p2", force=True)
+    await hv.stop("vm-p3", force=True)
+    assert os.listdir(runtime_root / "uid-pool") == []
+
+
+def free_vnc_port() -> int:
+    for port in range(5990, 6100):
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) != 0:
+                return port
+    raise AssertionError("no free port")
+
+
+async def test_vnc_password_is_set_through_the_monitor_only(
+    hv: KvmHypervisor, tmp_path: Path
+) -> None:
+    password_file = tmp_path / "vnc.pw"
+    password_file.write_text("s3cr3t-pw\n")
+    spec = InstanceSpec(
+        "vm-v",
+        memory_mib=32,
+        network_port=free_vnc_port(),
+        hvparams=HvParams(vnc_bind_address="127.0.0.1", vnc_password_file=str(password_file)),
+    )
+    with capture_logs() as logs:
+        info = await hv.start(spec)
+    assert "s3cr3t-pw" not in " ".join(psutil.Process(info.pid).cmdline())
+    assert "s3cr3t-pw" not in repr(logs)
+    runtime = await hv.load_runtime("vm-v")
+    assert runtime is not None
+    assert "s3cr3t-pw" not in " ".join(runtime.argv)
+    async with hv.qmp("vm-v") as qmp:
+        vnc = await qmp.execute("query-vnc")
+        assert vnc["enabled"] is True
+        assert vnc["auth"] == "vnc"
+        assert vnc["service"] == str(spec.network_port)
+    await hv.stop("vm-v", force=True)
+
+
+async def test_empty_vnc_password_file_undoes_the_start(
+    hv: KvmHypervisor, tmp_path: Path, runtime_root: Path
+) -> None:
+    password_file = tmp_path / "vnc.pw"
+    password_file.write_text("")
+    spec = InstanceSpec(
+        "vm-w",
+        memory_mib=32,
+        network_port=free_vnc_port(),
+        hvparams=HvParams(vnc_bind_address="127.0.0.1", vnc_password_file=str(password_file)),
+    )
+    with pytest.raises(Exception, match="is empty"):
+        await hv.start(spec)
+    assert await hv.list_instances() == []
+    assert leftovers(runtime_root) == []
+
+
+async def test_nic_up_script_runs_with_the_site_script_and_is_removed(
+    runtime_root: Path, tmp_path: Path
+) -> None:
+    dump = tmp_path / "nic.env"
+    site = tmp_path / "site.sh"
+    site.write_text(f'#!/bin/sh\nenv > {dump}\nip link set dev "$INTERFACE" up\n')
+    site.chmod(0o755)
+    paths = RuntimePaths(str(runtime_root))
+    hv = KvmHypervisor(
+        LocalNode(), paths, default_accelerator=default_accelerator(), site_script=str(site)
+    )
+    spec = InstanceSpec(
+        "vm-n",
+        memory_mib=32,
+        tags=("web",),
+        nics=(Nic("52:54:00:ab:cd:01", "192.0.2.9", link="br-test"),),
+    )
+    await hv.start(spec)
+    env = dict(line.split("=", 1) for line in dump.read_text().splitlines() if "=" in line)
+    assert env["INSTANCE"] == "vm-n"
+    assert env["MAC"] == "52:54:00:ab:cd:01"
+    assert env["IP"] == "192.0.2.9"
+    assert env["BRIDGE"] == "br-test"
+    assert env["TAGS"] == "web"
+    assert env["INTERFACE"].startswith("tap")
+    assert os.listdir(runtime_root / "nic") == []  # scripts are removed after start
+    async with hv.qmp("vm-n") as qmp:
+        with pytest.raises(CommandError):
+            await qmp.execute("no-such")
+        nics = await qmp.execute("human-monitor-command", {"command-line": "info network"})
+        assert "52:54:00:ab:cd:01" in nics
+    await hv.stop("vm-n", force=True)
+
+
+async def test_node_info_and_console(hv: KvmHypervisor) -> None:
+    node = await hv.node_info()
+    assert node.memory_total_mib > node.memory_free_mib > 0
+    assert node.cpu_count >= 1
+    assert node.cpu_sockets >= 1
+    assert node.numa_nodes >= 1
+    command = hv.console(small("vm-x"))
+    assert isinstance(command, list)
+    assert command[0] == "socat"
+    assert command[-1] == f"UNIX-CONNECT:{hv.paths.serial_socket('vm-x')}"
+    assert "escape=0x1d" in command[1]
+    assert "no serial console" in str(hv.console(small("vm-x", serial_console=False)))
