@@ -65,3 +65,21 @@ def runtime_root() -> Iterator[Path]:
     finally:
         kill_qemus_under(root)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def dirty_guest() -> Path:
+    """The dirtying guest ELF, compiled once per session with the machine's gcc."""
+    from kvmflow.guest import build_dirty_guest
+
+    return build_dirty_guest(Path(tempfile.gettempdir()) / "kvmflow-test-guest")

@@ -176,7 +176,7 @@ class KvmHypervisor:
             raise InstanceRunningError(f"instance {name} is already running on {self.node.name}")
         await self.paths.ensure(self.node)
         if runtime is not None:
-            base_argv = list(runtime.argv)
+            base_argv = runtime.argv_for(self.paths)
             nic_spec = runtime.spec
         else:
             base_argv = build_argv(
@@ -221,7 +221,11 @@ class KvmHypervisor:
             if spec.hvparams.vnc_password_file:
                 await self._set_vnc_password(spec)
             if incoming is None:
-                await save_runtime(self.node, self.paths, SavedRuntime(tuple(base_argv), spec, uid))
+                await save_runtime(
+                    self.node,
+                    self.paths,
+                    SavedRuntime(tuple(base_argv), spec, uid, self.paths.root),
+                )
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self._undo_start(name, uid, killed=started)
@@ -234,13 +238,15 @@ class KvmHypervisor:
             raise QemuStartError(f"instance {name} died right after starting")
         return info
 
-    async def save_runtime(self, spec: InstanceSpec, argv: list[str]) -> None:
-        """Record the runtime of an instance that was started with ``incoming``."""
+    async def save_runtime(self, spec: InstanceSpec, source: SavedRuntime) -> None:
+        """Record the runtime of an instance started with ``incoming`` from ``source``'s
+        runtime, relocated to this node's paths."""
         uid = None
         data = await self.node.read_file(self.paths.uid_file(spec.name))
         if data is not None:
             uid = int(data.strip())
-        await save_runtime(self.node, self.paths, SavedRuntime(tuple(argv), spec, uid))
+        argv = tuple(source.argv_for(self.paths))
+        await save_runtime(self.node, self.paths, SavedRuntime(argv, spec, uid, self.paths.root))
 
     async def load_runtime(self, name: str) -> SavedRuntime | None:
         return await load_runtime(self.node, self.paths, name)

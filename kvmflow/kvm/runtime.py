@@ -104,6 +104,15 @@ class SavedRuntime:
     argv: tuple[str, ...]
     spec: InstanceSpec
     uid: int | None = None
+    root: str = DEFAULT_ROOT
+
+    def argv_for(self, paths: RuntimePaths) -> list[str]:
+        """The saved argv with its runtime paths moved under ``paths.root`` (nodes may keep
+        their runtime files in different places)."""
+        if paths.root == self.root:
+            return list(self.argv)
+        old, new = self.root.rstrip("/") + "/", paths.root.rstrip("/") + "/"
+        return [arg.replace(old, new) for arg in self.argv]
 
     def to_json(self) -> bytes:
         body: dict[str, Any] = {
@@ -111,6 +120,7 @@ class SavedRuntime:
             "argv": list(self.argv),
             "spec": self.spec.to_dict(),
             "uid": self.uid,
+            "root": self.root,
         }
         return json.dumps(body, indent=1, sort_keys=True).encode()
 
@@ -126,7 +136,10 @@ class SavedRuntime:
             uid = body.get("uid")
             if uid is not None and not isinstance(uid, int):
                 raise ValueError("uid is not an integer")
-            return cls(tuple(argv), InstanceSpec.from_dict(body["spec"]), uid)
+            root = body["root"]
+            if not isinstance(root, str):
+                raise ValueError("root is not a string")
+            return cls(tuple(argv), InstanceSpec.from_dict(body["spec"]), uid, root)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise RuntimeFileError([FieldProblem("runtime", source, f"unusable: {exc}")]) from exc
 

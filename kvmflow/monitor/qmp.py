@@ -20,6 +20,7 @@ import anyio
 import anyio.abc
 import structlog
 
+from kvmflow._taskgroups import exit_task_group
 from kvmflow.errors import (
     CommandError,
     ConnectionLostError,
@@ -91,7 +92,10 @@ class _Connection:
         self.stream = stream
         self.protocol = protocol
         self.sock: socket.socket | None = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
-        self.reader_scope = anyio.CancelScope()
+        # Shielded: a caller's cancel scope around ``async with QMPClient`` must not stop
+        # the reader, or the shielded cleanup that follows a cancellation (migrate_cancel,
+        # cont) would find the connection dead. Only the client itself cancels this scope.
+        self.reader_scope = anyio.CancelScope(shield=True)
         self.loop = _running_asyncio_loop() if self.sock is not None else None
         self.registered_fd: int | None = None
 
@@ -186,14 +190,15 @@ class QMPClient:
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
+    ) -> bool | None:
         task_group, self._task_group = self._task_group, None
         assert task_group is not None
-        task_group.cancel_scope.cancel()
-        # The reader never raises, so the body's own exception (if any) propagates as it
-        # is instead of being wrapped in an exception group.
-        await task_group.__aexit__(None, None, None)
+        try:
+            with anyio.CancelScope(shield=True):  # closing a socket is quick; never skip it
+                await self.aclose()  # ends the reader
+        finally:
+            result = await exit_task_group(task_group, exc_type, exc, tb)
+        return result
 
     async def aclose(self) -> None:
         """Close the connection; pending commands fail, subscriptions end."""
@@ -389,6 +394,8 @@ class QMPClient:
         finally:
             connection.stop_reading()
             self._connection_lost(connection, reason)
+            with anyio.CancelScope(shield=True):
+                await anyio.aclose_forcefully(connection.stream)
 
     async def _read_in_task(self, connection: _Connection) -> str:
         protocol = connection.protocol

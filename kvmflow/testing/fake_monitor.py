@@ -28,6 +28,8 @@ from typing import Any
 import anyio
 import anyio.abc
 
+from kvmflow._taskgroups import exit_task_group
+
 DEFAULT_GREETING = (
     b'{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, '
     b'"package": "kvmflow-fake"}, "capabilities": ["oob"]}}\r\n'
@@ -196,14 +198,22 @@ class FakeQMPServer:
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> None:
+    ) -> bool | None:
         assert self._task_group is not None
         assert self._listener is not None
-        await self.disconnect_all()
         self._task_group.cancel_scope.cancel()
-        await self._task_group.__aexit__(None, None, None)
-        await self._listener.aclose()
-        self.path.unlink(missing_ok=True)
+        try:
+            with anyio.CancelScope(shield=True):
+                await self.disconnect_all()
+        finally:
+            try:
+                result = await exit_task_group(self._task_group, exc_type, exc, tb)
+            finally:
+                # Only now: closing a listener that a task still accepts on is an error.
+                with anyio.CancelScope(shield=True):
+                    await self._listener.aclose()
+                self.path.unlink(missing_ok=True)
+        return result
 
     async def _serve_client(self, client: anyio.abc.SocketStream) -> None:
         self.connections += 1

@@ -1,0 +1,90 @@
+"""A tiny guest that keeps memory dirty, built from source with the machine's gcc.
+
+Tests, benchmarks and the demo need a guest whose memory load they control. This one is a
+32-bit multiboot ELF (``dirty.c``) that QEMU boots with ``-kernel``; its command line says
+how many MiB to dirty per sweep and how long to pause between sweeps. It is compiled once
+per source version into a cache directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+from kvmflow.errors import KvmflowError
+
+#: Physical address where the guest counts completed sweeps (HMP ``xp /1wx 0x7000``).
+SWEEP_COUNTER_ADDRESS = 0x7000
+
+
+class GuestBuildError(KvmflowError):
+    """The guest could not be compiled (gcc or ld missing or failing)."""
+
+
+def _source(name: str) -> bytes:
+    return resources.files("kvmflow.guest").joinpath(name).read_bytes()
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "kvmflow"
+
+
+def build_dirty_guest(cache_dir: Path | None = None) -> Path:
+    """Compile the dirtying guest (if not cached yet) and return the ELF's path."""
+    source, script = _source("dirty.c"), _source("dirty.ld")
+    digest = hashlib.sha256(source + b"\0" + script).hexdigest()[:16]
+    directory = cache_dir or default_cache_dir()
+    target = directory / f"dirty-{digest}.elf"
+    if target.exists():
+        return target
+    for tool in ("gcc", "ld"):
+        if shutil.which(tool) is None:
+            raise GuestBuildError(
+                f"{tool} is needed to build the test guest; install it with: apt-get install -y gcc"
+            )
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="kvmflow-guest-") as work:
+        c_file, ld_file = Path(work, "dirty.c"), Path(work, "dirty.ld")
+        c_file.write_bytes(source)
+        ld_file.write_bytes(script)
+        obj, elf = Path(work, "dirty.o"), Path(work, "dirty.elf")
+        steps = [
+            [
+                "gcc",
+                "-m32",
+                "-ffreestanding",
+                "-nostdlib",
+                "-fno-pic",
+                "-fno-pie",
+                "-fno-stack-protector",
+                "-fno-asynchronous-unwind-tables",
+                "-O2",
+                "-c",
+                str(c_file),
+                "-o",
+                str(obj),
+            ],
+            ["ld", "-m", "elf_i386", "-T", str(ld_file), "-o", str(elf), str(obj)],
+        ]
+        for argv in steps:
+            result = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=120)
+            if result.returncode != 0:
+                raise GuestBuildError(
+                    f"{argv[0]} failed building the test guest: "
+                    f"{result.stderr.strip() or result.stdout.strip()}"
+                )
+        temp_target = directory / f".{target.name}.{os.getpid()}"
+        shutil.copyfile(elf, temp_target)
+        os.replace(temp_target, target)
+    return target
+
+
+def guest_command_line(mib: int, pause: int = 0) -> str:
+    """The ``-append`` text that makes the guest dirty ``mib`` MiB per sweep."""
+    return f"mib={mib} pause={pause}"

@@ -1,0 +1,83 @@
+/*
+ * kvmflow's dirtying guest: a 32-bit multiboot kernel that keeps N MiB of RAM dirty.
+ *
+ * Command line (-append): "mib=N pause=P". Each sweep writes one byte in every 4 KiB page
+ * of N MiB starting at 2 MiB, then spins P thousand pause instructions. The number of
+ * completed sweeps is kept at physical address 0x7000, so a host can see the guest run
+ * (HMP "xp /1wx 0x7000").
+ */
+
+#define MB_MAGIC 0x1BADB002u
+#define MB_FLAGS 0x00000003u /* align modules, want memory info */
+#define MB_BOOTLOADER_MAGIC 0x2BADB002u
+#define DIRTY_BASE 0x200000u
+#define PAGE 4096u
+
+__attribute__((section(".multiboot"), used, aligned(4)))
+static const unsigned int multiboot_header[3] = {MB_MAGIC, MB_FLAGS, -(MB_MAGIC + MB_FLAGS)};
+
+struct multiboot_info {
+    unsigned int flags, mem_lower, mem_upper, boot_device, cmdline;
+};
+
+static volatile unsigned int *const sweeps = (volatile unsigned int *)0x7000;
+
+static void outb(unsigned short port, unsigned char value) {
+    __asm__ volatile("outb %0, %1" : : "a"(value), "Nd"(port));
+}
+
+static void serial_write(const char *text) {
+    while (*text) outb(0x3f8, (unsigned char)*text++);
+}
+
+static unsigned int option(const char *cmdline, const char *key, unsigned int fallback) {
+    for (const char *p = cmdline; *p; p++) {
+        const char *k = key, *q = p;
+        while (*k && *q == *k) k++, q++;
+        if (*k == 0 && *q == '=' && (p == cmdline || p[-1] == ' ')) {
+            unsigned int value = 0;
+            for (q++; *q >= '0' && *q <= '9'; q++) value = value * 10 + (unsigned int)(*q - '0');
+            return value;
+        }
+    }
+    return fallback;
+}
+
+void kmain(unsigned int magic, const struct multiboot_info *info) {
+    unsigned int mib = 16, pause = 0;
+    if (magic == MB_BOOTLOADER_MAGIC && (info->flags & 4u)) {
+        const char *cmdline = (const char *)info->cmdline;
+        mib = option(cmdline, "mib", mib);
+        pause = option(cmdline, "pause", pause);
+    }
+    if (magic == MB_BOOTLOADER_MAGIC && (info->flags & 1u)) {
+        unsigned int usable = info->mem_upper / 1024u; /* MiB above 1 MiB */
+        if (usable < 4u) mib = 0;
+        else if (mib > usable - 3u) mib = usable - 3u;
+    }
+    serial_write("kvmflow dirty guest running\n");
+    volatile unsigned char *base = (volatile unsigned char *)DIRTY_BASE;
+    unsigned long span = (unsigned long)mib << 20;
+    *sweeps = 0;
+    for (;;) {
+        for (unsigned long offset = 0; offset < span; offset += PAGE) base[offset]++;
+        (*sweeps)++;
+        for (unsigned int i = 0; i < pause; i++)
+            for (unsigned int j = 0; j < 1000u; j++) __builtin_ia32_pause();
+    }
+}
+
+__asm__(
+    ".section .bss\n"
+    ".align 16\n"
+    "stack_bottom: .skip 16384\n"
+    "stack_top:\n"
+    ".section .text\n"
+    ".global _start\n"
+    "_start:\n"
+    "  mov $stack_top, %esp\n"
+    "  push %ebx\n"
+    "  push %eax\n"
+    "  call kmain\n"
+    "1: hlt\n"
+    "  jmp 1b\n");

@@ -1,0 +1,44 @@
+"""Errors of the migration layer."""
+
+from __future__ import annotations
+
+from kvmflow.errors import KvmflowError
+from kvmflow.migration.status import BadAnswer
+
+
+class MigrationError(KvmflowError):
+    """A migration did not happen. ``runs_on`` names the node the instance runs on now
+    (``None`` if it runs nowhere, for example because the source QEMU died)."""
+
+    def __init__(
+        self,
+        instance: str,
+        reason: str,
+        *,
+        runs_on: str | None,
+        bad_answers: list[BadAnswer] | None = None,
+    ) -> None:
+        self.instance = instance
+        self.reason = reason
+        self.runs_on = runs_on
+        self.bad_answers = bad_answers or []
+        where = f"it still runs on {runs_on}" if runs_on else "it runs nowhere now"
+        super().__init__(f"migration of {instance} failed: {reason}; {where}")
+
+
+class TooManyBadAnswersError(KvmflowError):
+    """``query-migrate`` gave unusable answers too many times in a row."""
+
+    def __init__(self, answers: list[BadAnswer]) -> None:
+        self.answers = answers
+        details = "; ".join(f"{a.reason}: {a.raw[:120]}" for a in answers)
+        super().__init__(f"too many bad answers ({len(answers)} in a row): {details}")
+
+
+class MigrationFailedError(KvmflowError):
+    """QEMU reported the migration failed or cancelled."""
+
+    def __init__(self, status: str, error: str | None) -> None:
+        self.status = status
+        self.error = error
+        super().__init__(f"QEMU reports migration {status}" + (f": {error}" if error else ""))

@@ -1,0 +1,403 @@
+"""Live (or non-live) migration of one instance as one cancellable coroutine.
+
+:func:`migrate` moves an instance from the node it runs on to a target node:
+
+1. pre-checks that change nothing (the source runs and is this instance; the target does
+   not run it);
+2. the target QEMU is started from the source's saved runtime with ``-incoming defer``,
+   then ``migrate-incoming``; that it listens is confirmed by asking its monitor
+   (``query-migrate`` shows the socket address, ``query-status`` says ``inmigrate``) --
+   never by connecting to the port, which makes QEMU 7.2's target exit;
+3. the ``events`` capability and bandwidth/downtime are set, a non-live migration stops the
+   source first, ``migrate`` starts it, and the watcher follows it to the end;
+4. success: the target runs (resumed if the source was running), saves its runtime, the
+   source QEMU quits and its files go. Failure or cancellation: ``migrate_cancel`` (shielded
+   and bounded), the source is resumed if we paused it, the target is killed and cleaned.
+
+After every exit path exactly one copy of the instance runs, and the instance's state
+machine says where.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import anyio
+import structlog
+
+from kvmflow.errors import ConnectionLostError, KvmflowError, MisuseError
+from kvmflow.instance.instance import Instance
+from kvmflow.instance.states import InstanceEvent, InstanceState
+from kvmflow.kvm.hypervisor import KvmHypervisor
+from kvmflow.kvm.runtime import SavedRuntime
+from kvmflow.migration.errors import (
+    MigrationError,
+    MigrationFailedError,
+    TooManyBadAnswersError,
+)
+from kvmflow.migration.policy import MigrationPolicy
+from kvmflow.migration.status import BadAnswer, MigrationSnapshot, MigrationStatus
+from kvmflow.migration.watch import query_migration, watch_migration
+from kvmflow.monitor.qmp import QMPClient
+from kvmflow.monitor.queries import RunState, query_status
+
+_log = structlog.get_logger("kvmflow.migration")
+
+EVENTS_CAPABILITY = {"capabilities": [{"capability": "events", "state": True}]}
+
+
+@dataclass(frozen=True)
+class MigrationProgress:
+    """One progress report: where the migration is, with QEMU's figures."""
+
+    instance: str
+    source: str
+    target: str
+    elapsed: float
+    snapshot: MigrationSnapshot
+    bad_answers_in_a_row: int = 0
+
+
+@dataclass
+class MigrationResult:
+    """How a completed migration went."""
+
+    instance: str
+    source: str
+    target: str
+    live: bool
+    elapsed: float
+    final: MigrationSnapshot
+    progress_reports: int = 0
+    bad_answers: list[BadAnswer] = field(default_factory=list)
+    source_final_state: str | None = None
+
+    @property
+    def downtime_ms(self) -> int | None:
+        return self.final.downtime_ms
+
+    @property
+    def total_time_ms(self) -> int | None:
+        return self.final.total_time_ms
+
+
+ProgressCallback = Callable[[MigrationProgress], None]
+
+
+async def migrate(
+    instance: Instance,
+    target: KvmHypervisor,
+    *,
+    target_address: str,
+    port: int | None = None,
+    live: bool = True,
+    policy: MigrationPolicy | None = None,
+    on_progress: ProgressCallback | None = None,
+    source_qmp: QMPClient | None = None,
+) -> MigrationResult:
+    """Migrate ``instance`` to ``target``, whose QEMU will listen on ``target_address``.
+
+    ``port`` defaults to the instance's ``migration_port``; ``policy`` defaults to the
+    instance's own bandwidth and downtime. Pass ``source_qmp`` to share an open monitor
+    connection of the source. Raises :class:`MigrationError` when the migration did not
+    happen (the instance then still runs on the source, or ``runs_on`` says otherwise).
+    """
+    spec = instance.spec
+    policy = policy or MigrationPolicy.from_hvparams(spec.hvparams)
+    run = _Migration(
+        instance,
+        target,
+        target_address,
+        port or spec.hvparams.migration_port,
+        live,
+        policy,
+        on_progress,
+    )
+    async with instance.machine.operation_scope("migrate"):
+        return await run.execute(source_qmp)
+
+
+class _Migration:
+    """The state of one migration attempt, so that every exit path can undo what was done."""
+
+    def __init__(
+        self,
+        instance: Instance,
+        target: KvmHypervisor,
+        address: str,
+        port: int,
+        live: bool,
+        policy: MigrationPolicy,
+        on_progress: ProgressCallback | None,
+    ) -> None:
+        self.instance = instance
+        self.source = instance.hypervisor
+        self.target = target
+        self.uri = f"tcp:{address}:{port}"
+        self.address = address
+        self.port = port
+        self.live = live
+        self.policy = policy
+        self.on_progress = on_progress
+        self.name = instance.name
+        self.started_at = time.monotonic()
+        self.reports = 0
+        self.bad_answers: list[BadAnswer] = []
+        self.target_started = False
+        self.source_paused_by_us = False
+        self.migration_started = False
+        self.was_running = True
+        self._source_alive = True
+        self.log = _log.bind(
+            instance=self.name, source=self.source.node.name, target=target.node.name
+        )
+
+    # ------------------------------------------------------------------- main path
+
+    async def execute(self, source_qmp: QMPClient | None) -> MigrationResult:
+        machine = self.instance.machine
+        if machine.state not in (InstanceState.RUNNING, InstanceState.PAUSED):
+            raise MisuseError(
+                f"instance {self.name} is {machine.state.value}; only a running "
+                "or paused instance can migrate"
+            )
+        if self.target.node.name == self.source.node.name and (
+            self.target.paths == self.source.paths
+        ):
+            raise MisuseError(f"target of {self.name} is the node it runs on")
+        runtime = await self.source.load_runtime(self.name)
+        if await self.source.find_pid(self.name) is None or runtime is None:
+            raise MigrationError(
+                self.name, f"it is not running on {self.source.node.name}", runs_on=None
+            )
+        if await self.target.is_running(self.name):
+            raise MigrationError(
+                self.name,
+                f"it already runs on {self.target.node.name}",
+                runs_on=self.source.node.name,
+            )
+        if source_qmp is not None:
+            return await self._with_source_monitor(source_qmp, runtime)
+        async with self.source.qmp(self.name, command_timeout=self.policy.query_timeout) as qmp:
+            return await self._with_source_monitor(qmp, runtime)
+
+    async def _with_source_monitor(self, qmp: QMPClient, runtime: SavedRuntime) -> MigrationResult:
+        status = await query_status(qmp)
+        if status.state not in (RunState.RUNNING, RunState.PAUSED):
+            raise MigrationError(
+                self.name, f"source QEMU is {status.state.value}", runs_on=self.source.node.name
+            )
+        self.was_running = status.running
+        self.instance.machine.fire(InstanceEvent.MIGRATE)
+        self.log.info(
+            "migration starting",
+            uri=self.uri,
+            live=self.live,
+            bandwidth_mib=self.policy.bandwidth_mib,
+            downtime_ms=self.policy.downtime_ms,
+        )
+        try:
+            final = await self._transfer(qmp)
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                moved = await self._abort(qmp, exc)
+            if moved is not None:
+                # QEMU completed before the cancel took effect: the instance moved. A
+                # cancellation still propagates; any other failure turns into success.
+                if isinstance(exc, anyio.get_cancelled_exc_class()):
+                    raise
+                return moved
+            if isinstance(exc, KvmflowError) and not isinstance(exc, MigrationError):
+                runs_on = self.source.node.name if self._source_alive else None
+                raise MigrationError(
+                    self.name, str(exc), runs_on=runs_on, bad_answers=self.bad_answers
+                ) from exc
+            raise
+        return await self._finish(qmp, final, runtime)
+
+    async def _transfer(self, qmp: QMPClient) -> MigrationSnapshot:
+        await self._start_target()
+        await qmp.execute("migrate-set-capabilities", EVENTS_CAPABILITY)
+        await qmp.execute("migrate-set-parameters", self.policy.qemu_parameters())
+        if not self.live and self.was_running:
+            await qmp.execute("stop")
+            self.source_paused_by_us = True
+        with qmp.subscribe("MIGRATION", max_buffered=64) as events:
+            await qmp.execute("migrate", {"uri": self.uri})
+            self.migration_started = True
+            return await watch_migration(
+                qmp,
+                events if self.policy.use_events else None,
+                self.policy,
+                on_snapshot=self._report,
+                on_bad_answer=self._note_bad_answer,
+            )
+
+    async def _start_target(self) -> None:
+        spec = self.instance.spec
+        runtime = await self.source.load_runtime(self.name)
+        assert runtime is not None
+        self.target_started = True  # from here on, the target may hold a process or files
+        await self.target.start(spec, runtime=runtime, incoming="defer")
+        async with self.target.qmp(self.name, command_timeout=self.policy.query_timeout) as tq:
+            await tq.execute("migrate-set-capabilities", EVENTS_CAPABILITY)
+            try:
+                await tq.execute("migrate-incoming", {"uri": self.uri})
+            except KvmflowError as exc:
+                raise MigrationError(
+                    self.name,
+                    f"target cannot listen on {self.address}:{self.port}: {exc}",
+                    runs_on=self.source.node.name,
+                ) from exc
+            listening = await tq.execute("query-migrate")
+            status = await query_status(tq)
+        addresses = listening.get("socket-address", []) if isinstance(listening, dict) else []
+        if status.state is not RunState.INMIGRATE or not any(
+            str(a.get("port")) == str(self.port) for a in addresses if isinstance(a, dict)
+        ):
+            raise MigrationError(
+                self.name,
+                f"target is not listening on {self.uri} "
+                f"(status {status.state.value}, {listening!r})",
+                runs_on=self.source.node.name,
+            )
+        self.log.info("target listening", uri=self.uri)
+
+    def _report(self, snapshot: MigrationSnapshot) -> None:
+        self.reports += 1
+        if self.on_progress is not None:
+            self.on_progress(
+                MigrationProgress(
+                    self.name,
+                    self.source.node.name,
+                    self.target.node.name,
+                    time.monotonic() - self.started_at,
+                    snapshot,
+                )
+            )
+
+    def _note_bad_answer(self, answer: BadAnswer, in_a_row: int) -> None:
+        self.bad_answers.append(answer)
+
+    # --------------------------------------------------------------------- success
+
+    async def _finish(
+        self, qmp: QMPClient, final: MigrationSnapshot, runtime: SavedRuntime
+    ) -> MigrationResult:
+        await self._resume_target_if_needed()
+        await self.target.save_runtime(self.instance.spec, runtime)
+        source_state = await self._end_source(qmp)
+        self.instance.hypervisor = self.target
+        event = InstanceEvent.MIGRATED if self.was_running else InstanceEvent.MIGRATED_PAUSED
+        self.instance.machine.fire(event, node=self.target.node.name)
+        elapsed = time.monotonic() - self.started_at
+        self.log.info(
+            "migration completed",
+            elapsed=round(elapsed, 3),
+            downtime_ms=final.downtime_ms,
+            total_time_ms=final.total_time_ms,
+            transferred=final.transferred,
+        )
+        return MigrationResult(
+            self.name,
+            self.source.node.name,
+            self.target.node.name,
+            self.live,
+            elapsed,
+            final,
+            progress_reports=self.reports,
+            bad_answers=self.bad_answers,
+            source_final_state=source_state,
+        )
+
+    async def _resume_target_if_needed(self) -> None:
+        async with self.target.qmp(self.name, command_timeout=self.policy.query_timeout) as tq:
+            with anyio.fail_after(self.policy.target_ready_timeout):
+                status = await query_status(tq)
+                while status.state is RunState.INMIGRATE:
+                    await anyio.sleep(0.02)
+                    status = await query_status(tq)
+            if self.was_running and not status.running:
+                await tq.execute("cont")
+
+    async def _end_source(self, qmp: QMPClient) -> str | None:
+        """Quit the source QEMU (it is in ``postmigrate``); return the state it was in."""
+        state: str | None = None
+        try:
+            state = (await query_status(qmp, timeout=10)).state.value
+            await qmp.execute("quit", timeout=10)
+        except KvmflowError as exc:
+            self.log.warning("source did not quit cleanly; killing", error=str(exc))
+        await self.source.stop(self.name, force=True)
+        return state
+
+    # ---------------------------------------------------------------------- failure
+
+    async def _abort(self, qmp: QMPClient, cause: BaseException) -> MigrationResult | None:
+        """Undo everything; return the result if the migration completed anyway."""
+        self.log.warning("migration aborting", cause=repr(cause))
+        completed: MigrationSnapshot | None = None
+        try:
+            if self.migration_started and not isinstance(cause, ConnectionLostError):
+                completed = await self._cancel_on_source(qmp)
+            if completed is not None:
+                runtime = await self.source.load_runtime(self.name)
+                assert runtime is not None
+                return await self._finish(qmp, completed, runtime)
+            if self.source_paused_by_us:
+                await qmp.execute("cont", timeout=10)
+        except KvmflowError as exc:
+            self.log.warning("source could not be restored", error=str(exc))
+        finally:
+            if completed is None:
+                await self._stop_target()
+        self._source_alive = await self.source.is_running(self.name)
+        machine = self.instance.machine
+        if not self._source_alive:
+            machine.fire(InstanceEvent.CRASHED)
+        elif self.was_running:
+            machine.fire(InstanceEvent.MIGRATION_ABORTED)
+        else:
+            machine.fire(InstanceEvent.MIGRATION_ABORTED_PAUSED)
+        return None
+
+    async def _cancel_on_source(self, qmp: QMPClient) -> MigrationSnapshot | None:
+        try:
+            await qmp.execute("migrate_cancel", timeout=10)
+        except KvmflowError as exc:
+            self.log.warning("migrate_cancel failed", error=str(exc))
+            return None
+        with anyio.move_on_after(self.policy.cancel_timeout):
+            while True:
+                result = await query_migration(qmp, self.policy.query_timeout)
+                if isinstance(result, MigrationSnapshot):
+                    if result.status is MigrationStatus.COMPLETED:
+                        self.log.warning("migration completed before the cancel took effect")
+                        return result
+                    if result.status in (MigrationStatus.CANCELLED, MigrationStatus.FAILED):
+                        return None
+                await anyio.sleep(0.05)
+        self.log.warning(
+            "QEMU did not confirm the cancel in time", timeout=self.policy.cancel_timeout
+        )
+        return None
+
+    async def _stop_target(self) -> None:
+        if not self.target_started:
+            return
+        try:
+            await self.target.stop(self.name, force=True)
+        except KvmflowError as exc:
+            self.log.error("target could not be cleaned", error=str(exc))
+
+
+__all__ = [
+    "MigrationError",
+    "MigrationFailedError",
+    "MigrationProgress",
+    "MigrationResult",
+    "TooManyBadAnswersError",
+    "migrate",
+]

@@ -1,0 +1,336 @@
+"""Live migration against real QEMU: success, non-live, cancellation, faults, concurrency."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from pathlib import Path
+
+import anyio
+import psutil
+import pytest
+
+from kvmflow.guest import SWEEP_COUNTER_ADDRESS, guest_command_line
+from kvmflow.instance import Instance, InstanceState
+from kvmflow.kvm import HvParams, InstanceSpec, KvmHypervisor, RuntimePaths, default_accelerator
+from kvmflow.migration import (
+    MigrationError,
+    MigrationPolicy,
+    MigrationProgress,
+    MigrationStatus,
+    migrate,
+)
+from kvmflow.monitor import HMPClient, QMPClient, RunState, query_status
+from kvmflow.node import LocalNode
+
+pytestmark = pytest.mark.anyio
+
+FAST = MigrationPolicy(bandwidth_mib=1000, downtime_ms=300, poll_interval=0.2)
+SLOW = MigrationPolicy(bandwidth_mib=20, downtime_ms=50, poll_interval=0.2)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def nodes(runtime_root: Path) -> tuple[KvmHypervisor, KvmHypervisor]:
+    accel = default_accelerator()
+    source = KvmHypervisor(
+        LocalNode("node-a"), RuntimePaths(str(runtime_root / "a")), default_accelerator=accel
+    )
+    target = KvmHypervisor(
+        LocalNode("node-b"), RuntimePaths(str(runtime_root / "b")), default_accelerator=accel
+    )
+    return source, target
+
+
+def idle_spec(name: str, port: int) -> InstanceSpec:
+    return InstanceSpec(name, memory_mib=64, hvparams=HvParams(migration_port=port))
+
+
+def dirty_spec(name: str, port: int, guest: Path, mib: int = 48) -> InstanceSpec:
+    return InstanceSpec(
+        name,
+        memory_mib=128,
+        hvparams=HvParams(
+            migration_port=port,
+            kernel_path=str(guest),
+            root_path="/dev/null",
+            kernel_args=guest_command_line(mib),
+            serial_console=False,
+        ),
+    )
+
+
+async def started(spec: InstanceSpec, hv: KvmHypervisor) -> Instance:
+    instance = Instance(spec, hv)
+    await instance.start()
+    return instance
+
+
+async def run_state(hv: KvmHypervisor, name: str) -> RunState:
+    async with hv.qmp(name) as qmp:
+        return (await query_status(qmp)).state
+
+
+async def sweeps(hv: KvmHypervisor, name: str) -> int:
+    async with HMPClient(hv.paths.hmp_socket(name)) as hmp:
+        line = await hmp.run(f"xp /1wx {SWEEP_COUNTER_ADDRESS:#x}")
+    return int(line.split(":")[1].strip(), 16)
+
+
+async def wait_for_sweeps(hv: KvmHypervisor, name: str, minimum: int = 2) -> None:
+    with anyio.fail_after(30):  # SeaBIOS takes a few seconds to reach the kernel
+        while await sweeps(hv, name) < minimum:
+            await anyio.sleep(0.2)
+
+
+async def test_idle_guest_live_migration(
+    nodes: tuple[KvmHypervisor, KvmHypervisor], free_port: int
+) -> None:
+    source, target = nodes
+    instance = await started(idle_spec("mig-idle", free_port), source)
+    source_pid = (await source.info("mig-idle")).pid  # type: ignore[union-attr]
+    reports: list[MigrationProgress] = []
+    result = await migrate(
+        instance, target, target_address="127.0.0.1", policy=FAST, on_progress=reports.append
+    )
+    assert result.final.status is MigrationStatus.COMPLETED
+    assert result.source_final_state == "postmigrate"
+    assert result.total_time_ms is not None
+    assert result.downtime_ms is not None
+    assert reports
+    assert reports[-1].snapshot.status is MigrationStatus.COMPLETED
+    assert not await source.is_running("mig-idle")
+    assert not psutil.pid_exists(source_pid) or psutil.Process(source_pid).status() == "zombie"
+    assert await run_state(target, "mig-idle") is RunState.RUNNING
+    assert instance.machine.state is InstanceState.RUNNING
+    assert instance.machine.node == "node-b"
+    assert instance.hypervisor is target
+    assert await target.load_runtime("mig-idle") is not None
+    assert await source.load_runtime("mig-idle") is None
+    events = [t.event.value for t in instance.machine.history]
+    assert events == ["start", "started", "migrate", "migrated"]
+
+
+async def test_non_live_migration_pauses_then_runs_on_target(
+    nodes: tuple[KvmHypervisor, KvmHypervisor], free_port: int
+) -> None:
+    source, target = nodes
+    instance = await started(idle_spec("mig-nonlive", free_port), source)
+    states: list[str] = []
+    async with source.qmp("mig-nonlive") as qmp:
+        with qmp.subscribe("STOP") as stops:
+            result = await migrate(
+                instance,
+                target,
+                target_address="127.0.0.1",
+                policy=FAST,
+                live=False,
+                source_qmp=qmp,
+                on_progress=lambda p: states.append(p.snapshot.status),
+            )
+            stop = await stops.receive(timeout=1)
+    assert stop.name == "STOP"
+    assert result.live is False
+    assert result.source_final_state == "postmigrate"
+    assert await run_state(target, "mig-nonlive") is RunState.RUNNING
+    assert instance.machine.state is InstanceState.RUNNING
+
+
+async def test_non_converging_guest_is_cancelled_by_a_deadline(
+    nodes: tuple[KvmHypervisor, KvmHypervisor], free_port: int, dirty_guest: Path
+) -> None:
+    source, target = nodes
+    instance = await started(dirty_spec("mig-dirty", free_port, dirty_guest), source)
+    await wait_for_sweeps(source, "mig-dirty")
+    reports: list[MigrationProgress] = []
+    with anyio.move_on_after(4) as scope:
+        await migrate(
+            instance, target, target_address="127.0.0.1", policy=SLOW, on_progress=reports.append
+        )
+    assert scope.cancelled_caught
+    assert any(r.snapshot.status is MigrationStatus.ACTIVE for r in reports)
+    assert await run_state(source, "mig-dirty") is RunState.RUNNING
+    before = await sweeps(source, "mig-dirty")
+    await anyio.sleep(0.3)
+    assert await sweeps(source, "mig-dirty") > before  # the guest still runs on the source
+    assert not await target.is_running("mig-dirty")
+    assert os.listdir(target.paths.dir("pid")) == []
+    assert instance.machine.state is InstanceState.RUNNING
+    assert instance.machine.node == "node-a"
+    async with source.qmp("mig-dirty") as qmp:
+        assert (await qmp.execute("query-migrate"))["status"] == "cancelled"
+
+
+async def test_cancel_from_another_task_mid_flight(
+    nodes: tuple[KvmHypervisor, KvmHypervisor], free_port: int, dirty_guest: Path
+) -> None:
+    source, target = nodes
+    instance = await started(dirty_spec("mig-cancel", free_port, dirty_guest), source)
+    await wait_for_sweeps(source, "mig-cancel")
+    active = anyio.Event()
+
+    def progress(report: MigrationProgress) -> None:
+        if report.snapshot.status is MigrationStatus.ACTIVE and report.snapshot.transferred:
+            active.set()
+
+    async with anyio.create_task_group() as tg:
+
+        async def migration() -> None:
+            await migrate(
+                instance, target, target_address="127.0.0.1", policy=SLOW, on_progress=progress
+            )
+
+        tg.start_soon(migration)
+        with anyio.fail_after(20):
+            await active.wait()
+        tg.cancel_scope.cancel()
+    assert await run_state(source, "mig-cancel") is RunState.RUNNING
+    assert not await target.is_running("mig-cancel")
+    assert instance.machine.state is InstanceState.RUNNING
+
+
+async def test_target_killed_mid_flight(
+    nodes: tuple[KvmHypervisor, KvmHypervisor], free_port: int, dirty_guest: Path
+) -> None:
+    source, target = nodes
+    instance = await started(dirty_spec("mig-tkill", free_port, dirty_guest), source)
+    await wait_for_sweeps(source, "mig-tkill")
+    killed: list[int] = []
+
+    def progress(report: MigrationProgress) -> None:
+        if report.snapshot.status is MigrationStatus.ACTIVE and not killed:
+            pid = int(Path(target.paths.pid_file("mig-tkill")).read_text())
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    with pytest.raises(MigrationError) as info:
+        await migrate(
+            instance, target, target_address="127.0.0.1", policy=SLOW, on_progress=progress
+        )
+    assert killed
+    assert "failed" in info.value.reason
+    assert info.value.runs_on == "node-a"
+    assert await run_state(source, "mig-tkill") is RunState.RUNNING
+    assert instance.machine.state is InstanceState.RUNNING
+    assert os.listdir(target.paths.dir("pid")) == []
+
+
+async def test_source_killed_mid_flight(
+    nodes: tuple[KvmHypervisor, KvmHypervisor], free_port: int, dirty_guest: Path
+) -> None:
+    source, target = nodes
+    instance = await started(dirty_spec("mig-skill", free_port, dirty_guest), source)
+    await wait_for_sweeps(source, "mig-skill")
+    source_pid = (await source.info("mig-skill")).pid  # type: ignore[union-attr]
+
+    def progress(report: MigrationProgress) -> None:
+        if report.snapshot.status is MigrationStatus.ACTIVE:
+            os.kill(source_pid, signal.SIGKILL)
+
+    with pytest.raises(MigrationError) as info:
+        await migrate(
+            instance, target, target_address="127.0.0.1", policy=SLOW, on_progress=progress
+        )
+    assert info.value.runs_on is None
+    assert "runs nowhere" in str(info.value)
+    assert not await target.is_running("mig-skill")
+    assert os.listdir(target.paths.dir("pid")) == []
+    assert instance.machine.state is InstanceState.FAILED
+
+
+async def test_target_port_taken_fails_before_the_source_is_touched(
+    nodes: tuple[KvmHypervisor, KvmHypervisor], free_port: int
+) -> None:
+    source, target = nodes
+    instance = await started(idle_spec("mig-port", free_port), source)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", free_port))
+        squatter.listen()
+        with pytest.raises(MigrationError, match=r"cannot listen on 127\.0\.0\.1") as info:
+            await migrate(instance, target, target_address="127.0.0.1", policy=FAST)
+    assert info.value.runs_on == "node-a"
+    async with source.qmp("mig-port") as qmp:
+        assert await qmp.execute("query-migrate") == {}  # no migration was ever started
+        assert (await query_status(qmp)).state is RunState.RUNNING
+        parameters = await qmp.execute("query-migrate-parameters")
+        assert parameters["downtime-limit"] == 300  # untouched QEMU default
+    assert not await target.is_running("mig-port")
+    assert instance.machine.state is InstanceState.RUNNING
+
+
+async def test_preconditions_are_checked_before_anything(
+    nodes: tuple[KvmHypervisor, KvmHypervisor], free_port: int
+) -> None:
+    source, target = nodes
+    instance = Instance(idle_spec("mig-pre", free_port), source)
+    from kvmflow.errors import MisuseError
+
+    with pytest.raises(MisuseError, match="only a running or paused instance"):
+        await migrate(instance, target, target_address="127.0.0.1")
+    await instance.start()
+    with pytest.raises(MisuseError, match="the node it runs on"):
+        await migrate(instance, source, target_address="127.0.0.1")
+    await target.start(instance.spec)  # a copy already runs on the target
+    with pytest.raises(MigrationError, match="already runs on node-b"):
+        await migrate(instance, target, target_address="127.0.0.1")
+    assert instance.machine.state is InstanceState.RUNNING
+    assert await source.is_running("mig-pre")
+
+
+async def test_eight_paused_guests_migrate_at_once(
+    nodes: tuple[KvmHypervisor, KvmHypervisor],
+) -> None:
+    source, target = nodes
+    instances = []
+    for n in range(8):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        instance = await started(idle_spec(f"mig-p{n}", port), source)
+        async with source.qmp(instance.name) as qmp:
+            await qmp.execute("stop")
+        instances.append(instance)
+    results = {}
+
+    async def move(instance: Instance) -> None:
+        results[instance.name] = await migrate(
+            instance, target, target_address="127.0.0.1", policy=FAST
+        )
+
+    async with anyio.create_task_group() as tg:
+        for instance in instances:
+            tg.start_soon(move, instance)
+    assert len(results) == 8
+    assert sorted(await target.list_instances()) == sorted(i.name for i in instances)
+    assert await source.list_instances() == []
+    for instance in instances:
+        assert instance.machine.node == "node-b"
+        # A guest that was paused by its owner stays paused after the move.
+        assert await run_state(target, instance.name) is RunState.PAUSED
+
+
+async def test_shared_monitor_is_usable_by_others_during_migration(
+    nodes: tuple[KvmHypervisor, KvmHypervisor], free_port: int
+) -> None:
+    source, target = nodes
+    instance = await started(idle_spec("mig-shared", free_port), source)
+    seen: list[str] = []
+    async with source.qmp("mig-shared") as qmp, anyio.create_task_group() as tg:
+
+        async def other_caller() -> None:
+            while instance.machine.state is not InstanceState.RUNNING or not seen:
+                try:
+                    seen.append((await query_status(qmp)).state.value)
+                except Exception:
+                    return
+                await anyio.sleep(0.01)
+
+        tg.start_soon(other_caller)
+        await migrate(instance, target, target_address="127.0.0.1", policy=FAST, source_qmp=qmp)
+    assert seen
+    assert isinstance(qmp, QMPClient)
