@@ -334,3 +334,27 @@ async def test_shared_monitor_is_usable_by_others_during_migration(
         await migrate(instance, target, target_address="127.0.0.1", policy=FAST, source_qmp=qmp)
     assert seen
     assert isinstance(qmp, QMPClient)
+
+
+async def test_progress_as_an_async_iterator(
+    nodes: tuple[KvmHypervisor, KvmHypervisor], free_port: int
+) -> None:
+    from kvmflow.migration import ProgressFeed
+
+    source, target = nodes
+    instance = await started(idle_spec("mig-feed", free_port), source)
+    feed = ProgressFeed()
+    reports: list[MigrationProgress] = []
+
+    async def consume() -> None:
+        async for report in feed:
+            reports.append(report)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(consume)
+        await migrate(instance, target, target_address="127.0.0.1", policy=FAST,
+                      on_progress=feed)
+    assert reports
+    assert reports[-1].snapshot.status is MigrationStatus.COMPLETED
+    assert reports[-1].elapsed >= reports[0].elapsed
+    assert {r.target for r in reports} == {"node-b"}

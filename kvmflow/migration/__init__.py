@@ -1,7 +1,7 @@
 """Live migration as a cancellable coroutine, watched to its end with tolerance."""
 
 from kvmflow.migration.errors import MigrationError, MigrationFailedError, TooManyBadAnswersError
-from kvmflow.migration.migrate import MigrationProgress, MigrationResult, migrate
+from kvmflow.migration.migrate import MigrationProgress, MigrationResult, ProgressFeed, migrate
 from kvmflow.migration.policy import MigrationPolicy
 from kvmflow.migration.status import (
     BadAnswer,
@@ -20,6 +20,7 @@ __all__ = [
     "MigrationResult",
     "MigrationSnapshot",
     "MigrationStatus",
+    "ProgressFeed",
     "TooManyBadAnswersError",
     "migrate",
     "parse_query_migrate",

@@ -28,6 +28,7 @@ import anyio
 import structlog
 
 from kvmflow.errors import ConnectionLostError, KvmflowError, MisuseError
+from kvmflow.feed import BoundedFeed
 from kvmflow.instance.instance import Instance
 from kvmflow.instance.states import InstanceEvent, InstanceState
 from kvmflow.kvm.hypervisor import KvmHypervisor
@@ -86,6 +87,11 @@ class MigrationResult:
 ProgressCallback = Callable[[MigrationProgress], None]
 
 
+class ProgressFeed(BoundedFeed[MigrationProgress]):
+    """Progress reports as an async iterator: pass it as ``on_progress`` and iterate it in
+    another task (``async for report in feed``); it ends when the migration ends."""
+
+
 async def migrate(
     instance: Instance,
     target: KvmHypervisor,
@@ -115,8 +121,12 @@ async def migrate(
         policy,
         on_progress,
     )
-    async with instance.machine.operation_scope("migrate"):
-        return await run.execute(source_qmp)
+    try:
+        async with instance.machine.operation_scope("migrate"):
+            return await run.execute(source_qmp)
+    finally:
+        if isinstance(on_progress, BoundedFeed):
+            on_progress.close()
 
 
 class _Migration:
@@ -398,6 +408,7 @@ __all__ = [
     "MigrationFailedError",
     "MigrationProgress",
     "MigrationResult",
+    "ProgressFeed",
     "TooManyBadAnswersError",
     "migrate",
 ]

@@ -1,0 +1,92 @@
+"""The instance state machine: the table, illegal events, observers, one owner at a time."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+from structlog.testing import capture_logs
+
+from kvmflow.errors import DeadlineError
+from kvmflow.instance import (
+    TRANSITIONS,
+    IllegalTransitionError,
+    InstanceBusyError,
+    InstanceEvent,
+    InstanceMachine,
+    InstanceState,
+    mermaid_diagram,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+def test_every_state_is_reachable_and_can_be_left() -> None:
+    targets = {target for target in TRANSITIONS.values()}
+    sources = {state for state, _ in TRANSITIONS}
+    assert set(InstanceState) - {InstanceState.DEFINED} <= targets
+    assert set(InstanceState) <= sources
+
+
+def test_illegal_event_names_state_and_event_and_changes_nothing() -> None:
+    machine = InstanceMachine("vm1", "node-a")
+    with pytest.raises(IllegalTransitionError) as info:
+        machine.fire(InstanceEvent.MIGRATE)
+    assert info.value.state is InstanceState.DEFINED
+    assert info.value.event is InstanceEvent.MIGRATE
+    assert "'migrate' is not allowed in state 'defined'" in str(info.value)
+    assert machine.state is InstanceState.DEFINED
+    assert machine.history == []
+
+
+def test_transitions_are_logged_with_instance_and_node() -> None:
+    machine = InstanceMachine("vm1", "node-a")
+    with capture_logs() as logs:
+        machine.fire(InstanceEvent.START)
+        machine.fire(InstanceEvent.STARTED)
+        machine.fire(InstanceEvent.MIGRATE)
+        machine.fire(InstanceEvent.MIGRATED, node="node-b")
+    assert [(e["before"], e["trigger"], e["after"], e["node"]) for e in logs] == [
+        ("defined", "start", "starting", "node-a"),
+        ("starting", "started", "running", "node-a"),
+        ("running", "migrate", "migrating", "node-a"),
+        ("migrating", "migrated", "running", "node-b"),
+    ]
+    assert machine.node == "node-b"
+
+
+async def test_observers_wait_for_states_and_changes() -> None:
+    machine = InstanceMachine("vm1", "node-a")
+    seen = []
+
+    async def watcher() -> None:
+        seen.append(await machine.next_change(timeout=5))
+        seen.append(await machine.wait_for(InstanceState.RUNNING, timeout=5))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watcher)
+        await anyio.sleep(0.01)
+        machine.fire(InstanceEvent.START)
+        await anyio.sleep(0.01)
+        machine.fire(InstanceEvent.STARTED)
+    assert seen[0].after is InstanceState.STARTING
+    assert seen[1] is InstanceState.RUNNING
+    with pytest.raises(DeadlineError, match="to be stopped"):
+        await machine.wait_for(InstanceState.STOPPED, timeout=0.05)
+
+
+async def test_second_operation_is_refused_while_one_runs() -> None:
+    machine = InstanceMachine("vm1", "node-a", InstanceState.RUNNING)
+    async with machine.operation_scope("migrate"):
+        with pytest.raises(InstanceBusyError, match="busy with 'migrate'; 'stop' refused"):
+            async with machine.operation_scope("stop"):
+                pass
+    async with machine.operation_scope("stop"):
+        assert machine.operation == "stop"
+    assert machine.operation is None
+
+
+def test_mermaid_diagram_comes_from_the_table() -> None:
+    diagram = mermaid_diagram()
+    assert diagram.startswith("stateDiagram-v2")
+    assert diagram.count("-->") == len(TRANSITIONS) + 1
+    assert "running --> migrating: migrate" in diagram
