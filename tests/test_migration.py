@@ -26,8 +26,9 @@ from kvmflow.node import LocalNode
 
 pytestmark = pytest.mark.anyio
 
-FAST = MigrationPolicy(bandwidth_mib=1000, downtime_ms=300, poll_interval=0.2)
-SLOW = MigrationPolicy(bandwidth_mib=20, downtime_ms=50, poll_interval=0.2)
+FAST = MigrationPolicy.fixed(bandwidth_mib=1000, downtime_ms=300, poll_interval=0.2)
+# The ancestor's fixed limits at which the dirtying guest never converges.
+SLOW = MigrationPolicy.fixed(bandwidth_mib=20, downtime_ms=50, poll_interval=0.2)
 
 
 @pytest.fixture

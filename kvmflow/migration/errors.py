@@ -42,3 +42,23 @@ class MigrationFailedError(KvmflowError):
         self.status = status
         self.error = error
         super().__init__(f"QEMU reports migration {status}" + (f": {error}" if error else ""))
+
+
+class PolicyAbortError(KvmflowError):
+    """The policy chose to abort the migration (stall, deadline or prediction)."""
+
+    def __init__(self, trigger: str, evidence: str) -> None:
+        self.trigger = trigger
+        self.evidence = evidence
+        super().__init__(f"aborted by the policy ({trigger}): {evidence}")
+
+
+class PostcopyRecoveryError(KvmflowError):
+    """A broken post-copy migration could not be resumed in time."""
+
+    def __init__(self, seconds: float, last_error: str) -> None:
+        self.seconds = seconds
+        self.last_error = last_error
+        super().__init__(
+            f"post-copy recovery did not succeed within {seconds:g} s (last error: {last_error})"
+        )

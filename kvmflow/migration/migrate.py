@@ -33,12 +33,15 @@ from kvmflow.instance.instance import Instance
 from kvmflow.instance.states import InstanceEvent, InstanceState
 from kvmflow.kvm.hypervisor import KvmHypervisor
 from kvmflow.kvm.runtime import SavedRuntime
+from kvmflow.migration.decide import Decision, Estimate, PolicyEngine
 from kvmflow.migration.errors import (
     MigrationError,
     MigrationFailedError,
+    PolicyAbortError,
+    PostcopyRecoveryError,
     TooManyBadAnswersError,
 )
-from kvmflow.migration.policy import MigrationPolicy
+from kvmflow.migration.policy import Action, MigrationPolicy
 from kvmflow.migration.status import BadAnswer, MigrationSnapshot, MigrationStatus
 from kvmflow.migration.watch import query_migration, watch_migration
 from kvmflow.monitor.qmp import QMPClient
@@ -51,14 +54,17 @@ EVENTS_CAPABILITY = {"capabilities": [{"capability": "events", "state": True}]}
 
 @dataclass(frozen=True)
 class MigrationProgress:
-    """One progress report: where the migration is, with QEMU's figures."""
+    """One progress report: QEMU's figures, the policy's estimate, the downtime limit now in
+    force, and the decisions the policy took on this sample (with their evidence)."""
 
     instance: str
     source: str
     target: str
     elapsed: float
     snapshot: MigrationSnapshot
-    bad_answers_in_a_row: int = 0
+    downtime_limit_ms: int = 0
+    estimate: Estimate | None = None
+    decisions: tuple[Decision, ...] = ()
 
 
 @dataclass
@@ -74,6 +80,8 @@ class MigrationResult:
     progress_reports: int = 0
     bad_answers: list[BadAnswer] = field(default_factory=list)
     source_final_state: str | None = None
+    decisions: list[Decision] = field(default_factory=list)
+    postcopy: bool = False
 
     @property
     def downtime_ms(self) -> int | None:
@@ -158,6 +166,9 @@ class _Migration:
         self.target_started = False
         self.source_paused_by_us = False
         self.migration_started = False
+        self.postcopy = False  # from post-copy on, the target holds the authoritative state
+        self.postcopy_failed = False
+        self.engine = PolicyEngine(policy, instance.spec.memory_mib, self.started_at)
         self.was_running = True
         self._source_alive = True
         self.log = _log.bind(
@@ -219,6 +230,16 @@ class _Migration:
                 if isinstance(exc, anyio.get_cancelled_exc_class()):
                     raise
                 return moved
+            if self.postcopy_failed:
+                raise MigrationError(
+                    self.name,
+                    f"post-copy failed after the switch ({exc}); the target "
+                    f"{self.target.node.name} holds the newest guest state and the source "
+                    f"{self.source.node.name} must not be resumed: restore the link and "
+                    "resume the migration, or stop both and restore from backup",
+                    runs_on=None,
+                    bad_answers=self.bad_answers,
+                ) from exc
             if isinstance(exc, KvmflowError) and not isinstance(exc, MigrationError):
                 runs_on = self.source.node.name if self._source_alive else None
                 raise MigrationError(
@@ -229,7 +250,9 @@ class _Migration:
 
     async def _transfer(self, qmp: QMPClient) -> MigrationSnapshot:
         await self._start_target()
-        await qmp.execute("migrate-set-capabilities", EVENTS_CAPABILITY)
+        capabilities = self.policy.source_capabilities()
+        if capabilities:
+            await qmp.execute("migrate-set-capabilities", {"capabilities": capabilities})
         await qmp.execute("migrate-set-parameters", self.policy.qemu_parameters())
         if not self.live and self.was_running:
             await qmp.execute("stop")
@@ -241,7 +264,7 @@ class _Migration:
                 qmp,
                 events if self.policy.use_events else None,
                 self.policy,
-                on_snapshot=self._report,
+                on_snapshot=lambda snapshot: self._on_snapshot(qmp, snapshot),
                 on_bad_answer=self._note_bad_answer,
             )
 
@@ -252,7 +275,9 @@ class _Migration:
         self.target_started = True  # from here on, the target may hold a process or files
         await self.target.start(spec, runtime=runtime, incoming="defer")
         async with self.target.qmp(self.name, command_timeout=self.policy.query_timeout) as tq:
-            await tq.execute("migrate-set-capabilities", EVENTS_CAPABILITY)
+            capabilities = self.policy.target_capabilities()
+            if capabilities:
+                await tq.execute("migrate-set-capabilities", {"capabilities": capabilities})
             try:
                 await tq.execute("migrate-incoming", {"uri": self.uri})
             except KvmflowError as exc:
@@ -275,7 +300,44 @@ class _Migration:
             )
         self.log.info("target listening", uri=self.uri)
 
-    def _report(self, snapshot: MigrationSnapshot) -> None:
+    async def _on_snapshot(self, qmp: QMPClient, snapshot: MigrationSnapshot) -> None:
+        """Judge one sample by the policy, act on it, and report it."""
+        if snapshot.status in (
+            MigrationStatus.POSTCOPY_ACTIVE,
+            MigrationStatus.POSTCOPY_PAUSED,
+            MigrationStatus.POSTCOPY_RECOVER,
+        ):
+            self.postcopy = True
+        decisions = self.engine.observe(snapshot, time.monotonic())
+        for decision in decisions:
+            await self._apply(qmp, decision)
+        self._report(snapshot, tuple(decisions))
+        if snapshot.status is MigrationStatus.POSTCOPY_PAUSED:
+            await self._recover_postcopy(qmp)
+
+    async def _apply(self, qmp: QMPClient, decision: Decision) -> None:
+        self.log.info(
+            "policy decision",
+            action=decision.name,
+            trigger=decision.trigger,
+            evidence=decision.evidence,
+        )
+        action = decision.action
+        if action is None or action is Action.RAISE_DOWNTIME:
+            await qmp.execute("migrate-set-parameters", {"downtime-limit": decision.downtime_ms})
+        elif action is Action.AUTO_CONVERGE:
+            await qmp.execute("migrate-set-parameters", self.policy.throttle_parameters())
+        elif action is Action.POSTCOPY:
+            await qmp.execute("migrate-start-postcopy")
+            self.postcopy = True
+        elif action is Action.PAUSE:
+            if self.was_running and not self.source_paused_by_us:
+                await qmp.execute("stop")
+                self.source_paused_by_us = True
+        elif action is Action.ABORT:
+            raise PolicyAbortError(decision.trigger, decision.evidence)
+
+    def _report(self, snapshot: MigrationSnapshot, decisions: tuple[Decision, ...]) -> None:
         self.reports += 1
         if self.on_progress is not None:
             self.on_progress(
@@ -285,8 +347,35 @@ class _Migration:
                     self.target.node.name,
                     time.monotonic() - self.started_at,
                     snapshot,
+                    self.engine.downtime_ms,
+                    self.engine.last_estimate,
+                    decisions,
                 )
             )
+
+    async def _recover_postcopy(self, qmp: QMPClient) -> None:
+        """The post-copy link broke: ask the target to listen again and the source to
+        resume into it, until it works or the recovery deadline passes."""
+        self.log.warning(
+            "post-copy paused; recovering",
+            uri=self.uri,
+            deadline=self.policy.postcopy_recovery_seconds,
+        )
+        last_error = "no attempt finished"
+        with anyio.move_on_after(self.policy.postcopy_recovery_seconds):
+            while True:
+                try:
+                    async with self.target.qmp(self.name, command_timeout=10) as tq:
+                        await tq.execute("migrate-recover", {"uri": self.uri})
+                    await qmp.execute("migrate", {"uri": self.uri, "resume": True})
+                except KvmflowError as exc:
+                    last_error = str(exc)
+                    self.log.warning("post-copy recovery attempt failed", error=last_error)
+                else:
+                    self.log.info("post-copy recovery started", uri=self.uri)
+                    return
+                await anyio.sleep(1.0)
+        raise PostcopyRecoveryError(self.policy.postcopy_recovery_seconds, last_error)
 
     def _note_bad_answer(self, answer: BadAnswer, in_a_row: int) -> None:
         self.bad_answers.append(answer)
@@ -320,6 +409,8 @@ class _Migration:
             progress_reports=self.reports,
             bad_answers=self.bad_answers,
             source_final_state=source_state,
+            decisions=list(self.engine.decisions),
+            postcopy=self.postcopy,
         )
 
     async def _resume_target_if_needed(self) -> None:
@@ -347,6 +438,8 @@ class _Migration:
 
     async def _abort(self, qmp: QMPClient, cause: BaseException) -> MigrationResult | None:
         """Undo everything; return the result if the migration completed anyway."""
+        if self.postcopy:
+            return await self._postcopy_exit(qmp, cause)
         self.log.warning("migration aborting", cause=repr(cause))
         completed: MigrationSnapshot | None = None
         try:
@@ -372,6 +465,34 @@ class _Migration:
         else:
             machine.fire(InstanceEvent.MIGRATION_ABORTED_PAUSED)
         return None
+
+    async def _postcopy_exit(self, qmp: QMPClient, cause: BaseException) -> MigrationResult | None:
+        """After the switch to post-copy the target holds the newest guest state: the
+        source is never resumed and the target never killed. A cancel waits for the
+        migration to finish instead; a failure leaves both QEMUs for the operator."""
+        if isinstance(cause, anyio.get_cancelled_exc_class()):
+            self.log.warning("cancel requested during post-copy; finishing the migration")
+            with anyio.move_on_after(self.policy.cancel_timeout):
+                try:
+                    final = await watch_migration(
+                        qmp, None, self.policy, on_snapshot=self._on_snapshot_plain
+                    )
+                    runtime = await self.source.load_runtime(self.name)
+                    assert runtime is not None
+                    return await self._finish(qmp, final, runtime)
+                except KvmflowError as exc:
+                    cause = exc
+        self.postcopy_failed = True
+        self.log.error(
+            "post-copy failed; the target holds the newest guest state and the "
+            "source must not be resumed",
+            cause=repr(cause),
+        )
+        self.instance.machine.fire(InstanceEvent.CRASHED)
+        return None
+
+    def _on_snapshot_plain(self, snapshot: MigrationSnapshot) -> None:
+        self._report(snapshot, ())
 
     async def _cancel_on_source(self, qmp: QMPClient) -> MigrationSnapshot | None:
         try:

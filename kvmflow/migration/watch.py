@@ -10,7 +10,8 @@ on ``active``, which made a long ``setup`` phase count against the migration). A
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Awaitable, Callable
 
 import anyio
 import structlog
@@ -47,13 +48,14 @@ async def watch_migration(
     qmp: QMPClient,
     events: EventSubscription | None,
     policy: MigrationPolicy,
-    on_snapshot: Callable[[MigrationSnapshot], None] | None = None,
+    on_snapshot: Callable[[MigrationSnapshot], Awaitable[None] | None] | None = None,
     on_bad_answer: Callable[[BadAnswer, int], None] | None = None,
 ) -> MigrationSnapshot:
     """Wait for the migration on ``qmp``'s QEMU to end; return the ``completed`` snapshot.
 
     Raises :class:`MigrationFailedError` for ``failed``/``cancelled`` and
-    :class:`TooManyBadAnswersError` after too many bad answers in a row.
+    :class:`TooManyBadAnswersError` after too many bad answers in a row. ``on_snapshot``
+    (plain or async) sees every good answer first and may act on it.
     """
     bad: list[BadAnswer] = []
     while True:
@@ -75,7 +77,9 @@ async def watch_migration(
             continue
         bad.clear()
         if on_snapshot is not None:
-            on_snapshot(result)
+            outcome = on_snapshot(result)
+            if inspect.isawaitable(outcome):
+                await outcome
         if result.status is MigrationStatus.COMPLETED:
             return result
         if result.status in (MigrationStatus.FAILED, MigrationStatus.CANCELLED):
