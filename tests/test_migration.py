@@ -353,8 +353,7 @@ async def test_progress_as_an_async_iterator(
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(consume)
-        await migrate(instance, target, target_address="127.0.0.1", policy=FAST,
-                      on_progress=feed)
+        await migrate(instance, target, target_address="127.0.0.1", policy=FAST, on_progress=feed)
     assert reports
     assert reports[-1].snapshot.status is MigrationStatus.COMPLETED
     assert reports[-1].elapsed >= reports[0].elapsed

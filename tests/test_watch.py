@@ -23,12 +23,29 @@ from kvmflow.testing import Error, FakeQMPServer, Hang, RawLine, Return
 pytestmark = pytest.mark.anyio
 
 POLICY = MigrationPolicy(poll_interval=0.05, retry_delay=0.01, query_timeout=0.3)
-ACTIVE = Return({"status": "active", "ram": {"transferred": 10, "remaining": 90, "total": 100,
-                                              "mbps": 8.5, "dirty-pages-rate": 3,
-                                              "page-size": 4096, "dirty-sync-count": 2},
-                 "expected-downtime": 40})
-COMPLETED = Return({"status": "completed", "downtime": 12, "total-time": 345,
-                    "ram": {"transferred": 100, "remaining": 0, "total": 100}})
+ACTIVE = Return(
+    {
+        "status": "active",
+        "ram": {
+            "transferred": 10,
+            "remaining": 90,
+            "total": 100,
+            "mbps": 8.5,
+            "dirty-pages-rate": 3,
+            "page-size": 4096,
+            "dirty-sync-count": 2,
+        },
+        "expected-downtime": 40,
+    }
+)
+COMPLETED = Return(
+    {
+        "status": "completed",
+        "downtime": 12,
+        "total-time": 345,
+        "ram": {"transferred": 100, "remaining": 0, "total": 100},
+    }
+)
 
 
 @pytest.fixture
@@ -48,13 +65,28 @@ async def test_five_garbage_answers_fail_with_the_raw_answers(fake: FakeQMPServe
 
 
 async def test_three_garbage_then_active_then_completed_succeeds(fake: FakeQMPServer) -> None:
-    fake.script("query-migrate", RawLine(b"{not json"), Return({}), RawLine(b"[]"), ACTIVE,
-                RawLine(b"x"), RawLine(b"y"), RawLine(b"z"), RawLine(b"w"), COMPLETED)
+    fake.script(
+        "query-migrate",
+        RawLine(b"{not json"),
+        Return({}),
+        RawLine(b"[]"),
+        ACTIVE,
+        RawLine(b"x"),
+        RawLine(b"y"),
+        RawLine(b"z"),
+        RawLine(b"w"),
+        COMPLETED,
+    )
     seen: list[MigrationSnapshot] = []
     bad: list[tuple[BadAnswer, int]] = []
     async with QMPClient(fake.path) as qmp:
-        final = await watch_migration(qmp, None, POLICY, on_snapshot=seen.append,
-                                      on_bad_answer=lambda a, n: bad.append((a, n)))
+        final = await watch_migration(
+            qmp,
+            None,
+            POLICY,
+            on_snapshot=seen.append,
+            on_bad_answer=lambda a, n: bad.append((a, n)),
+        )
     assert final.status is MigrationStatus.COMPLETED
     assert (final.downtime_ms, final.total_time_ms) == (12, 345)
     assert [s.status for s in seen] == [MigrationStatus.ACTIVE, MigrationStatus.COMPLETED]
@@ -74,15 +106,17 @@ async def test_error_replies_and_silence_count_as_bad(fake: FakeQMPServer) -> No
     fake.script("query-migrate", Error("GenericError", "busy"), Hang(), ACTIVE, COMPLETED)
     bad: list[BadAnswer] = []
     async with QMPClient(fake.path) as qmp:
-        final = await watch_migration(qmp, None, POLICY,
-                                      on_bad_answer=lambda a, n: bad.append(a))
+        final = await watch_migration(qmp, None, POLICY, on_bad_answer=lambda a, n: bad.append(a))
     assert final.status is MigrationStatus.COMPLETED
     assert [a.reason for a in bad] == ["error reply GenericError", "no answer within 0.3 s"]
 
 
 async def test_failed_status_fails_at_once(fake: FakeQMPServer) -> None:
-    fake.script("query-migrate", ACTIVE,
-                Return({"status": "failed", "error-desc": "Unable to write to socket"}))
+    fake.script(
+        "query-migrate",
+        ACTIVE,
+        Return({"status": "failed", "error-desc": "Unable to write to socket"}),
+    )
     async with QMPClient(fake.path) as qmp:
         with pytest.raises(MigrationFailedError, match="Unable to write to socket") as info:
             await watch_migration(qmp, None, POLICY)
@@ -113,7 +147,7 @@ def test_snapshot_parsing() -> None:
     assert snapshot.dirty_bytes_rate == 3 * 4096
     assert snapshot.expected_downtime_ms == 40
     assert parse_query_migrate([]) == BadAnswer("not an object", "[]")
-    assert isinstance(parse_query_migrate({"status": "active", "ram": {"total": "lots"}}),
-                      BadAnswer)
+    assert isinstance(
+        parse_query_migrate({"status": "active", "ram": {"total": "lots"}}), BadAnswer
+    )
     assert parse_query_migrate({"ram": {}}).reason == "no status"  # type: ignore[union-attr]
-

@@ -309,9 +309,9 @@ class _Migration:
         ):
             self.postcopy = True
         decisions = self.engine.observe(snapshot, time.monotonic())
+        self._report(snapshot, tuple(decisions))  # first, so that listeners see an abort too
         for decision in decisions:
             await self._apply(qmp, decision)
-        self._report(snapshot, tuple(decisions))
         if snapshot.status is MigrationStatus.POSTCOPY_PAUSED:
             await self._recover_postcopy(qmp)
 

@@ -1,0 +1,218 @@
+"""Policies that make the non-converging migration converge, against real QEMU.
+
+The case: a guest dirtying 48 MiB in a loop, 20 MiB/s of bandwidth and 50 ms of downtime.
+With those fixed limits it never finishes (see test_migration); here each policy must
+finish it, leave the guest running on the target and the source process gone.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from kvmflow.guest import SWEEP_COUNTER_ADDRESS, guest_command_line
+from kvmflow.instance import Instance, InstanceState
+from kvmflow.kvm import HvParams, InstanceSpec, KvmHypervisor, RuntimePaths, default_accelerator
+from kvmflow.migration import MigrationError, MigrationPolicy, MigrationProgress, migrate
+from kvmflow.migration.policy import Action, Capabilities, StallRule
+from kvmflow.monitor import HMPClient, RunState, query_status
+from kvmflow.node import LocalNode
+
+pytestmark = pytest.mark.anyio
+
+HARD = {
+    "bandwidth_mib": 20,
+    "downtime_ms": 50,
+    "poll_interval": 0.25,
+    "downtime_schedule": (),
+    "seconds_per_gib": None,
+}
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def nodes(runtime_root: Path) -> tuple[KvmHypervisor, KvmHypervisor]:
+    accel = default_accelerator()
+    return (
+        KvmHypervisor(
+            LocalNode("node-a"), RuntimePaths(str(runtime_root / "a")), default_accelerator=accel
+        ),
+        KvmHypervisor(
+            LocalNode("node-b"), RuntimePaths(str(runtime_root / "b")), default_accelerator=accel
+        ),
+    )
+
+
+async def sweeps(hv: KvmHypervisor, name: str) -> int:
+    async with HMPClient(hv.paths.hmp_socket(name)) as hmp:
+        line = await hmp.run(f"xp /1wx {SWEEP_COUNTER_ADDRESS:#x}")
+    return int(line.split(":")[1].strip(), 16)
+
+
+async def dirty_instance(hv: KvmHypervisor, name: str, port: int, guest: Path) -> Instance:
+    spec = InstanceSpec(
+        name,
+        memory_mib=128,
+        hvparams=HvParams(
+            migration_port=port,
+            kernel_path=str(guest),
+            root_path="/dev/null",
+            kernel_args=guest_command_line(48),
+            serial_console=False,
+        ),
+    )
+    instance = Instance(spec, hv)
+    await instance.start()
+    with anyio.fail_after(30):
+        while await sweeps(hv, name) < 2:
+            await anyio.sleep(0.2)
+    return instance
+
+
+async def assert_runs_on_target(
+    instance: Instance, source: KvmHypervisor, target: KvmHypervisor
+) -> None:
+    assert instance.machine.state is InstanceState.RUNNING
+    assert instance.machine.node == "node-b"
+    assert not await source.is_running(instance.name)
+    async with target.qmp(instance.name) as qmp:
+        assert (await query_status(qmp)).state is RunState.RUNNING
+    first = await sweeps(target, instance.name)
+    await anyio.sleep(0.5)
+    assert await sweeps(target, instance.name) > first  # the guest keeps working there
+
+
+async def test_downtime_escalation_converges(
+    nodes: tuple[KvmHypervisor, KvmHypervisor], free_port: int, dirty_guest: Path
+) -> None:
+    source, target = nodes
+    instance = await dirty_instance(source, "pol-down", free_port, dirty_guest)
+    policy = MigrationPolicy(
+        **HARD,
+        downtime_ceiling_ms=8000,
+        action_grace_seconds=0.5,
+        stall=StallRule(2, 0.1),
+        stall_actions=(Action.RAISE_DOWNTIME,) * 10,
+    )
+    result = await migrate(instance, target, target_address="127.0.0.1", policy=policy)
+    raises = [d for d in result.decisions if d.action is Action.RAISE_DOWNTIME]
+    assert raises
+    assert [d.downtime_ms for d in raises] == sorted(d.downtime_ms or 0 for d in raises)
+    assert raises[-1].downtime_ms is not None
+    assert raises[-1].downtime_ms > 50  # it finished because the allowed downtime grew
+    assert result.downtime_ms is not None  # (QEMU's measured downtime, often far lower)
+    await assert_runs_on_target(instance, source, target)
+
+
+async def test_auto_converge_converges(
+    nodes: tuple[KvmHypervisor, KvmHypervisor], free_port: int, dirty_guest: Path
+) -> None:
+    source, target = nodes
+    instance = await dirty_instance(source, "pol-throttle", free_port, dirty_guest)
+    policy = MigrationPolicy(
+        **HARD,
+        action_grace_seconds=0.5,
+        stall=StallRule(2, 0.1),
+        stall_actions=(Action.AUTO_CONVERGE,),
+        capabilities=Capabilities(throttle_initial=60, throttle_increment=20),
+    )
+    throttles: list[int] = []
+    async with source.qmp("pol-throttle") as qmp:
+
+        def progress(report: MigrationProgress) -> None:
+            if report.decisions:
+                throttles.append(len(report.decisions))
+
+        result = await migrate(
+            instance,
+            target,
+            target_address="127.0.0.1",
+            policy=policy,
+            source_qmp=qmp,
+            on_progress=progress,
+        )
+    assert [d.action for d in result.decisions] == [Action.AUTO_CONVERGE]
+    assert throttles == [1]
+    assert result.downtime_ms is not None
+    await assert_runs_on_target(instance, source, target)
+
+
+async def test_postcopy_converges(
+    nodes: tuple[KvmHypervisor, KvmHypervisor], free_port: int, dirty_guest: Path
+) -> None:
+    source, target = nodes
+    instance = await dirty_instance(source, "pol-post", free_port, dirty_guest)
+    policy = MigrationPolicy(
+        **HARD,
+        stall=StallRule(2, 0.1),
+        stall_actions=(Action.POSTCOPY,),
+        capabilities=Capabilities(postcopy_ram=True),
+    )
+    statuses: list[str] = []
+    result = await migrate(
+        instance,
+        target,
+        target_address="127.0.0.1",
+        policy=policy,
+        on_progress=lambda r: statuses.append(r.snapshot.status.value),
+    )
+    assert result.postcopy
+    assert [d.action for d in result.decisions] == [Action.POSTCOPY]
+    assert "postcopy-active" in statuses
+    await assert_runs_on_target(instance, source, target)
+
+
+async def test_prediction_says_not_converging_within_a_few_polls(
+    nodes: tuple[KvmHypervisor, KvmHypervisor], free_port: int, dirty_guest: Path
+) -> None:
+    source, target = nodes
+    instance = await dirty_instance(source, "pol-predict", free_port, dirty_guest)
+    policy = MigrationPolicy(**HARD, stall=None, stall_actions=(Action.ABORT,))
+    reports: list[MigrationProgress] = []
+    with pytest.raises(MigrationError, match="aborted by the policy \\(prediction\\)"):
+        await migrate(
+            instance, target, target_address="127.0.0.1", policy=policy, on_progress=reports.append
+        )
+    with_evidence = [i for i, r in enumerate(reports) if r.snapshot.dirty_sync_count >= 2]
+    verdicts = [i for i, r in enumerate(reports) if r.estimate and not r.estimate.converging]
+    assert verdicts
+    assert verdicts[0] - with_evidence[0] <= 3
+    assert "dirty rate" in reports[verdicts[0]].decisions[0].evidence
+    assert await source.is_running("pol-predict")
+    assert not await target.is_running("pol-predict")
+    assert instance.machine.state is InstanceState.RUNNING
+
+
+async def test_stall_rule_aborts_in_time_and_the_source_keeps_running(
+    nodes: tuple[KvmHypervisor, KvmHypervisor], free_port: int, dirty_guest: Path
+) -> None:
+    source, target = nodes
+    instance = await dirty_instance(source, "pol-stall", free_port, dirty_guest)
+    policy = MigrationPolicy(
+        **HARD, predict=False, stall=StallRule(3, 0.1), stall_actions=(Action.ABORT,)
+    )
+    first_pass_end: list[float] = []
+    started = time.monotonic()
+
+    def progress(report: MigrationProgress) -> None:
+        if report.snapshot.dirty_sync_count >= 2 and not first_pass_end:
+            first_pass_end.append(time.monotonic())
+
+    with pytest.raises(MigrationError, match="aborted by the policy \\(stall\\)"):
+        await migrate(
+            instance, target, target_address="127.0.0.1", policy=policy, on_progress=progress
+        )
+    # Stalled from the end of the first pass: aborted about 3 s later, not much more.
+    assert first_pass_end
+    assert time.monotonic() - first_pass_end[0] < 3 + 4
+    assert time.monotonic() - started < 30
+    async with source.qmp("pol-stall") as qmp:
+        assert (await query_status(qmp)).state is RunState.RUNNING
+    assert not await target.is_running("pol-stall")
