@@ -1,0 +1,155 @@
+"""Time to converge and downtime, per policy, for guests dirtying memory at several rates.
+
+Each case migrates the dirtying guest (128 MiB RAM, dirtying ``mib`` MiB per sweep with a
+pause between sweeps) between two local nodes at 20 MiB/s, under the ancestor's fixed policy
+(50 ms downtime, as the non-converging case) and under each kvmflow policy. A migration that
+has not finished after ``--limit`` seconds is cancelled and counted as not converged.
+
+Run: ``python benchmarks/policies.py [--limit 40]``. The last line is one JSON object:
+``{case: {policy: {"seconds": s or null, "downtime_ms": ms or null, "actions": [...]}}}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+
+from kvmflow.guest import SWEEP_COUNTER_ADDRESS, build_dirty_guest, guest_command_line
+from kvmflow.instance import Instance
+from kvmflow.kvm import HvParams, InstanceSpec, KvmHypervisor, RuntimePaths, default_accelerator
+from kvmflow.migration import MigrationPolicy, migrate
+from kvmflow.migration.policy import Action, Capabilities, StallRule
+from kvmflow.monitor import HMPClient
+from kvmflow.node import LocalNode
+
+BASE: dict[str, Any] = {
+    "bandwidth_mib": 20,
+    "downtime_ms": 50,
+    "poll_interval": 0.25,
+    "downtime_schedule": (),
+    "seconds_per_gib": None,
+}
+POLICIES = {
+    "ancestor_fixed": MigrationPolicy.ancestor(
+        HvParams(migration_bandwidth=20, migration_downtime=50)
+    ),
+    "escalation": MigrationPolicy(
+        **BASE,
+        downtime_ceiling_ms=8000,
+        action_grace_seconds=0.5,
+        stall=StallRule(2, 0.1),
+        stall_actions=(Action.RAISE_DOWNTIME,) * 10,
+    ),
+    "auto_converge": MigrationPolicy(
+        **BASE,
+        action_grace_seconds=0.5,
+        stall=StallRule(2, 0.1),
+        stall_actions=(Action.AUTO_CONVERGE,),
+        capabilities=Capabilities(throttle_initial=60, throttle_increment=20),
+    ),
+    "postcopy": MigrationPolicy(
+        **BASE,
+        stall=StallRule(2, 0.1),
+        stall_actions=(Action.POSTCOPY,),
+        capabilities=Capabilities(postcopy_ram=True),
+    ),
+    "kvmflow_default": MigrationPolicy(bandwidth_mib=20),
+}
+CASES = {"light_8mib_paused": (8, 2000), "medium_24mib": (24, 0), "heavy_48mib": (48, 0)}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def booted(hv: KvmHypervisor, name: str) -> None:
+    with anyio.fail_after(30):
+        while True:
+            async with HMPClient(hv.paths.hmp_socket(name)) as hmp:
+                line = await hmp.run(f"xp /1wx {SWEEP_COUNTER_ADDRESS:#x}")
+            if int(line.split(":")[1], 16) >= 2:
+                return
+            await anyio.sleep(0.2)
+
+
+async def one(
+    source: KvmHypervisor,
+    target: KvmHypervisor,
+    guest: Path,
+    name: str,
+    mib: int,
+    pause: int,
+    policy: MigrationPolicy,
+    limit: float,
+) -> dict[str, Any]:
+    spec = InstanceSpec(
+        name,
+        memory_mib=128,
+        hvparams=HvParams(
+            migration_port=free_port(),
+            kernel_path=str(guest),
+            root_path="/dev/null",
+            kernel_args=guest_command_line(mib, pause),
+            serial_console=False,
+        ),
+    )
+    instance = Instance(spec, source)
+    await instance.start()
+    await booted(source, name)
+    started = time.monotonic()
+    outcome: dict[str, Any] = {"seconds": None, "downtime_ms": None, "actions": []}
+    with anyio.move_on_after(limit):
+        result = await migrate(instance, target, target_address="127.0.0.1", policy=policy)
+        outcome = {
+            "seconds": round(time.monotonic() - started, 2),
+            "downtime_ms": result.downtime_ms,
+            "actions": [d.name for d in result.decisions],
+        }
+    for hv in (source, target):
+        await hv.stop(name, force=True)
+    return outcome
+
+
+async def run(limit: float) -> dict[str, dict[str, Any]]:
+    guest = build_dirty_guest()
+    root = Path(tempfile.mkdtemp(prefix="kvfp-"))
+    accel = default_accelerator()
+    source = KvmHypervisor(LocalNode("a"), RuntimePaths(str(root / "a")), default_accelerator=accel)
+    target = KvmHypervisor(LocalNode("b"), RuntimePaths(str(root / "b")), default_accelerator=accel)
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        for case, (mib, pause) in CASES.items():
+            for policy_name, policy in POLICIES.items():
+                outcome = await one(
+                    source, target, guest, f"b-{policy_name[:8]}", mib, pause, policy, limit
+                )
+                results.setdefault(case, {})[policy_name] = outcome
+                print(f"{case:>18} {policy_name:>16}: {outcome}", file=sys.stderr)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--limit", type=float, default=40.0)
+    args = parser.parse_args()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+    print(json.dumps(anyio.run(run, args.limit)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,552 @@
+"""The engine: where every instance runs, and many migrations under limits.
+
+An :class:`Engine` knows the nodes (each a :class:`~kvmflow.kvm.hypervisor.KvmHypervisor`
+plus the address its QEMUs listen on for incoming migrations) and the instances, and is the
+single place that says where an instance runs. Migrations are submitted as tickets; a
+dispatcher starts them as the limits allow (outbound and inbound per node, a global
+maximum), by priority and then fairly across source nodes, and shares each source node's
+link budget among the migrations active on it, rebalancing live with
+``migrate-set-parameters`` whenever one starts or finishes.
+
+Use it as ``async with Engine(nodes) as engine:``; the dispatcher and every migration run
+in the task group it owns, and leaving the block cancels what is still running (each
+cancelled migration cleans up after itself).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from dataclasses import dataclass, field
+from types import TracebackType
+
+import anyio
+import anyio.abc
+import structlog
+
+from kvmflow._taskgroups import exit_task_group
+from kvmflow.engine.events import (
+    BandwidthRebalanced,
+    EngineEvent,
+    MigrationCancelled,
+    MigrationCompleted,
+    MigrationFailed,
+    MigrationProgressed,
+    MigrationQueued,
+    MigrationStarted,
+    PolicyActionTaken,
+    Statistics,
+)
+from kvmflow.errors import KvmflowError, MisuseError
+from kvmflow.feed import BoundedFeed
+from kvmflow.instance.instance import Instance
+from kvmflow.kvm.hypervisor import KvmHypervisor
+from kvmflow.migration.errors import MigrationError
+from kvmflow.migration.migrate import MigrationProgress, MigrationResult, migrate
+from kvmflow.migration.policy import MIB, MigrationPolicy
+from kvmflow.monitor.qmp import QMPClient
+
+_log = structlog.get_logger("kvmflow.engine")
+
+
+@dataclass
+class NodeEntry:
+    """A node as the engine sees it."""
+
+    hypervisor: KvmHypervisor
+    migration_address: str
+    link_budget_mib: int | None = None  # outbound bandwidth shared by this node's migrations
+
+    @property
+    def name(self) -> str:
+        return self.hypervisor.node.name
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How many migrations may run at once (KubeVirt and oVirt use 2 out, 2 in)."""
+
+    max_outbound: int = 2
+    max_inbound: int = 2
+    max_total: int | None = None
+
+    def __post_init__(self) -> None:
+        if (
+            self.max_outbound < 1
+            or self.max_inbound < 1
+            or (self.max_total is not None and self.max_total < 1)
+        ):
+            raise MisuseError(f"migration limits must be at least 1, got {self}")
+
+
+class MigrationTicket:
+    """One submitted migration: queued, then active, then done."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        ticket_id: int,
+        instance: Instance,
+        target: str,
+        priority: int,
+        policy: MigrationPolicy | None,
+        live: bool,
+    ) -> None:
+        self.engine = engine
+        self.id = ticket_id
+        self.instance = instance
+        self.source = instance.node_name
+        self.target = target
+        self.priority = priority
+        self.policy = policy
+        self.live = live
+        self.state = "queued"
+        self.result: MigrationResult | None = None
+        self.error: BaseException | None = None
+        self.scope: anyio.CancelScope | None = None
+        self.qmp: QMPClient | None = None
+        self.bandwidth_mib: int | None = None
+        self._done = anyio.Event()
+
+    def __repr__(self) -> str:
+        return (
+            f"MigrationTicket({self.id}, {self.instance.name}: {self.source} -> "
+            f"{self.target}, {self.state})"
+        )
+
+    def cancel(self) -> None:
+        """Cancel: a queued migration never starts; an active one is cancelled cleanly."""
+        self.engine._cancel(self)
+
+    async def wait(self) -> MigrationResult:
+        """Wait for the end; return the result or raise why it did not happen."""
+        await self._done.wait()
+        if self.result is not None:
+            return self.result
+        assert self.error is not None
+        raise self.error
+
+    def _finish(self, state: str) -> None:
+        self.state = state
+        self._done.set()
+
+
+@dataclass
+class EvacuationPlan:
+    """Which instance goes where, and why some cannot go anywhere."""
+
+    source: str
+    moves: list[tuple[str, str, int]] = field(default_factory=list)  # instance, target, MiB
+    unplaceable: list[tuple[str, str]] = field(default_factory=list)  # instance, reason
+    capacity: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+@dataclass
+class EvacuationSummary:
+    """What an evacuation did."""
+
+    plan: EvacuationPlan
+    moved: list[tuple[str, str]] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    dry_run: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.plan.unplaceable
+
+
+class Engine:
+    """Nodes, instances and migrations under limits. See the module docstring."""
+
+    def __init__(
+        self,
+        nodes: dict[str, NodeEntry] | list[NodeEntry],
+        *,
+        limits: Limits | None = None,
+        default_policy: MigrationPolicy | None = None,
+        event_buffer: int = 10_000,
+    ) -> None:
+        entries = nodes.values() if isinstance(nodes, dict) else nodes
+        self.nodes = {entry.name: entry for entry in entries}
+        self.limits = limits or Limits()
+        self.default_policy = default_policy
+        self.instances: dict[str, Instance] = {}
+        self._tickets: dict[int, MigrationTicket] = {}
+        self._ids = itertools.count(1)
+        self._served: Counter[str] = Counter()
+        self._feeds: list[BoundedFeed[EngineEvent]] = []
+        self._event_buffer = event_buffer
+        self._wakeup: anyio.Event | None = None
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._counts = Counter[str]()
+        self._bytes_moved = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> Engine:
+        self._task_group = anyio.create_task_group()
+        await self._task_group.__aenter__()
+        self._wakeup = anyio.Event()
+        self._task_group.start_soon(self._dispatch, name="kvmflow-engine-dispatcher")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        task_group, self._task_group = self._task_group, None
+        assert task_group is not None
+        for ticket in list(self._tickets.values()):
+            if ticket.state in ("queued", "active"):
+                self._cancel(ticket)
+        task_group.cancel_scope.cancel()
+        try:
+            return await exit_task_group(task_group, exc_type, exc, tb)
+        finally:
+            for feed in self._feeds:
+                feed.close()
+
+    # ------------------------------------------------------------------- registry
+
+    def node(self, name: str) -> NodeEntry:
+        try:
+            return self.nodes[name]
+        except KeyError:
+            raise MisuseError(
+                f"unknown node {name!r}; known: {', '.join(sorted(self.nodes))}"
+            ) from None
+
+    def add_instance(self, instance: Instance) -> Instance:
+        if instance.node_name not in self.nodes:
+            raise MisuseError(f"instance {instance.name} is on unknown node {instance.node_name!r}")
+        self.instances[instance.name] = instance
+        return instance
+
+    def instance(self, name: str) -> Instance:
+        try:
+            return self.instances[name]
+        except KeyError:
+            raise MisuseError(f"unknown instance {name!r}") from None
+
+    def where(self, name: str) -> str:
+        """The node ``name`` runs on (the engine's single source of truth)."""
+        return self.instance(name).node_name
+
+    def on_node(self, node: str) -> list[Instance]:
+        return [i for i in self.instances.values() if i.node_name == node]
+
+    # --------------------------------------------------------------------- events
+
+    def events(self, max_buffered: int | None = None) -> BoundedFeed[EngineEvent]:
+        """A new feed of every engine event from now on (iterate it with ``async for``)."""
+        feed: BoundedFeed[EngineEvent] = BoundedFeed(max_buffered or self._event_buffer)
+        self._feeds.append(feed)
+        return feed
+
+    def _emit(self, event: EngineEvent) -> None:
+        for feed in self._feeds:
+            feed.push(event)
+
+    def statistics(self) -> Statistics:
+        outbound: Counter[str] = Counter()
+        inbound: Counter[str] = Counter()
+        active = queued = 0
+        for ticket in self._tickets.values():
+            if ticket.state == "active":
+                active += 1
+                outbound[ticket.source] += 1
+                inbound[ticket.target] += 1
+            elif ticket.state == "queued":
+                queued += 1
+        return Statistics(
+            active,
+            queued,
+            self._counts["completed"],
+            self._counts["failed"],
+            self._counts["cancelled"],
+            self._bytes_moved,
+            dict(outbound),
+            dict(inbound),
+        )
+
+    # ----------------------------------------------------------------- migrations
+
+    def submit_migration(
+        self,
+        name: str,
+        target: str,
+        *,
+        priority: int = 0,
+        policy: MigrationPolicy | None = None,
+        live: bool = True,
+    ) -> MigrationTicket:
+        """Queue a migration of ``name`` to node ``target``; returns its ticket."""
+        if self._task_group is None:
+            raise MisuseError("the engine is not running; use 'async with Engine(...)'")
+        instance = self.instance(name)
+        self.node(target)
+        if instance.node_name == target:
+            raise MisuseError(f"instance {name} already runs on {target}")
+        for ticket in self._tickets.values():
+            if ticket.instance is instance and ticket.state in ("queued", "active"):
+                raise MisuseError(
+                    f"instance {name} already has migration {ticket.id} ({ticket.state})"
+                )
+        ticket = MigrationTicket(self, next(self._ids), instance, target, priority, policy, live)
+        self._tickets[ticket.id] = ticket
+        self._emit(MigrationQueued(ticket.id, name, ticket.source, target, priority))
+        self._wake()
+        return ticket
+
+    def _wake(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    def _cancel(self, ticket: MigrationTicket) -> None:
+        if ticket.state == "queued":
+            ticket.error = MigrationError(
+                ticket.instance.name, "cancelled before it started", runs_on=ticket.source
+            )
+            self._counts["cancelled"] += 1
+            ticket._finish("cancelled")
+            self._emit(
+                MigrationCancelled(
+                    ticket.id, ticket.instance.name, ticket.source, ticket.target, started=False
+                )
+            )
+            self._wake()
+        elif ticket.state == "active" and ticket.scope is not None:
+            ticket.scope.cancel()
+
+    def _eligible(
+        self, ticket: MigrationTicket, out: Counter[str], into: Counter[str], total: int
+    ) -> bool:
+        limits = self.limits
+        return (
+            out[ticket.source] < limits.max_outbound
+            and into[ticket.target] < limits.max_inbound
+            and (limits.max_total is None or total < limits.max_total)
+            and ticket.instance.machine.operation is None
+        )
+
+    async def _dispatch(self) -> None:
+        while True:
+            assert self._wakeup is not None
+            await self._wakeup.wait()
+            self._wakeup = anyio.Event()
+            self._start_eligible()
+
+    def _start_eligible(self) -> None:
+        while True:
+            out: Counter[str] = Counter()
+            into: Counter[str] = Counter()
+            total = 0
+            for ticket in self._tickets.values():
+                if ticket.state == "active":
+                    out[ticket.source] += 1
+                    into[ticket.target] += 1
+                    total += 1
+            candidates = [
+                t
+                for t in self._tickets.values()
+                if t.state == "queued" and self._eligible(t, out, into, total)
+            ]
+            if not candidates:
+                return
+            # Priority first, then the source node served least so far, then first come.
+            chosen = max(candidates, key=lambda t: (t.priority, -self._served[t.source], -t.id))
+            self._served[chosen.source] += 1
+            chosen.state = "active"
+            chosen.scope = anyio.CancelScope()
+            assert self._task_group is not None
+            self._task_group.start_soon(self._run, chosen, name=f"migrate {chosen.instance.name}")
+
+    def _share_mib(self, source: str, active: int) -> int | None:
+        budget = self.nodes[source].link_budget_mib
+        if budget is None:
+            return None
+        return max(1, budget // max(active, 1))
+
+    def _active_on(self, source: str) -> list[MigrationTicket]:
+        return [
+            t
+            for t in self._tickets.values()
+            if t.state == "active" and t.source == source and t.qmp is not None
+        ]
+
+    async def _rebalance(self, source: str) -> None:
+        """Give every active migration of ``source`` an equal share of its link budget."""
+        active = self._active_on(source)
+        share = self._share_mib(source, len(active))
+        if share is None:
+            return
+        for ticket in active:
+            if ticket.bandwidth_mib == share or ticket.qmp is None:
+                continue
+            try:
+                await ticket.qmp.execute(
+                    "migrate-set-parameters", {"max-bandwidth": share * MIB}, timeout=10
+                )
+            except KvmflowError as exc:
+                _log.warning(
+                    "bandwidth rebalance failed", instance=ticket.instance.name, error=str(exc)
+                )
+                continue
+            ticket.bandwidth_mib = share
+            self._emit(
+                BandwidthRebalanced(
+                    ticket.id, ticket.instance.name, ticket.source, ticket.target, share
+                )
+            )
+
+    async def _run(self, ticket: MigrationTicket) -> None:
+        instance = ticket.instance
+        source = self.nodes[ticket.source]
+        target = self.nodes[ticket.target]
+        policy = (
+            ticket.policy
+            or self.default_policy
+            or MigrationPolicy.from_hvparams(instance.spec.hvparams)
+        )
+        assert ticket.scope is not None
+        try:
+            with ticket.scope:
+                async with source.hypervisor.qmp(
+                    instance.name, command_timeout=policy.query_timeout
+                ) as qmp:
+                    share = self._share_mib(ticket.source, len(self._active_on(ticket.source)) + 1)
+                    if share is not None:
+                        policy = policy.with_changes(bandwidth_mib=share)
+                        ticket.bandwidth_mib = share
+                    ticket.qmp = qmp
+                    self._emit(
+                        MigrationStarted(
+                            ticket.id,
+                            instance.name,
+                            ticket.source,
+                            ticket.target,
+                            policy.bandwidth_mib,
+                        )
+                    )
+                    await self._rebalance(ticket.source)
+                    ticket.result = await migrate(
+                        instance,
+                        target.hypervisor,
+                        target_address=target.migration_address,
+                        live=ticket.live,
+                        policy=policy,
+                        source_qmp=qmp,
+                        on_progress=lambda report: self._progress(ticket, report),
+                    )
+        except MigrationError as exc:
+            ticket.error = exc
+        except KvmflowError as exc:
+            ticket.error = MigrationError(instance.name, str(exc), runs_on=instance.node_name)
+        finally:
+            ticket.qmp = None
+            with anyio.CancelScope(shield=True):
+                await self._settle(ticket)
+
+    def _progress(self, ticket: MigrationTicket, report: MigrationProgress) -> None:
+        self._emit(
+            MigrationProgressed(
+                ticket.id, ticket.instance.name, ticket.source, ticket.target, report
+            )
+        )
+        for decision in report.decisions:
+            self._emit(
+                PolicyActionTaken(
+                    ticket.id, ticket.instance.name, ticket.source, ticket.target, decision
+                )
+            )
+
+    async def _settle(self, ticket: MigrationTicket) -> None:
+        name = ticket.instance.name
+        if ticket.result is not None:
+            self._counts["completed"] += 1
+            self._bytes_moved += ticket.result.final.transferred
+            ticket._finish("completed")
+            self._emit(
+                MigrationCompleted(ticket.id, name, ticket.source, ticket.target, ticket.result)
+            )
+        elif ticket.error is None:  # cancelled while active
+            ticket.error = MigrationError(name, "cancelled", runs_on=ticket.instance.node_name)
+            self._counts["cancelled"] += 1
+            ticket._finish("cancelled")
+            self._emit(
+                MigrationCancelled(ticket.id, name, ticket.source, ticket.target, started=True)
+            )
+        else:
+            runs_on = getattr(ticket.error, "runs_on", None)
+            self._counts["failed"] += 1
+            ticket._finish("failed")
+            self._emit(
+                MigrationFailed(
+                    ticket.id, name, ticket.source, ticket.target, str(ticket.error), runs_on
+                )
+            )
+        await self._rebalance(ticket.source)
+        self._wake()
+
+    # ------------------------------------------------------------------ evacuation
+
+    async def plan_evacuation(self, source: str, targets: list[str]) -> EvacuationPlan:
+        """Assign every instance of ``source`` to a target by free memory and load; change
+        nothing."""
+        self.node(source)
+        plan = EvacuationPlan(source)
+        free: dict[str, int] = {}
+        load: Counter[str] = Counter()
+        for name in targets:
+            if name == source:
+                raise MisuseError(f"cannot evacuate {source} onto itself")
+            info = await self.node(name).hypervisor.node_info()
+            free[name] = info.memory_free_mib
+            load[name] = len(self.on_node(name))
+            plan.capacity[name] = {"free_mib": info.memory_free_mib, "instances": load[name]}
+        for instance in sorted(self.on_node(source), key=lambda i: -i.spec.memory_mib):
+            need = instance.spec.memory_mib
+            fitting = [t for t in targets if free[t] >= need]
+            if not fitting:
+                plan.unplaceable.append(
+                    (
+                        instance.name,
+                        f"needs {need} MiB; no target has it "
+                        f"free ({', '.join(f'{t}: {free[t]}' for t in targets)})",
+                    )
+                )
+                continue
+            # The least loaded target first, then the one with the most memory left.
+            best = min(fitting, key=lambda t: (load[t], -free[t]))
+            free[best] -= need
+            load[best] += 1
+            plan.moves.append((instance.name, best, need))
+        return plan
+
+    async def evacuate(
+        self,
+        source: str,
+        targets: list[str],
+        *,
+        dry_run: bool = False,
+        policy: MigrationPolicy | None = None,
+        priority: int = 0,
+    ) -> EvacuationSummary:
+        """Move everything off ``source``, continuing past failures; a dry run only plans."""
+        plan = await self.plan_evacuation(source, targets)
+        summary = EvacuationSummary(plan, dry_run=dry_run)
+        if dry_run:
+            return summary
+        tickets = [
+            self.submit_migration(name, target, priority=priority, policy=policy)
+            for name, target, _ in plan.moves
+        ]
+        for ticket in tickets:
+            try:
+                result = await ticket.wait()
+                summary.moved.append((result.instance, result.target))
+            except KvmflowError as exc:
+                summary.failed.append((ticket.instance.name, str(exc)))
+        return summary
