@@ -173,7 +173,7 @@ async def test_link_budget_is_shared_and_raised_when_one_finishes(
     entries[0].link_budget_mib = 30
     async with Engine(entries, limits=Limits(3, 3), default_policy=NEVER) as engine:
         events = engine.events()
-        for n, target in enumerate(("node-b", "node-b", "node-c")):
+        for n in range(3):
             await start_dirty(engine, f"bw-{n}", "node-a", dirty_guest)
         tickets = [
             engine.submit_migration(f"bw-{n}", t)
