@@ -28,7 +28,7 @@ import structlog
 from kvmflow.guest import SWEEP_COUNTER_ADDRESS, build_dirty_guest, guest_command_line
 from kvmflow.instance import Instance
 from kvmflow.kvm import HvParams, InstanceSpec, KvmHypervisor, RuntimePaths, default_accelerator
-from kvmflow.migration import MigrationPolicy, migrate
+from kvmflow.migration import MigrationError, MigrationPolicy, migrate
 from kvmflow.migration.policy import Action, Capabilities, StallRule
 from kvmflow.monitor import HMPClient
 from kvmflow.node import LocalNode
@@ -107,19 +107,36 @@ async def one(
         ),
     )
     instance = Instance(spec, source)
+    try:
+        return await measure(instance, source, target, policy, limit)
+    finally:
+        with anyio.CancelScope(shield=True):
+            for hv in (source, target):
+                await hv.stop(name, force=True)
+
+
+async def measure(
+    instance: Instance,
+    source: KvmHypervisor,
+    target: KvmHypervisor,
+    policy: MigrationPolicy,
+    limit: float,
+) -> dict[str, Any]:
     await instance.start()
-    await booted(source, name)
+    await booted(source, instance.name)
     started = time.monotonic()
     outcome: dict[str, Any] = {"seconds": None, "downtime_ms": None, "actions": []}
     with anyio.move_on_after(limit):
-        result = await migrate(instance, target, target_address="127.0.0.1", policy=policy)
-        outcome = {
-            "seconds": round(time.monotonic() - started, 2),
-            "downtime_ms": result.downtime_ms,
-            "actions": [d.name for d in result.decisions],
-        }
-    for hv in (source, target):
-        await hv.stop(name, force=True)
+        try:
+            result = await migrate(instance, target, target_address="127.0.0.1", policy=policy)
+        except MigrationError as exc:
+            outcome["aborted"] = exc.reason
+        else:
+            outcome = {
+                "seconds": round(time.monotonic() - started, 2),
+                "downtime_ms": result.downtime_ms,
+                "actions": [d.name for d in result.decisions],
+            }
     return outcome
 
 

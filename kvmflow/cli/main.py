@@ -1,6 +1,7 @@
 """Entry point of the ``kvmflow`` command: argument parsing, output and exit codes.
 
-Exit codes: 0 success; 1 an operation failed; 2 bad usage (argparse's own code).
+Exit codes: 0 success; 1 an operation failed; 2 bad usage, bad configuration or an unknown
+instance or node; 3 a batch (evacuation, plan) partly failed; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -9,40 +10,179 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+import anyio
+from rich.console import Console
+
+from kvmflow.cli import commands
+from kvmflow.cli.commands import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, Context
+from kvmflow.cli.config import load_config
 from kvmflow.cli.logs import configure_logging
-from kvmflow.errors import KvmflowError
+from kvmflow.engine import Limits
+from kvmflow.errors import KvmflowError, ValidationError
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
+EPILOG = """\
+examples:
+  kvmflow demo                              two local nodes, busy guests, live migrations
+  kvmflow -c kvmflow.toml start web1        start an instance from the configuration
+  kvmflow -c kvmflow.toml migrate web1 beta move it to node beta, with a progress bar
+  kvmflow -c kvmflow.toml evacuate alpha --to beta,gamma --dry-run
+  kvmflow -c kvmflow.toml monitor web1 --hmp "info status"
+
+exit codes: 0 ok, 1 operation failed, 2 usage or configuration error, 3 batch partly failed
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvmflow",
         description="Drive QEMU/KVM instances and live migrations from one async engine.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="TOML file with [nodes.*] and [instances.*] (see "
+        "examples/kvmflow.toml); without it: one local node, no instances",
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     parser.add_argument("-q", "--quiet", action="count", default=0, help="less log output")
     parser.add_argument("--log-json", action="store_true", help="log as JSON lines on stderr")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    probe = commands.add_parser(
-        "probe",
-        help="start a throwaway QEMU, ask it over QMP and HMP what it is, and stop it",
-        description="Start a paused QEMU without a guest, query its version, run state and "
-        "accelerator over QMP and HMP, print them, and stop it again.",
+    def command(name: str, text: str, *, json_flag: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=text, description=text)
+        if json_flag:
+            p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+        return p
+
+    def policy_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--policy",
+            choices=["default", "ancestor", "fixed"],
+            default="default",
+            help="default: kvmflow's converging policy; ancestor: Ganeti's fixed "
+            "limits; fixed: fixed limits with kvmflow's tolerance",
+        )
+        p.add_argument("--bandwidth", type=int, metavar="MIB_S", help="bandwidth limit, MiB/s")
+        p.add_argument("--downtime", type=int, metavar="MS", help="initial downtime limit, ms")
+
+    command("list", "list running instances on every node")
+    command("info", "show one instance").add_argument("name")
+    command("start", "start an instance from the configuration").add_argument("name")
+    p = command("stop", "stop an instance (ACPI power-down, then kill)")
+    p.add_argument("name")
+    p.add_argument("--force", action="store_true", help="kill at once")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for power-off")
+    p = command("reboot", "stop and start again with the same hardware")
+    p.add_argument("name")
+    p.add_argument("--force", action="store_true", help="kill instead of powering down")
+    command("console", "attach to the serial console (Ctrl-] detaches)").add_argument("name")
+    p = command("monitor", "send one QMP command or HMP line and print the answer")
+    p.add_argument("name")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--qmp", metavar="COMMAND", help="a QMP command, e.g. query-status")
+    what.add_argument("--hmp", metavar="LINE", help='an HMP line, e.g. "info status"')
+    p.add_argument("--args", metavar="JSON", help="QMP arguments as a JSON object")
+    p = command("migrate", "live-migrate one instance to another node")
+    p.add_argument("name")
+    p.add_argument("target", help="target node")
+    p.add_argument("--non-live", action="store_true", help="pause the guest during the copy")
+    policy_options(p)
+    p = command("evacuate", "move every instance off a node")
+    p.add_argument("node")
+    p.add_argument("--to", required=True, metavar="NODE[,NODE...]", help="target nodes")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    p.add_argument("--max-out", type=int, default=2, help="outbound migrations per node")
+    p.add_argument("--max-in", type=int, default=2, help="inbound migrations per node")
+    policy_options(p)
+    command("node-info", "memory and CPUs of nodes").add_argument("node", nargs="?")
+    p = command("demo", "two local nodes, busy guests, concurrent live migrations")
+    p.add_argument("--guests", type=int, default=4, help="how many guests (default 4)")
+    p.add_argument(
+        "--bandwidth",
+        type=int,
+        default=32,
+        metavar="MIB_S",
+        help="bandwidth per migration (default 32 MiB/s)",
     )
-    probe.add_argument("--json", action="store_true", help="print one JSON object")
-    probe.add_argument(
+    p = command("probe", "start a throwaway QEMU, ask it over QMP and HMP what it is, stop it")
+    p.add_argument(
         "--backend",
         choices=["asyncio", "trio"],
         default="asyncio",
         help="async backend to run on (default: asyncio)",
     )
     return parser
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    as_json = getattr(args, "json", False)
+    progress = console.is_terminal and not as_json
+    if args.command == "probe":
+        return cmd_probe(args)
+    if args.command == "demo":
+        return cmd_demo(args, console, progress)
+    ctx = Context(load_config(args.config), console, as_json=as_json)
+    if args.command == "console":
+        return commands.console_command(ctx, args.name)
+    if args.command == "list":
+        return anyio.run(commands.cmd_list, ctx)
+    if args.command == "info":
+        return anyio.run(commands.cmd_info, ctx, args.name)
+    if args.command == "start":
+        return anyio.run(commands.cmd_start, ctx, args.name)
+    if args.command == "stop":
+        return anyio.run(
+            lambda: commands.cmd_stop(ctx, args.name, force=args.force, timeout=args.timeout)
+        )
+    if args.command == "reboot":
+        return anyio.run(lambda: commands.cmd_reboot(ctx, args.name, force=args.force))
+    if args.command == "monitor":
+        return anyio.run(
+            lambda: commands.cmd_monitor(
+                ctx, args.name, qmp_command=args.qmp, arguments=args.args, hmp_line=args.hmp
+            )
+        )
+    if args.command == "node-info":
+        return anyio.run(commands.cmd_node_info, ctx, args.node)
+    if args.command == "migrate":
+        spec = ctx.spec(args.name)
+        policy = commands.build_policy(
+            args.policy, bandwidth=args.bandwidth, downtime=args.downtime, spec=spec
+        )
+        return anyio.run(
+            lambda: commands.cmd_migrate(
+                ctx,
+                args.name,
+                args.target,
+                live=not args.non_live,
+                policy=policy,
+                progress=progress,
+            )
+        )
+    if args.command == "evacuate":
+        policy = commands.build_policy(
+            args.policy, bandwidth=args.bandwidth, downtime=args.downtime, spec=None
+        )
+        targets = [t for t in args.to.split(",") if t]
+        return anyio.run(
+            lambda: commands.cmd_evacuate(
+                ctx,
+                args.node,
+                targets,
+                dry_run=args.dry_run,
+                policy=policy,
+                limits=Limits(args.max_out, args.max_in),
+                progress=progress,
+            )
+        )
+    raise AssertionError(args.command)  # pragma: no cover
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
@@ -61,19 +201,53 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_demo(args: argparse.Namespace, console: Console, progress: bool) -> int:
+    from rich.table import Table
+
+    from kvmflow.cli.demo import demo_table, run_demo
+
+    if args.guests < 1:
+        raise ValidationError([])
+    report = anyio.run(
+        lambda: run_demo(args.guests, console, show_progress=progress, bandwidth_mib=args.bandwidth)
+    )
+    rows = demo_table(report)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "accelerator": report.accelerator,
+                    "migrations": [dict(zip(rows[0], row, strict=True)) for row in rows[1:]],
+                }
+            )
+        )
+    else:
+        table = Table(*rows[0], title="kvmflow demo summary", header_style="bold")
+        for row in rows[1:]:
+            table.add_row(*row)
+        console.print(table)
+    return EXIT_OK if report.ok else EXIT_PARTIAL
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     configure_logging(args.verbose - args.quiet, json_lines=args.log_json)
-    handlers = {"probe": cmd_probe}
+    console = Console()
     try:
-        return handlers[args.command](args)
+        return run(args, console)
+    except ValidationError as exc:
+        if args.debug:
+            raise
+        print(f"kvmflow: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except KvmflowError as exc:
         if args.debug:
             raise
         print(f"kvmflow: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
-        print("kvmflow: interrupted", file=sys.stderr)
+        print("kvmflow: interrupted; everything started was stopped", file=sys.stderr)
         return 130
 
 

@@ -91,9 +91,10 @@ class MigrationPolicy:
     ``bandwidth_mib`` (MiB/s; ``None`` leaves QEMU's default) and ``downtime_ms`` are the
     starting limits; ``downtime_schedule`` raises the downtime over time or passes up to
     ``downtime_ceiling_ms``. ``stall`` and ``seconds_per_gib`` (completion deadline per GiB
-    of guest RAM) trigger ``stall_actions`` and ``deadline_actions`` one at a time, and so
-    does the prediction when the guest dirties memory faster than the link carries it
-    (``predict``). ``action_grace_seconds`` is the least time between two actions.
+    of guest RAM, at least ``deadline_floor_seconds``) trigger ``stall_actions`` and
+    ``deadline_actions`` one at a time, and so does the prediction when the guest dirties
+    memory faster than the link carries it (``predict``). ``action_grace_seconds`` is the
+    least time between two actions.
     """
 
     bandwidth_mib: int | None = 32
@@ -107,8 +108,10 @@ class MigrationPolicy:
         Action.RAISE_DOWNTIME,
         Action.AUTO_CONVERGE,
         Action.RAISE_DOWNTIME,
+        Action.RAISE_DOWNTIME,
     )
     seconds_per_gib: float | None = 150.0
+    deadline_floor_seconds: float = 60.0
     deadline_actions: tuple[Action, ...] = (Action.ABORT,)
     predict: bool = True
     action_grace_seconds: float = 3.0
@@ -244,9 +247,11 @@ class MigrationPolicy:
         return [{"capability": name, "state": True} for name, on in wanted.items() if on]
 
     def deadline_seconds(self, memory_mib: int) -> float | None:
+        """The completion deadline for a guest of ``memory_mib``: seconds per GiB, but never
+        less than ``deadline_floor_seconds`` (small guests still need setup time)."""
         if self.seconds_per_gib is None:
             return None
-        return self.seconds_per_gib * max(memory_mib, 1) / 1024
+        return max(self.deadline_floor_seconds, self.seconds_per_gib * max(memory_mib, 1) / 1024)
 
 
 def _positive_int(value: Any) -> bool:

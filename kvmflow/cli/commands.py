@@ -1,0 +1,360 @@
+"""What each ``kvmflow`` subcommand does, on top of the library (no sockets here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict
+from typing import Any
+
+import anyio
+from rich.console import Console
+from rich.table import Table
+
+from kvmflow.cli.config import Config, ConfigError
+from kvmflow.cli.progress import MigrationBars
+from kvmflow.engine import Engine, Limits, NodeEntry
+from kvmflow.errors import FieldProblem, MisuseError, ValidationError
+from kvmflow.instance import Instance, InstanceState
+from kvmflow.kvm import KvmHypervisor, RuntimePaths, default_accelerator
+from kvmflow.kvm.params import InstanceSpec
+from kvmflow.migration import MigrationPolicy
+from kvmflow.monitor import hmp_via_qmp
+from kvmflow.node import LocalNode
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
+
+
+class Context:
+    """The loaded configuration and one hypervisor per node."""
+
+    def __init__(self, config: Config, console: Console, *, as_json: bool) -> None:
+        self.config = config
+        self.console = console
+        self.as_json = as_json
+        accel = default_accelerator()
+        self.hypervisors = {
+            name: KvmHypervisor(
+                LocalNode(name), RuntimePaths(node.runtime_root), default_accelerator=accel
+            )
+            for name, node in config.nodes.items()
+        }
+
+    def spec(self, name: str) -> InstanceSpec:
+        entry = self.config.instances.get(name)
+        if entry is None:
+            known = ", ".join(sorted(self.config.instances)) or "none configured"
+            raise ConfigError([FieldProblem("instance", name, f"a configured instance ({known})")])
+        return entry.spec
+
+    async def locate(self, name: str) -> KvmHypervisor:
+        """The node where ``name`` runs now, else the node the configuration gives it."""
+        for hv in self.hypervisors.values():
+            if await hv.is_running(name):
+                return hv
+        self.spec(name)
+        return self.hypervisors[self.config.instances[name].node]
+
+    def hypervisor(self, node: str) -> KvmHypervisor:
+        if node not in self.hypervisors:
+            known = ", ".join(sorted(self.hypervisors))
+            raise ConfigError([FieldProblem("node", node, f"a configured node ({known})")])
+        return self.hypervisors[node]
+
+    def engine(self, policy: MigrationPolicy | None, limits: Limits | None = None) -> Engine:
+        entries = [
+            NodeEntry(self.hypervisors[name], node.migration_address, node.link_budget_mib)
+            for name, node in self.config.nodes.items()
+        ]
+        return Engine(entries, limits=limits, default_policy=policy)
+
+    def emit(self, data: Any, table: Table | None = None, text: str | None = None) -> None:
+        if self.as_json:
+            print(json.dumps(data, default=str))
+        elif table is not None:
+            self.console.print(table)
+        elif text is not None:
+            self.console.print(text, highlight=False)
+
+
+def make_table(*columns: str) -> Table:
+    return Table(*columns, show_edge=False, header_style="bold")
+
+
+async def cmd_list(ctx: Context) -> int:
+    rows: list[dict[str, Any]] = []
+    for node, hv in ctx.hypervisors.items():
+        for name in await hv.list_instances():
+            info = await hv.info(name)
+            if info is not None:
+                rows.append(
+                    {
+                        "instance": name,
+                        "node": node,
+                        "pid": info.pid,
+                        "memory_mib": info.memory_mib,
+                        "vcpus": info.vcpus,
+                    }
+                )
+    table = make_table("instance", "node", "pid", "memory", "vcpus")
+    for row in rows:
+        table.add_row(
+            row["instance"],
+            row["node"],
+            str(row["pid"]),
+            f"{row['memory_mib']} MiB",
+            str(row["vcpus"]),
+        )
+    ctx.emit(rows, table if rows else None, "no instances running")
+    return EXIT_OK
+
+
+async def cmd_info(ctx: Context, name: str) -> int:
+    hv = await ctx.locate(name)
+    info = await hv.info(name)
+    if info is None:
+        ctx.emit(
+            {"instance": name, "running": False},
+            text=f"{name} is not running (configured on {hv.node.name})",
+        )
+        return EXIT_FAILED
+    data = {"instance": name, "node": hv.node.name, "running": True, **asdict(info)}
+    async with hv.qmp(name, command_timeout=10) as qmp:
+        data["run_state"] = (await qmp.execute("query-status"))["status"]
+    table = make_table("field", "value")
+    for key, value in data.items():
+        table.add_row(key, str(value))
+    ctx.emit(data, table)
+    return EXIT_OK
+
+
+async def cmd_start(ctx: Context, name: str) -> int:
+    spec = ctx.spec(name)
+    hv = ctx.hypervisor(ctx.config.instances[name].node)
+    info = await Instance(spec, hv).start()
+    ctx.emit(
+        {"instance": name, "node": hv.node.name, "pid": info.pid},
+        text=f"started {name} on {hv.node.name} (pid {info.pid})",
+    )
+    return EXIT_OK
+
+
+async def cmd_stop(ctx: Context, name: str, *, force: bool, timeout: float) -> int:
+    hv = await ctx.locate(name)
+    instance = Instance(ctx.spec(name), hv, InstanceState.RUNNING)
+    if not await hv.is_running(name):
+        await hv.cleanup(name)
+        ctx.emit(
+            {"instance": name, "stopped": True, "was_running": False},
+            text=f"{name} was not running; cleaned up",
+        )
+        return EXIT_OK
+    await instance.stop(force=force, timeout=timeout)
+    ctx.emit(
+        {"instance": name, "stopped": True, "was_running": True},
+        text=f"stopped {name} on {hv.node.name}",
+    )
+    return EXIT_OK
+
+
+async def cmd_reboot(ctx: Context, name: str, *, force: bool) -> int:
+    hv = await ctx.locate(name)
+    info = await hv.reboot(ctx.spec(name), force=force)
+    ctx.emit(
+        {"instance": name, "node": hv.node.name, "pid": info.pid},
+        text=f"rebooted {name} on {hv.node.name} (pid {info.pid})",
+    )
+    return EXIT_OK
+
+
+async def cmd_monitor(
+    ctx: Context, name: str, *, qmp_command: str | None, arguments: str | None, hmp_line: str | None
+) -> int:
+    hv = await ctx.locate(name)
+    if not await hv.is_running(name):
+        raise MisuseError(f"{name} is not running; start it first")
+    async with hv.qmp(name, command_timeout=30) as qmp:
+        if hmp_line is not None:
+            output = await hmp_via_qmp(qmp, hmp_line, check=False)
+            ctx.emit({"output": output}, text=output)
+            return EXIT_OK
+        assert qmp_command is not None
+        try:
+            args = json.loads(arguments) if arguments else None
+        except json.JSONDecodeError as exc:
+            raise ValidationError(
+                [FieldProblem("--args", arguments, f"a JSON object ({exc})")]
+            ) from exc
+        if args is not None and not isinstance(args, dict):
+            raise ValidationError([FieldProblem("--args", arguments, "a JSON object")])
+        result = await qmp.execute(qmp_command, args)
+    print(json.dumps(result, indent=None if ctx.as_json else 2))
+    return EXIT_OK
+
+
+def console_command(ctx: Context, name: str) -> int:
+    """Replace this process with the console command (or say why there is none)."""
+    hv = anyio.run(ctx.locate, name)
+    command = hv.console(ctx.spec(name))
+    if isinstance(command, str):
+        ctx.console.print(command)
+        return EXIT_FAILED
+    if not ctx.as_json and sys.stdin.isatty():
+        ctx.console.print("[dim]connected; Ctrl-] detaches[/]")
+    if ctx.as_json:
+        print(json.dumps({"command": command}))
+        return EXIT_OK
+    os.execvp(command[0], command)
+    return EXIT_FAILED  # pragma: no cover
+
+
+async def cmd_node_info(ctx: Context, node: str | None) -> int:
+    names = [node] if node else list(ctx.hypervisors)
+    rows = []
+    for name in names:
+        info = await ctx.hypervisor(name).node_info()
+        rows.append({"node": name, **asdict(info)})
+    table = make_table("node", "memory total", "free", "used by node", "cpus", "sockets", "numa")
+    for row in rows:
+        table.add_row(
+            row["node"],
+            f"{row['memory_total_mib']} MiB",
+            f"{row['memory_free_mib']} MiB",
+            f"{row['memory_used_by_node_mib']} MiB",
+            str(row["cpu_count"]),
+            str(row["cpu_sockets"]),
+            str(row["numa_nodes"]),
+        )
+    ctx.emit(rows, table)
+    return EXIT_OK
+
+
+def build_policy(
+    name: str, *, bandwidth: int | None, downtime: int | None, spec: InstanceSpec | None
+) -> MigrationPolicy:
+    overrides: dict[str, Any] = {}
+    if bandwidth is not None:
+        overrides["bandwidth_mib"] = bandwidth
+    if downtime is not None:
+        overrides["downtime_ms"] = downtime
+    if name == "ancestor":
+        return MigrationPolicy.ancestor(spec.hvparams if spec else None, **overrides)
+    if name == "fixed":
+        return MigrationPolicy.fixed(**overrides)
+    if spec is not None:
+        return MigrationPolicy.from_hvparams(spec.hvparams, **overrides)
+    if downtime is not None:
+        overrides.setdefault("downtime_ceiling_ms", max(2000, downtime))
+    return MigrationPolicy(**overrides)
+
+
+async def cmd_migrate(
+    ctx: Context, name: str, target: str, *, live: bool, policy: MigrationPolicy, progress: bool
+) -> int:
+    hv = await ctx.locate(name)
+    ctx.hypervisor(target)
+    if not await hv.is_running(name):
+        raise MisuseError(f"{name} is not running; nothing to migrate")
+    async with ctx.engine(policy) as engine:
+        engine.add_instance(Instance(ctx.spec(name), hv, InstanceState.RUNNING))
+        events = engine.events()
+        ticket = engine.submit_migration(name, target, live=live)
+        with MigrationBars(ctx.console, enabled=progress) as bars:
+            async with anyio.create_task_group() as tg:
+
+                async def draw() -> None:
+                    async for event in events:
+                        bars.handle(event)
+
+                tg.start_soon(draw)
+                try:
+                    result = await ticket.wait()
+                finally:
+                    tg.cancel_scope.cancel()
+    data = {
+        "instance": name,
+        "source": result.source,
+        "target": result.target,
+        "seconds": round(result.elapsed, 3),
+        "downtime_ms": result.downtime_ms,
+        "transferred": result.final.transferred,
+        "actions": [d.name for d in result.decisions],
+    }
+    ctx.emit(
+        data,
+        text=(
+            f"migrated {name} {result.source} -> {result.target} in "
+            f"{result.elapsed:.1f} s, downtime {result.downtime_ms} ms"
+        ),
+    )
+    return EXIT_OK
+
+
+async def cmd_evacuate(
+    ctx: Context,
+    node: str,
+    targets: list[str],
+    *,
+    dry_run: bool,
+    policy: MigrationPolicy,
+    limits: Limits,
+    progress: bool,
+) -> int:
+    ctx.hypervisor(node)
+    for target in targets:
+        ctx.hypervisor(target)
+    async with ctx.engine(policy, limits) as engine:
+        source = ctx.hypervisors[node]
+        for name in await source.list_instances():
+            spec = ctx.config.instances[name].spec if name in ctx.config.instances else None
+            if spec is None:
+                raise ConfigError(
+                    [
+                        FieldProblem(
+                            "instance", name, "running on the node but not in the configuration"
+                        )
+                    ]
+                )
+            engine.add_instance(Instance(spec, source, InstanceState.RUNNING))
+        events = engine.events()
+        with MigrationBars(
+            ctx.console, enabled=progress and not dry_run, total=len(engine.on_node(node))
+        ) as bars:
+            async with anyio.create_task_group() as tg:
+
+                async def draw() -> None:
+                    async for event in events:
+                        bars.handle(event)
+
+                tg.start_soon(draw)
+                try:
+                    summary = await engine.evacuate(node, targets, dry_run=dry_run)
+                finally:
+                    tg.cancel_scope.cancel()
+    plan = summary.plan
+    data = {
+        "node": node,
+        "dry_run": dry_run,
+        "plan": [{"instance": i, "target": t, "memory_mib": m} for i, t, m in plan.moves],
+        "unplaceable": [{"instance": i, "reason": r} for i, r in plan.unplaceable],
+        "capacity": plan.capacity,
+        "moved": [{"instance": i, "target": t} for i, t in summary.moved],
+        "failed": [{"instance": i, "reason": r} for i, r in summary.failed],
+    }
+    table = make_table("instance", "target", "memory", "outcome")
+    moved = dict(summary.moved)
+    failed = dict(summary.failed)
+    for instance, target, memory in plan.moves:
+        outcome = (
+            "planned"
+            if dry_run
+            else ("moved" if instance in moved else f"failed: {failed.get(instance, '?')}")
+        )
+        table.add_row(instance, target, f"{memory} MiB", outcome)
+    for instance, reason in plan.unplaceable:
+        table.add_row(instance, "-", "-", f"unplaceable: {reason}")
+    ctx.emit(data, table)
+    if summary.failed or plan.unplaceable:
+        return EXIT_PARTIAL
+    return EXIT_OK

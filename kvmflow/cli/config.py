@@ -1,0 +1,171 @@
+"""The command line's configuration file: nodes and instances, in TOML.
+
+Example (``examples/kvmflow.toml``)::
+
+    [nodes.alpha]
+    runtime_root = "/run/kvmflow"      # where pid files, sockets and runtimes live
+    migration_address = "192.0.2.10"   # where this node's QEMUs listen for migrations
+    link_budget_mib = 200              # optional: outbound bandwidth shared by migrations
+
+    [instances.web1]
+    node = "alpha"
+    memory_mib = 512
+    vcpus = 2
+    network_port = 5901
+    disks = [{ path = "/srv/web1.img" }]
+    nics = [{ mac = "52:54:00:00:00:01", mode = "bridged", link = "br0" }]
+    tags = ["web"]
+    hvparams = { acpi = true, disk_cache = "none" }
+
+Every entry is checked before anything runs; errors name the entry.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvmflow.errors import FieldProblem, ValidationError
+from kvmflow.kvm.params import InstanceSpec
+from kvmflow.kvm.runtime import DEFAULT_ROOT, RuntimePaths
+
+NODE_KEYS = {"runtime_root", "migration_address", "link_budget_mib"}
+
+
+class ConfigError(ValidationError):
+    """The configuration file is missing or wrong; every problem names its entry."""
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str
+    runtime_root: str = DEFAULT_ROOT
+    migration_address: str = "127.0.0.1"
+    link_budget_mib: int | None = None
+
+
+@dataclass(frozen=True)
+class InstanceConfig:
+    spec: InstanceSpec
+    node: str
+
+
+@dataclass
+class Config:
+    path: Path | None
+    nodes: dict[str, NodeConfig] = field(default_factory=dict)
+    instances: dict[str, InstanceConfig] = field(default_factory=dict)
+
+
+def load_config(path: Path | None) -> Config:
+    """Read and check a configuration file; ``None`` gives one local node and no instances."""
+    if path is None:
+        return Config(None, {"local": NodeConfig("local")})
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(
+            [
+                FieldProblem(
+                    "config",
+                    str(path),
+                    "no such file; pass -c FILE or create it (see examples/kvmflow.toml)",
+                )
+            ]
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([FieldProblem("config", str(path), f"unreadable: {exc}")]) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([FieldProblem("config", str(path), f"not valid TOML: {exc}")]) from exc
+    return parse_config(data, path)
+
+
+def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
+    problems: list[FieldProblem] = []
+    config = Config(path)
+    for key in data:
+        if key not in ("nodes", "instances"):
+            problems.append(
+                FieldProblem(
+                    key, data[key], "unknown section; use [nodes.NAME] and [instances.NAME]"
+                )
+            )
+    for name, body in _table(data, "nodes", problems).items():
+        node = _node(name, body, problems)
+        if node is not None:
+            config.nodes[name] = node
+    if not config.nodes and "nodes" not in data:
+        config.nodes["local"] = NodeConfig("local")
+    for name, body in _table(data, "instances", problems).items():
+        entry = f"instances.{name}"
+        if not isinstance(body, dict):
+            problems.append(FieldProblem(entry, body, "a table"))
+            continue
+        node = body.get("node", "local" if "local" in config.nodes else None)
+        if node not in config.nodes:
+            problems.append(
+                FieldProblem(
+                    f"{entry}.node", node, f"one of the nodes: {', '.join(sorted(config.nodes))}"
+                )
+            )
+        values = {k: v for k, v in body.items() if k != "node"}
+        values["name"] = name
+        try:
+            spec = InstanceSpec.from_dict(values)
+        except ValidationError as exc:
+            problems += [
+                FieldProblem(f"{entry}.{p.field}", p.value, p.allowed) for p in exc.problems
+            ]
+            continue
+        if isinstance(node, str):
+            config.instances[name] = InstanceConfig(spec, node)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _table(data: dict[str, Any], key: str, problems: list[FieldProblem]) -> dict[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        problems.append(FieldProblem(key, value, "a table of named entries"))
+        return {}
+    return value
+
+
+def _node(name: str, body: Any, problems: list[FieldProblem]) -> NodeConfig | None:
+    entry = f"nodes.{name}"
+    if not isinstance(body, dict):
+        problems.append(FieldProblem(entry, body, "a table"))
+        return None
+    before = len(problems)
+    for key in body:
+        if key not in NODE_KEYS:
+            problems.append(
+                FieldProblem(
+                    f"{entry}.{key}",
+                    body[key],
+                    f"unknown key; known: {', '.join(sorted(NODE_KEYS))}",
+                )
+            )
+    root = body.get("runtime_root", DEFAULT_ROOT)
+    try:
+        RuntimePaths(root)
+    except ValidationError as exc:
+        problems += [
+            FieldProblem(f"{entry}.runtime_root", p.value, p.allowed) for p in exc.problems
+        ]
+    address = body.get("migration_address", "127.0.0.1")
+    if not isinstance(address, str) or not address:
+        problems.append(FieldProblem(f"{entry}.migration_address", address, "an address"))
+    budget = body.get("link_budget_mib")
+    if budget is not None and (
+        not isinstance(budget, int) or isinstance(budget, bool) or budget <= 0
+    ):
+        problems.append(
+            FieldProblem(f"{entry}.link_budget_mib", budget, "a positive integer (MiB/s)")
+        )
+    if len(problems) > before:
+        return None
+    return NodeConfig(name, root, address, budget)
