@@ -83,3 +83,12 @@ def dirty_guest() -> Path:
     from kvmflow.guest import build_dirty_guest
 
     return build_dirty_guest(Path(tempfile.gettempdir()) / "kvmflow-test-guest")
+
+
+@pytest.fixture(scope="module")
+def ssh_hosts() -> Iterator[object]:
+    """Two real sshd servers, on 127.0.0.2 and 127.0.0.3, each standing for one host."""
+    from tests.sshd import ssh_fleet
+
+    with ssh_fleet(["127.0.0.2", "127.0.0.3"]) as fleet:
+        yield fleet

@@ -29,8 +29,13 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 def kvmflow(*args: str, config: Path | None = None) -> subprocess.CompletedProcess[str]:
     prefix = ["-c", str(config)] if config else []
-    return subprocess.run([sys.executable, "-m", "kvmflow.cli.main", *prefix, *args],
-                          capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "kvmflow.cli.main", *prefix, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 @pytest.fixture
@@ -75,11 +80,11 @@ def test_instance_lifecycle_through_the_cli(config: Path) -> None:
 
     hmp = kvmflow("monitor", "cli1", "--hmp", "info status", config=config)
     assert hmp.stdout.strip() == "VM status: running"
-    qmp = json.loads(kvmflow("monitor", "cli1", "--qmp", "query-name", "--json",
-                             config=config).stdout)
+    qmp = json.loads(
+        kvmflow("monitor", "cli1", "--qmp", "query-name", "--json", config=config).stdout
+    )
     assert qmp == {"name": "cli1"}
-    bad_args = kvmflow("monitor", "cli1", "--qmp", "query-name", "--args", "{nope",
-                       config=config)
+    bad_args = kvmflow("monitor", "cli1", "--qmp", "query-name", "--args", "{nope", config=config)
     assert bad_args.returncode == 2
     assert "--args='{nope': a JSON object" in bad_args.stderr
 
@@ -89,8 +94,9 @@ def test_instance_lifecycle_through_the_cli(config: Path) -> None:
     assert (result["source"], result["target"]) == ("alpha", "beta")
     assert json.loads(kvmflow("info", "cli1", "--json", config=config).stdout)["node"] == "beta"
 
-    dry = json.loads(kvmflow("evacuate", "beta", "--to", "alpha", "--dry-run", "--json",
-                             config=config).stdout)
+    dry = json.loads(
+        kvmflow("evacuate", "beta", "--to", "alpha", "--dry-run", "--json", config=config).stdout
+    )
     assert dry["plan"] == [{"instance": "cli1", "target": "alpha", "memory_mib": 64}]
     assert dry["moved"] == []
 
@@ -112,8 +118,10 @@ def test_errors_and_exit_codes(config: Path, tmp_path: Path) -> None:
     assert missing.returncode == 2
     assert "no such file" in missing.stderr
     broken = tmp_path / "broken.toml"
-    broken.write_text('[nodes.x]\nruntime_root = "relative"\nbogus = 1\n'
-                      '[instances.bad]\nnode = "y"\nmemory_mib = "lots"\n')
+    broken.write_text(
+        '[nodes.x]\nruntime_root = "relative"\nbogus = 1\n'
+        '[instances.bad]\nnode = "y"\nmemory_mib = "lots"\n'
+    )
     result = kvmflow("list", config=broken)
     assert result.returncode == 2
     for fragment in ("nodes.x.runtime_root", "nodes.x.bogus", "instances.bad"):
@@ -130,8 +138,20 @@ def test_errors_and_exit_codes(config: Path, tmp_path: Path) -> None:
 def test_help_and_example_config() -> None:
     helped = kvmflow("--help")
     assert helped.returncode == 0
-    for name in ("start", "stop", "reboot", "list", "info", "console", "monitor", "migrate",
-                 "evacuate", "node-info", "demo", "exit codes"):
+    for name in (
+        "start",
+        "stop",
+        "reboot",
+        "list",
+        "info",
+        "console",
+        "monitor",
+        "migrate",
+        "evacuate",
+        "node-info",
+        "demo",
+        "exit codes",
+    ):
         assert name in helped.stdout
     example = kvmflow("node-info", "--json", config=EXAMPLES / "kvmflow.toml")
     assert example.returncode == 0, example.stderr
@@ -145,22 +165,32 @@ def test_demo_with_two_guests() -> None:
     assert report["accelerator"] in ("kvm", "tcg")
     assert [m["outcome"] for m in report["migrations"]] == ["completed", "completed"]
     assert [m["load"] for m in report["migrations"]] == ["idle", "light"]
-    assert subprocess.run(["pgrep", "-f", "kvmflow-demo-"], capture_output=True,
-                          check=False).stdout == b""
+    assert (
+        subprocess.run(["pgrep", "-f", "kvmflow-demo-"], capture_output=True, check=False).stdout
+        == b""
+    )
 
 
 def test_progress_bars_render_on_a_terminal() -> None:
     console = Console(record=True, force_terminal=True, width=160)
-    snapshot = MigrationSnapshot(MigrationStatus.ACTIVE, transferred=64 << 20,
-                                 remaining=32 << 20, total=128 << 20, throughput_mbps=167.8,
-                                 dirty_sync_count=2)
+    snapshot = MigrationSnapshot(
+        MigrationStatus.ACTIVE,
+        transferred=64 << 20,
+        remaining=32 << 20,
+        total=128 << 20,
+        throughput_mbps=167.8,
+        dirty_sync_count=2,
+    )
     estimate = Estimate(False, None, 20 << 20, 50 << 20, 32 << 20)
     report = MigrationProgress("web1", "a", "b", 3.0, snapshot, 200, estimate)
     decision = Decision(Action.RAISE_DOWNTIME, "prediction", "dirty rate high", 200)
     with MigrationBars(console, enabled=True, total=2) as bars:
-        for event in (MigrationQueued(1, "web1", "a", "b"), MigrationStarted(1, "web1", "a", "b"),
-                      MigrationProgressed(1, "web1", "a", "b", report),
-                      PolicyActionTaken(1, "web1", "a", "b", decision)):
+        for event in (
+            MigrationQueued(1, "web1", "a", "b"),
+            MigrationStarted(1, "web1", "a", "b"),
+            MigrationProgressed(1, "web1", "a", "b", report),
+            PolicyActionTaken(1, "web1", "a", "b", decision),
+        ):
             bars.handle(event)
         bars.progress.refresh()
         text = console.export_text()

@@ -168,6 +168,7 @@ class _Migration:
         self.migration_started = False
         self.postcopy = False  # from post-copy on, the target holds the authoritative state
         self.postcopy_failed = False
+        self.lost_contact = False
         self.engine = PolicyEngine(policy, instance.spec.memory_mib, self.started_at)
         self.was_running = True
         self._source_alive = True
@@ -230,6 +231,16 @@ class _Migration:
                 if isinstance(exc, anyio.get_cancelled_exc_class()):
                     raise
                 return moved
+            if self.lost_contact:
+                raise MigrationError(
+                    self.name,
+                    f"lost contact with the source node {self.source.node.name} ({exc}); the "
+                    f"target on {self.target.node.name} was left waiting for the stream: when "
+                    "the source is reachable again, check where the guest runs and stop the "
+                    "other copy",
+                    runs_on=None,
+                    bad_answers=self.bad_answers,
+                ) from exc
             if self.postcopy_failed:
                 raise MigrationError(
                     self.name,
@@ -442,8 +453,15 @@ class _Migration:
             return await self._postcopy_exit(qmp, cause)
         self.log.warning("migration aborting", cause=repr(cause))
         completed: MigrationSnapshot | None = None
+        source_reachable = True
+        if isinstance(cause, ConnectionLostError) and self.migration_started:
+            contact = await self._reach_source_again(qmp)
+            if contact == "unknown":
+                self._lost_contact()
+                return None
+            source_reachable = contact == "reconnected"
         try:
-            if self.migration_started and not isinstance(cause, ConnectionLostError):
+            if self.migration_started and source_reachable:
                 completed = await self._cancel_on_source(qmp)
             if completed is not None:
                 runtime = await self.source.load_runtime(self.name)
@@ -465,6 +483,34 @@ class _Migration:
         else:
             machine.fire(InstanceEvent.MIGRATION_ABORTED_PAUSED)
         return None
+
+    async def _reach_source_again(self, qmp: QMPClient) -> str:
+        """After the source monitor connection dropped (QEMU died, or only the path to it,
+        such as an SSH session): ``dead``, ``reconnected``, or ``unknown`` if the source
+        node cannot be asked within the cancel timeout."""
+        with anyio.move_on_after(self.policy.cancel_timeout):
+            while True:
+                try:
+                    if not await self.source.is_running(self.name):
+                        return "dead"
+                    await qmp.reconnect()
+                except KvmflowError as exc:
+                    self.log.warning("source not reachable yet", error=str(exc))
+                    await anyio.sleep(0.5)
+                else:
+                    self.log.info("source monitor reconnected")
+                    return "reconnected"
+        return "unknown"
+
+    def _lost_contact(self) -> None:
+        """The source may still be migrating and cannot be asked: the target is left
+        waiting (it holds nothing that runs) so that no guest state is thrown away."""
+        self.lost_contact = True
+        self.log.error(
+            "lost contact with the source node; target left waiting for the operator",
+            target=self.target.node.name,
+        )
+        self.instance.machine.fire(InstanceEvent.CRASHED)
 
     async def _postcopy_exit(self, qmp: QMPClient, cause: BaseException) -> MigrationResult | None:
         """After the switch to post-copy the target holds the newest guest state: the
