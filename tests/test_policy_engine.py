@@ -195,6 +195,7 @@ def test_engine_stall_rule_and_deadline() -> None:
         stall=StallRule(5, 0.1),
         stall_actions=(Action.PAUSE,),
         seconds_per_gib=80,
+        deadline_floor_seconds=5,
         deadline_actions=(Action.ABORT,),
         action_grace_seconds=1,
     )

@@ -358,3 +358,56 @@ async def cmd_evacuate(
     if summary.failed or plan.unplaceable:
         return EXIT_PARTIAL
     return EXIT_OK
+
+
+async def attach_all(ctx: Context, engine: Engine) -> None:
+    """Register every configured instance where it runs now (or on its configured node)."""
+    for name, entry in ctx.config.instances.items():
+        engine.add_instance(await Instance.attach(entry.spec, await ctx.locate(name)))
+
+
+async def cmd_plan(ctx: Context, path: str, *, run: bool, progress: bool) -> int:
+    from pathlib import Path
+
+    from kvmflow.engine.plan import journal_path, load_plan, run_plan
+
+    steps = load_plan(Path(path), instances=set(ctx.config.instances), nodes=set(ctx.config.nodes))
+    if not run:
+        ctx.emit(
+            [
+                {"step": s.index, "action": s.action, "instance": s.instance, "target": s.target}
+                for s in steps
+            ],
+            text="\n".join(s.describe() for s in steps) + f"\nplan is valid: {len(steps)} steps",
+        )
+        return EXIT_OK
+    async with ctx.engine(None) as engine:
+        await attach_all(ctx, engine)
+        events = engine.events()
+        with MigrationBars(ctx.console, enabled=progress) as bars:
+            async with anyio.create_task_group() as tg:
+
+                async def draw() -> None:
+                    async for event in events:
+                        bars.handle(event)
+
+                tg.start_soon(draw)
+                try:
+                    report = await run_plan(engine, steps, journal_path(Path(path)))
+                finally:
+                    tg.cancel_scope.cancel()
+    rows = [
+        {
+            "step": o.step.index,
+            "action": o.step.action,
+            "instance": o.step.instance,
+            "outcome": o.outcome,
+            "detail": o.detail,
+        }
+        for o in report.outcomes
+    ]
+    table = make_table("step", "action", "instance", "outcome", "detail")
+    for o in report.outcomes:
+        table.add_row(str(o.step.index), o.step.action, o.step.instance, o.outcome, o.detail)
+    ctx.emit(rows, table)
+    return EXIT_PARTIAL if report.failed else EXIT_OK

@@ -29,6 +29,7 @@ examples:
   kvmflow -c kvmflow.toml migrate web1 beta move it to node beta, with a progress bar
   kvmflow -c kvmflow.toml evacuate alpha --to beta,gamma --dry-run
   kvmflow -c kvmflow.toml monitor web1 --hmp "info status"
+  kvmflow -c kvmflow.toml plan run examples/plan.toml
 
 exit codes: 0 ok, 1 operation failed, 2 usage or configuration error, 3 batch partly failed
 """
@@ -102,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-in", type=int, default=2, help="inbound migrations per node")
     policy_options(p)
     command("node-info", "memory and CPUs of nodes").add_argument("node", nargs="?")
+    p = command("plan", "validate or run a plan file of starts, stops and migrations")
+    p.add_argument("mode", choices=["validate", "run"])
+    p.add_argument("file", help="plan file (TOML, or JSON with a .json name)")
     p = command("demo", "two local nodes, busy guests, concurrent live migrations")
     p.add_argument("--guests", type=int, default=4, help="how many guests (default 4)")
     p.add_argument(
@@ -148,6 +152,10 @@ def run(args: argparse.Namespace, console: Console) -> int:
             lambda: commands.cmd_monitor(
                 ctx, args.name, qmp_command=args.qmp, arguments=args.args, hmp_line=args.hmp
             )
+        )
+    if args.command == "plan":
+        return anyio.run(
+            lambda: commands.cmd_plan(ctx, args.file, run=args.mode == "run", progress=progress)
         )
     if args.command == "node-info":
         return anyio.run(commands.cmd_node_info, ctx, args.node)

@@ -1,0 +1,256 @@
+"""Plan files: a list of starts, stops and migrations, checked whole before anything runs.
+
+Format (TOML; the same structure in JSON is accepted too)::
+
+    [[step]]
+    action = "start"          # start | stop | migrate
+    instance = "web1"
+
+    [[step]]
+    action = "migrate"
+    instance = "web1"
+    target = "beta"
+    live = true               # optional, default true
+    priority = 0              # optional
+
+    [[step]]
+    action = "stop"
+    instance = "db1"
+    force = false             # optional
+
+Every problem of every step is reported at once, naming the step (``step[2].target``).
+Running a plan twice does not redo what is done: finished steps are recorded in a journal
+next to the plan (``PLAN.done.json``, reset when the plan changes), and a step that is
+already true (start of a running instance, stop of a stopped one, migration of an instance
+already on its target) is skipped. Consecutive migrations run together under the engine's
+limits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvmflow.engine.engine import Engine
+from kvmflow.errors import FieldProblem, KvmflowError, ValidationError
+
+ACTIONS = {
+    "start": {"instance"},
+    "stop": {"instance", "force"},
+    "migrate": {"instance", "target", "live", "priority"},
+}
+
+
+@dataclass(frozen=True)
+class PlanStep:
+    index: int
+    action: str
+    instance: str
+    target: str | None = None
+    live: bool = True
+    priority: int = 0
+    force: bool = False
+
+    def describe(self) -> str:
+        where = f" -> {self.target}" if self.target else ""
+        return f"step[{self.index}] {self.action} {self.instance}{where}"
+
+
+@dataclass
+class StepOutcome:
+    step: PlanStep
+    outcome: str  # "done", "skipped" or "failed"
+    detail: str = ""
+
+
+@dataclass
+class PlanReport:
+    outcomes: list[StepOutcome] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[StepOutcome]:
+        return [o for o in self.outcomes if o.outcome == "failed"]
+
+
+def load_plan(path: Path, *, instances: set[str], nodes: set[str]) -> list[PlanStep]:
+    """Read and check a plan file (TOML, or JSON by extension)."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ValidationError([FieldProblem("plan", str(path), f"unreadable: {exc}")]) from exc
+    try:
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        raise ValidationError([FieldProblem("plan", str(path), f"not valid: {exc}")]) from exc
+    return parse_plan(data, instances=instances, nodes=nodes)
+
+
+def parse_plan(data: Any, *, instances: set[str], nodes: set[str]) -> list[PlanStep]:
+    problems: list[FieldProblem] = []
+    raw_steps = data.get("step") if isinstance(data, dict) else None
+    if not isinstance(raw_steps, list) or not raw_steps:
+        raise ValidationError(
+            [FieldProblem("step", raw_steps, "a non-empty list of [[step]] tables")]
+        )
+    steps = []
+    for index, raw in enumerate(raw_steps):
+        name = f"step[{index}]"
+        if not isinstance(raw, dict):
+            problems.append(FieldProblem(name, raw, "a table"))
+            continue
+        action = raw.get("action")
+        if action not in ACTIONS:
+            problems.append(FieldProblem(f"{name}.action", action, "start, stop or migrate"))
+            continue
+        allowed = ACTIONS[action] | {"action"}
+        for key in raw:
+            if key not in allowed:
+                problems.append(
+                    FieldProblem(
+                        f"{name}.{key}",
+                        raw[key],
+                        f"not a field of {action} ({', '.join(sorted(allowed))})",
+                    )
+                )
+        instance = raw.get("instance")
+        if instance not in instances:
+            problems.append(
+                FieldProblem(
+                    f"{name}.instance",
+                    instance,
+                    f"a configured instance ({', '.join(sorted(instances))})",
+                )
+            )
+        target = raw.get("target")
+        if action == "migrate" and target not in nodes:
+            problems.append(
+                FieldProblem(
+                    f"{name}.target", target, f"a configured node ({', '.join(sorted(nodes))})"
+                )
+            )
+        for key, kind in (("live", bool), ("force", bool), ("priority", int)):
+            if key in raw and (
+                not isinstance(raw[key], kind) or (kind is int and isinstance(raw[key], bool))
+            ):
+                problems.append(FieldProblem(f"{name}.{key}", raw[key], f"a {kind.__name__}"))
+        steps.append(
+            PlanStep(
+                index,
+                action,
+                str(instance),
+                target if action == "migrate" else None,
+                raw.get("live", True) is True,
+                raw.get("priority", 0) if isinstance(raw.get("priority", 0), int) else 0,
+                raw.get("force", False) is True,
+            )
+        )
+    if problems:
+        raise ValidationError(problems)
+    return steps
+
+
+class Journal:
+    """The steps of one plan version that finished, kept in a JSON file."""
+
+    def __init__(self, path: Path | None, steps: list[PlanStep]) -> None:
+        self.path = path
+        self.digest = hashlib.sha256(repr(steps).encode()).hexdigest()
+        self.done: set[int] = set()
+        if path is not None and path.exists():
+            try:
+                data = json.loads(path.read_text())
+                if data.get("plan") == self.digest:
+                    self.done = {int(i) for i in data.get("done", [])}
+            except (ValueError, OSError, AttributeError, TypeError):
+                self.done = set()
+
+    def record(self, index: int) -> None:
+        self.done.add(index)
+        if self.path is not None:
+            temp = self.path.with_name(self.path.name + ".tmp")
+            temp.write_text(json.dumps({"plan": self.digest, "done": sorted(self.done)}))
+            temp.replace(self.path)
+
+
+def journal_path(plan: Path) -> Path:
+    return plan.with_name(plan.name + ".done.json")
+
+
+async def run_plan(
+    engine: Engine, steps: list[PlanStep], journal: Path | None = None
+) -> PlanReport:
+    """Run the steps in order (consecutive migrations together); skip what is done."""
+    report = PlanReport()
+    record = Journal(journal, steps)
+    pending = []
+    for step in steps:
+        if step.index in record.done:
+            report.outcomes.append(StepOutcome(step, "skipped", "done in an earlier run"))
+        else:
+            pending.append(step)
+    await _run_steps(engine, pending, report)
+    for outcome in report.outcomes:
+        if outcome.outcome in ("done", "skipped"):
+            record.record(outcome.step.index)
+    report.outcomes.sort(key=lambda outcome: outcome.step.index)
+    return report
+
+
+async def _run_steps(engine: Engine, steps: list[PlanStep], report: PlanReport) -> None:
+    index = 0
+    while index < len(steps):
+        step = steps[index]
+        if step.action == "migrate":
+            batch = []
+            while index < len(steps) and steps[index].action == "migrate":
+                batch.append(steps[index])
+                index += 1
+            await _migrations(engine, batch, report)
+            continue
+        index += 1
+        instance = engine.instance(step.instance)
+        running = await instance.hypervisor.is_running(step.instance)
+        try:
+            if step.action == "start":
+                if running:
+                    report.outcomes.append(StepOutcome(step, "skipped", "already running"))
+                    continue
+                await instance.start()
+            else:
+                if not running:
+                    report.outcomes.append(StepOutcome(step, "skipped", "not running"))
+                    continue
+                await instance.stop(force=step.force)
+            report.outcomes.append(StepOutcome(step, "done"))
+        except KvmflowError as exc:
+            report.outcomes.append(StepOutcome(step, "failed", str(exc)))
+
+
+async def _migrations(engine: Engine, batch: list[PlanStep], report: PlanReport) -> None:
+    tickets = []
+    for step in batch:
+        if engine.where(step.instance) == step.target:
+            report.outcomes.append(StepOutcome(step, "skipped", f"already on {step.target}"))
+            continue
+        try:
+            assert step.target is not None
+            tickets.append(
+                (
+                    step,
+                    engine.submit_migration(
+                        step.instance, step.target, priority=step.priority, live=step.live
+                    ),
+                )
+            )
+        except KvmflowError as exc:
+            report.outcomes.append(StepOutcome(step, "failed", str(exc)))
+    for step, ticket in tickets:
+        try:
+            await ticket.wait()
+            report.outcomes.append(StepOutcome(step, "done"))
+        except KvmflowError as exc:
+            report.outcomes.append(StepOutcome(step, "failed", str(exc)))
