@@ -90,3 +90,10 @@ def test_mermaid_diagram_comes_from_the_table() -> None:
     assert diagram.startswith("stateDiagram-v2")
     assert diagram.count("-->") == len(TRANSITIONS) + 1
     assert "running --> migrating: migrate" in diagram
+
+
+def test_readme_diagram_is_the_transition_table() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert f"```mermaid\n{mermaid_diagram()}\n```" in readme
