@@ -358,3 +358,61 @@ async def test_progress_as_an_async_iterator(
     assert reports[-1].snapshot.status is MigrationStatus.COMPLETED
     assert reports[-1].elapsed >= reports[0].elapsed
     assert {r.target for r in reports} == {"node-b"}
+
+
+async def test_hmp_fallback_migrates_without_qmp(
+    nodes: tuple[KvmHypervisor, KvmHypervisor], free_port: int
+) -> None:
+    source, target = nodes
+    instance = await started(idle_spec("mig-hmp", free_port), source)
+    policy = MigrationPolicy.fixed(bandwidth_mib=500, downtime_ms=200, poll_interval=0.1)
+    reports: list[MigrationProgress] = []
+    result = await migrate(
+        instance,
+        target,
+        target_address="127.0.0.1",
+        policy=policy,
+        source_monitor="hmp",
+        on_progress=reports.append,
+    )
+    assert result.source_final_state == "postmigrate"
+    assert result.final.status is MigrationStatus.COMPLETED
+    assert result.total_time_ms is not None
+    assert reports[-1].snapshot.transferred > 0
+    assert await run_state(target, "mig-hmp") is RunState.RUNNING
+    assert not await source.is_running("mig-hmp")
+
+
+def test_info_migrate_parsing() -> None:
+    from kvmflow.migration.hmp_monitor import parse_info_migrate, parse_info_status
+    from kvmflow.migration.status import parse_query_migrate
+
+    text = (
+        "globals:\nstore-global-state: on\nMigration status: active\ntotal time: 1234 ms\n"
+        "expected downtime: 300 ms\nsetup: 3 ms\ntransferred ram: 2048 kbytes\n"
+        "throughput: 268.44 mbps\nremaining ram: 1024 kbytes\ntotal ram: 131080 kbytes\n"
+        "dirty sync count: 3\npage size: 4 kbytes\ndirty pages rate: 1500 pages\n"
+    )
+    snapshot = parse_query_migrate(parse_info_migrate(text))
+    assert snapshot == parse_query_migrate(
+        {
+            "status": "active",
+            "total-time": 1234,
+            "expected-downtime": 300,
+            "ram": {
+                "transferred": 2048 * 1024,
+                "remaining": 1024 * 1024,
+                "total": 131080 * 1024,
+                "mbps": 268.44,
+                "dirty-sync-count": 3,
+                "page-size": 4096,
+                "dirty-pages-rate": 1500,
+            },
+        }
+    )
+    assert parse_info_migrate("globals:\nstore-global-state: on\n") == {}
+    assert parse_info_status("VM status: paused (postmigrate)") == {
+        "status": "postmigrate",
+        "running": False,
+    }
+    assert parse_info_status("VM status: running") == {"status": "running", "running": True}

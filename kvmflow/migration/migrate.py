@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal, Protocol
 
 import anyio
 import structlog
@@ -41,11 +42,13 @@ from kvmflow.migration.errors import (
     PostcopyRecoveryError,
     TooManyBadAnswersError,
 )
+from kvmflow.migration.hmp_monitor import HmpMigrationMonitor
 from kvmflow.migration.policy import Action, MigrationPolicy
 from kvmflow.migration.status import BadAnswer, MigrationSnapshot, MigrationStatus
 from kvmflow.migration.watch import query_migration, watch_migration
-from kvmflow.monitor.qmp import QMPClient
-from kvmflow.monitor.queries import RunState, query_status
+from kvmflow.monitor.events import EventSubscription
+from kvmflow.monitor.hmp import HMPClient
+from kvmflow.monitor.queries import CommandRunner, RunState, query_status
 
 _log = structlog.get_logger("kvmflow.migration")
 
@@ -95,6 +98,15 @@ class MigrationResult:
 ProgressCallback = Callable[[MigrationProgress], None]
 
 
+class SourceMonitor(CommandRunner, Protocol):
+    """What the migration needs of the source's monitor: commands, events (possibly none)
+    and a way to reconnect. A :class:`QMPClient` is one; :class:`HmpMigrationMonitor` too."""
+
+    def subscribe(self, *names: str, max_buffered: int = 1000) -> EventSubscription: ...
+
+    async def reconnect(self) -> None: ...
+
+
 class ProgressFeed(BoundedFeed[MigrationProgress]):
     """Progress reports as an async iterator: pass it as ``on_progress`` and iterate it in
     another task (``async for report in feed``); it ends when the migration ends."""
@@ -109,12 +121,15 @@ async def migrate(
     live: bool = True,
     policy: MigrationPolicy | None = None,
     on_progress: ProgressCallback | None = None,
-    source_qmp: QMPClient | None = None,
+    source_qmp: SourceMonitor | None = None,
+    source_monitor: Literal["qmp", "hmp"] = "qmp",
 ) -> MigrationResult:
     """Migrate ``instance`` to ``target``, whose QEMU will listen on ``target_address``.
 
     ``port`` defaults to the instance's ``migration_port``; ``policy`` defaults to the
-    instance's own bandwidth and downtime. Pass ``source_qmp`` to share an open monitor
+    instance's own bandwidth and downtime. ``source_monitor="hmp"`` is the explicit fallback
+    for a source without a QMP socket (no events: it polls). Pass ``source_qmp`` to share an
+    open monitor
     connection of the source. Raises :class:`MigrationError` when the migration did not
     happen (the instance then still runs on the source, or ``runs_on`` says otherwise).
     """
@@ -131,7 +146,7 @@ async def migrate(
     )
     try:
         async with instance.machine.operation_scope("migrate"):
-            return await run.execute(source_qmp)
+            return await run.execute(source_qmp, source_monitor)
     finally:
         if isinstance(on_progress, BoundedFeed):
             on_progress.close()
@@ -178,7 +193,9 @@ class _Migration:
 
     # ------------------------------------------------------------------- main path
 
-    async def execute(self, source_qmp: QMPClient | None) -> MigrationResult:
+    async def execute(
+        self, source_qmp: SourceMonitor | None, monitor: Literal["qmp", "hmp"] = "qmp"
+    ) -> MigrationResult:
         machine = self.instance.machine
         if machine.state not in (InstanceState.RUNNING, InstanceState.PAUSED):
             raise MisuseError(
@@ -202,10 +219,16 @@ class _Migration:
             )
         if source_qmp is not None:
             return await self._with_source_monitor(source_qmp, runtime)
+        if monitor == "hmp":
+            connector = self.source.node.monitor_connector(self.source.paths.hmp_socket(self.name))
+            async with HMPClient(connector, command_timeout=self.policy.query_timeout) as hmp:
+                return await self._with_source_monitor(HmpMigrationMonitor(hmp), runtime)
         async with self.source.qmp(self.name, command_timeout=self.policy.query_timeout) as qmp:
             return await self._with_source_monitor(qmp, runtime)
 
-    async def _with_source_monitor(self, qmp: QMPClient, runtime: SavedRuntime) -> MigrationResult:
+    async def _with_source_monitor(
+        self, qmp: SourceMonitor, runtime: SavedRuntime
+    ) -> MigrationResult:
         status = await query_status(qmp)
         if status.state not in (RunState.RUNNING, RunState.PAUSED):
             raise MigrationError(
@@ -259,7 +282,7 @@ class _Migration:
             raise
         return await self._finish(qmp, final, runtime)
 
-    async def _transfer(self, qmp: QMPClient) -> MigrationSnapshot:
+    async def _transfer(self, qmp: SourceMonitor) -> MigrationSnapshot:
         await self._start_target()
         capabilities = self.policy.source_capabilities()
         if capabilities:
@@ -311,7 +334,7 @@ class _Migration:
             )
         self.log.info("target listening", uri=self.uri)
 
-    async def _on_snapshot(self, qmp: QMPClient, snapshot: MigrationSnapshot) -> None:
+    async def _on_snapshot(self, qmp: SourceMonitor, snapshot: MigrationSnapshot) -> None:
         """Judge one sample by the policy, act on it, and report it."""
         if snapshot.status in (
             MigrationStatus.POSTCOPY_ACTIVE,
@@ -326,7 +349,7 @@ class _Migration:
         if snapshot.status is MigrationStatus.POSTCOPY_PAUSED:
             await self._recover_postcopy(qmp)
 
-    async def _apply(self, qmp: QMPClient, decision: Decision) -> None:
+    async def _apply(self, qmp: SourceMonitor, decision: Decision) -> None:
         self.log.info(
             "policy decision",
             action=decision.name,
@@ -364,7 +387,7 @@ class _Migration:
                 )
             )
 
-    async def _recover_postcopy(self, qmp: QMPClient) -> None:
+    async def _recover_postcopy(self, qmp: SourceMonitor) -> None:
         """The post-copy link broke: ask the target to listen again and the source to
         resume into it, until it works or the recovery deadline passes."""
         self.log.warning(
@@ -394,7 +417,7 @@ class _Migration:
     # --------------------------------------------------------------------- success
 
     async def _finish(
-        self, qmp: QMPClient, final: MigrationSnapshot, runtime: SavedRuntime
+        self, qmp: SourceMonitor, final: MigrationSnapshot, runtime: SavedRuntime
     ) -> MigrationResult:
         await self._resume_target_if_needed()
         await self.target.save_runtime(self.instance.spec, runtime)
@@ -434,7 +457,7 @@ class _Migration:
             if self.was_running and not status.running:
                 await tq.execute("cont")
 
-    async def _end_source(self, qmp: QMPClient) -> str | None:
+    async def _end_source(self, qmp: SourceMonitor) -> str | None:
         """Quit the source QEMU (it is in ``postmigrate``); return the state it was in."""
         state: str | None = None
         try:
@@ -447,7 +470,7 @@ class _Migration:
 
     # ---------------------------------------------------------------------- failure
 
-    async def _abort(self, qmp: QMPClient, cause: BaseException) -> MigrationResult | None:
+    async def _abort(self, qmp: SourceMonitor, cause: BaseException) -> MigrationResult | None:
         """Undo everything; return the result if the migration completed anyway."""
         if self.postcopy:
             return await self._postcopy_exit(qmp, cause)
@@ -484,7 +507,7 @@ class _Migration:
             machine.fire(InstanceEvent.MIGRATION_ABORTED_PAUSED)
         return None
 
-    async def _reach_source_again(self, qmp: QMPClient) -> str:
+    async def _reach_source_again(self, qmp: SourceMonitor) -> str:
         """After the source monitor connection dropped (QEMU died, or only the path to it,
         such as an SSH session): ``dead``, ``reconnected``, or ``unknown`` if the source
         node cannot be asked within the cancel timeout."""
@@ -512,7 +535,9 @@ class _Migration:
         )
         self.instance.machine.fire(InstanceEvent.CRASHED)
 
-    async def _postcopy_exit(self, qmp: QMPClient, cause: BaseException) -> MigrationResult | None:
+    async def _postcopy_exit(
+        self, qmp: SourceMonitor, cause: BaseException
+    ) -> MigrationResult | None:
         """After the switch to post-copy the target holds the newest guest state: the
         source is never resumed and the target never killed. A cancel waits for the
         migration to finish instead; a failure leaves both QEMUs for the operator."""
@@ -540,9 +565,14 @@ class _Migration:
     def _on_snapshot_plain(self, snapshot: MigrationSnapshot) -> None:
         self._report(snapshot, ())
 
-    async def _cancel_on_source(self, qmp: QMPClient) -> MigrationSnapshot | None:
+    async def _cancel_on_source(self, qmp: SourceMonitor) -> MigrationSnapshot | None:
         try:
-            await qmp.execute("migrate_cancel", timeout=10)
+            try:
+                await qmp.execute("migrate_cancel", timeout=10)
+            except ConnectionLostError:
+                # An HMP connection is closed when a command is cut short; reopen it.
+                await qmp.reconnect()
+                await qmp.execute("migrate_cancel", timeout=10)
         except KvmflowError as exc:
             self.log.warning("migrate_cancel failed", error=str(exc))
             return None

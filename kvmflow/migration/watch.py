@@ -26,12 +26,12 @@ from kvmflow.migration.status import (
     parse_query_migrate,
 )
 from kvmflow.monitor.events import EventSubscription
-from kvmflow.monitor.qmp import QMPClient
+from kvmflow.monitor.queries import CommandRunner
 
 _log = structlog.get_logger("kvmflow.migration")
 
 
-async def query_migration(qmp: QMPClient, timeout: float) -> MigrationSnapshot | BadAnswer:
+async def query_migration(qmp: CommandRunner, timeout: float) -> MigrationSnapshot | BadAnswer:
     """One ``query-migrate``, classified; connection loss is not an answer and propagates."""
     try:
         answer = await qmp.execute("query-migrate", timeout=timeout)
@@ -45,7 +45,7 @@ async def query_migration(qmp: QMPClient, timeout: float) -> MigrationSnapshot |
 
 
 async def watch_migration(
-    qmp: QMPClient,
+    qmp: CommandRunner,
     events: EventSubscription | None,
     policy: MigrationPolicy,
     on_snapshot: Callable[[MigrationSnapshot], Awaitable[None] | None] | None = None,

@@ -8,11 +8,24 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from kvmflow.errors import MalformedReplyError
 from kvmflow.monitor.protocol import QemuVersion
-from kvmflow.monitor.qmp import QMPClient
+
+
+class CommandRunner(Protocol):
+    """Anything that runs QMP commands by name: a QMP client, or the HMP fallback."""
+
+    name: str
+
+    async def execute(
+        self,
+        command: str,
+        arguments: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Any: ...
 
 
 class RunState(enum.Enum):
@@ -62,7 +75,7 @@ def _malformed(command: str, answer: Any, monitor: str) -> MalformedReplyError:
     )
 
 
-async def query_status(qmp: QMPClient, *, timeout: float | None = None) -> Status:
+async def query_status(qmp: CommandRunner, *, timeout: float | None = None) -> Status:
     """QEMU's run state."""
     answer = await qmp.execute("query-status", timeout=timeout)
     try:
@@ -71,7 +84,7 @@ async def query_status(qmp: QMPClient, *, timeout: float | None = None) -> Statu
         raise _malformed("query-status", answer, qmp.name) from exc
 
 
-async def query_kvm(qmp: QMPClient, *, timeout: float | None = None) -> Accelerator:
+async def query_kvm(qmp: CommandRunner, *, timeout: float | None = None) -> Accelerator:
     """Whether this QEMU runs under KVM."""
     answer = await qmp.execute("query-kvm", timeout=timeout)
     try:
@@ -80,7 +93,7 @@ async def query_kvm(qmp: QMPClient, *, timeout: float | None = None) -> Accelera
         raise _malformed("query-kvm", answer, qmp.name) from exc
 
 
-async def query_version(qmp: QMPClient, *, timeout: float | None = None) -> QemuVersion:
+async def query_version(qmp: CommandRunner, *, timeout: float | None = None) -> QemuVersion:
     """QEMU's version as ``query-version`` reports it."""
     answer = await qmp.execute("query-version", timeout=timeout)
     try:
