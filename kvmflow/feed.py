@@ -52,14 +52,19 @@ class BoundedFeed(Generic[T]):
 
     async def receive(self, timeout: float | None = None) -> T:
         """The next item; raises :class:`EndOfSubscription` once closed and drained."""
+        if timeout is None:  # the common case needs no cancel scope
+            return await self._next()
         with anyio.move_on_after(timeout):
-            while not self._queue:
-                if self._closed:
-                    raise EndOfSubscription
-                self._wakeup = anyio.Event()
-                await self._wakeup.wait()
-            return self._queue.popleft()
-        raise DeadlineError(f"waiting for {self.describe()}", timeout or 0)
+            return await self._next()
+        raise DeadlineError(f"waiting for {self.describe()}", timeout)
+
+    async def _next(self) -> T:
+        while not self._queue:
+            if self._closed:
+                raise EndOfSubscription
+            self._wakeup = anyio.Event()
+            await self._wakeup.wait()
+        return self._queue.popleft()
 
     def describe(self) -> str:
         return "the next item"

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import heapq
+import math
 import socket
 from types import TracebackType
 from typing import Any, Final
@@ -166,6 +168,9 @@ class QMPClient:
         self._task_group: anyio.abc.TaskGroup | None = None
         self._send_lock: anyio.Lock | None = None
         self._lost_reason = "not connected"
+        self._deadlines: list[tuple[float, int, _Call, float]] = []
+        self._deadline_wakeup: anyio.Event | None = None
+        self._watcher_target = math.inf  # when the deadline watcher wakes up next
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -176,6 +181,7 @@ class QMPClient:
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
         self._task_group = task_group
+        task_group.start_soon(self._watch_deadlines, name=f"qmp-deadlines {self.name}")
         try:
             await self._open()
         except BaseException:
@@ -197,6 +203,7 @@ class QMPClient:
             with anyio.CancelScope(shield=True):  # closing a socket is quick; never skip it
                 await self.aclose()  # ends the reader
         finally:
+            task_group.cancel_scope.cancel()  # ends the deadline watcher
             result = await exit_task_group(task_group, exc_type, exc, tb)
         return result
 
@@ -307,21 +314,44 @@ class QMPClient:
             self._quit_ids.add(call_id)
         if timeout is None:
             timeout = self.command_timeout
+        if timeout is not None:
+            self._add_deadline(call_id, call, timeout)
         try:
             await self._send(connection, line)
-            if timeout is None:
-                await call.done.wait()
-            else:
-                with anyio.move_on_after(timeout):
-                    await call.done.wait()
-                if not call.done.is_set():
-                    raise DeadlineError(f"QMP command {command!r}", timeout, where=self.name)
+            await call.done.wait()
         finally:
             if not call.done.is_set() and call_id in self._pending:
                 self._pending[call_id] = None
         if call.error is not None:
             raise call.error
         return call.value
+
+    def _add_deadline(self, call_id: int, call: _Call, timeout: float) -> None:
+        """Arm a per-command deadline. One watcher task serves all of them from a heap, so
+        that a command costs no cancel scope of its own (the common case, an answer well
+        before the deadline, then costs one heap push)."""
+        deadline = anyio.current_time() + timeout
+        heapq.heappush(self._deadlines, (deadline, call_id, call, timeout))
+        if deadline < self._watcher_target and self._deadline_wakeup is not None:
+            self._watcher_target = deadline
+            self._deadline_wakeup.set()
+
+    async def _watch_deadlines(self) -> None:
+        heap = self._deadlines
+        while True:
+            now = anyio.current_time()
+            while heap and (heap[0][0] <= now or heap[0][2].done.is_set()):
+                _, call_id, call, timeout = heapq.heappop(heap)
+                if not call.done.is_set():
+                    if call_id in self._pending:
+                        self._pending[call_id] = None  # its late reply will be dropped
+                    call.fail(
+                        DeadlineError(f"QMP command {call.command!r}", timeout, where=self.name)
+                    )
+            self._deadline_wakeup = anyio.Event()
+            self._watcher_target = heap[0][0] if heap else math.inf
+            with anyio.move_on_after(heap[0][0] - now if heap else None):
+                await self._deadline_wakeup.wait()
 
     async def _send(self, connection: _Connection, line: bytes) -> None:
         lock = self._send_lock

@@ -1,0 +1,408 @@
+"""A fake fleet: thousands of simulated QEMUs, served from one separate process.
+
+The fleet process (``python -m kvmflow.testing.fleet CONTROL_SOCKET``) hosts fake QEMU
+monitors on unix sockets and simulates migrations between them from RAM size, bandwidth
+and dirty rate: ``query-migrate`` figures, MIGRATION events, convergence against the
+downtime limit, ``migrate_cancel``, a target that resumes or exits. :class:`FakeNode` is a
+:class:`~kvmflow.node.base.Node` whose "QEMU" processes live in that fleet, so the real
+engine, migration coroutine and QMP client can drive a thousand migrations on one machine
+without spending the engine's CPU on the simulation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from kvmflow.monitor.transport import Connector, UnixSocketConnector
+from kvmflow.node.base import CommandResult, NodeError, NodeInfo
+
+GREETING = (
+    b'{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, '
+    b'"package": "kvmflow-fleet"}, "capabilities": []}}\r\n'
+)
+FAKE_PID_BASE = 50_000_000
+TICK = 0.05
+
+
+@dataclass
+class FakeQemu:
+    """One simulated QEMU: its run state and, while it migrates, the migration."""
+
+    pid: int
+    name: str
+    argv: list[str]
+    qmp_path: str
+    memory_bytes: int
+    dirty_rate: float  # bytes/s the simulated guest dirties
+    status: str = "running"
+    incoming_port: int | None = None
+    events: bool = False
+    params: dict[str, int] = field(
+        default_factory=lambda: {"max-bandwidth": 128 << 20, "downtime-limit": 300}
+    )
+    migration: dict[str, Any] = field(default_factory=dict)
+    completed_at: float | None = None
+    clients: list[anyio.abc.SocketStream] = field(default_factory=list)
+    alive: bool = True
+    listener: anyio.abc.SocketListener | None = None
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+
+
+class Fleet:
+    """The fleet process's state: every fake QEMU, by pid and by incoming port."""
+
+    def __init__(self, task_group: anyio.abc.TaskGroup) -> None:
+        self.task_group = task_group
+        self.qemus: dict[int, FakeQemu] = {}
+        self.by_port: dict[int, FakeQemu] = {}
+        self.pids = itertools.count(FAKE_PID_BASE)
+
+    # ------------------------------------------------------------------ control
+
+    async def control(self, request: dict[str, Any]) -> Any:
+        op = request["op"]
+        if op == "spawn":
+            return await self.spawn(request["argv"], request.get("dirty_rate", 0.0))
+        if op == "cmdline":
+            qemu = self.qemus.get(request["pid"])
+            return qemu.argv if qemu is not None and qemu.alive else None
+        if op == "kill":
+            qemu = self.qemus.get(request["pid"])
+            if qemu is None or not qemu.alive:
+                return False
+            await self.exit(qemu)
+            return True
+        if op == "completed_at":
+            return {
+                q.name + "@" + str(q.pid): q.completed_at
+                for q in self.qemus.values()
+                if q.completed_at is not None
+            }
+        raise ValueError(f"unknown op {op}")
+
+    async def spawn(self, argv: list[str], dirty_rate: float) -> int:
+        def value(flag: str) -> str:
+            return argv[argv.index(flag) + 1]
+
+        qmp = value("-qmp").removeprefix("unix:").split(",")[0]
+        memory = int(value("-m")) << 20
+        pid = next(self.pids)
+        qemu = FakeQemu(pid, value("-name"), argv, qmp, memory, dirty_rate)
+        if "-incoming" in argv:
+            qemu.status = "inmigrate"
+        await anyio.Path(qmp).unlink(missing_ok=True)
+        qemu.listener = await anyio.create_unix_listener(qmp)
+        self.qemus[pid] = qemu
+        self.task_group.start_soon(self.serve, qemu)
+        return pid
+
+    async def exit(self, qemu: FakeQemu) -> None:
+        """The simulated QEMU ends: its monitor and its clients go with it."""
+        qemu.alive = False
+        if qemu.incoming_port is not None:
+            self.by_port.pop(qemu.incoming_port, None)
+        qemu.scope.cancel()  # stops accepting and ends every client handler
+
+    # ------------------------------------------------------------------ monitors
+
+    async def serve(self, qemu: FakeQemu) -> None:
+        listener = qemu.listener
+        assert listener is not None
+        try:
+            with qemu.scope:
+                await listener.serve(lambda client: self.client(qemu, client))
+        finally:
+            with anyio.CancelScope(shield=True):
+                for client in list(qemu.clients):
+                    await anyio.aclose_forcefully(client)
+                await listener.aclose()
+            await anyio.Path(qemu.qmp_path).unlink(missing_ok=True)
+
+    async def client(self, qemu: FakeQemu, stream: anyio.abc.SocketStream) -> None:
+        qemu.clients.append(stream)
+        try:
+            await stream.send(GREETING)
+            buffer = b""
+            while qemu.alive:
+                buffer += await stream.receive()
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        request = json.loads(line)
+                        reply = await self.command(
+                            qemu, request["execute"], request.get("arguments") or {}
+                        )
+                        await stream.send(
+                            json.dumps({"return": reply, "id": request.get("id")}).encode()
+                            + b"\r\n"
+                        )
+                        if request["execute"] == "quit":
+                            await self.exit(qemu)
+                            return
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass
+        finally:
+            if stream in qemu.clients:
+                qemu.clients.remove(stream)
+
+    async def event(self, qemu: FakeQemu, name: str, data: dict[str, Any]) -> None:
+        if not qemu.events:
+            return
+        now = time.time()
+        line = (
+            json.dumps(
+                {
+                    "event": name,
+                    "data": data,
+                    "timestamp": {"seconds": int(now), "microseconds": int(now % 1 * 1e6)},
+                }
+            ).encode()
+            + b"\r\n"
+        )
+        for client in list(qemu.clients):
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                await client.send(line)
+
+    async def command(self, qemu: FakeQemu, command: str, args: dict[str, Any]) -> Any:
+        if command == "query-status":
+            return {"status": qemu.status, "running": qemu.status == "running"}
+        if command == "migrate-set-capabilities":
+            for cap in args.get("capabilities", []):
+                if cap["capability"] == "events":
+                    qemu.events = bool(cap["state"])
+            return {}
+        if command == "migrate-set-parameters":
+            qemu.params.update(args)
+            return {}
+        if command == "query-migrate-parameters":
+            return dict(qemu.params)
+        if command == "migrate-incoming":
+            qemu.incoming_port = int(args["uri"].rsplit(":", 1)[1])
+            self.by_port[qemu.incoming_port] = qemu
+            return {}
+        if command == "query-migrate":
+            if qemu.incoming_port is not None and not qemu.migration:
+                return {
+                    "socket-address": [
+                        {"type": "inet", "host": "127.0.0.1", "port": str(qemu.incoming_port)}
+                    ]
+                }
+            return dict(qemu.migration)
+        if command == "migrate":
+            target = self.by_port.get(int(args["uri"].rsplit(":", 1)[1]))
+            qemu.migration = {"status": "setup"}
+            self.task_group.start_soon(self.simulate, qemu, target)
+            return {}
+        if command == "migrate_cancel":
+            if qemu.migration.get("status") in ("setup", "active"):
+                qemu.migration["status"] = "cancelling"
+            return {}
+        if command in ("stop", "cont"):
+            if qemu.status in ("running", "paused", "postmigrate"):
+                qemu.status = "paused" if command == "stop" else "running"
+            return {}
+        if command in ("quit", "system_powerdown"):
+            return {}
+        return {}
+
+    async def simulate(self, source: FakeQemu, target: FakeQemu | None) -> None:
+        """Move RAM at ``max-bandwidth`` while the guest dirties it; switch over once the
+        rest fits in ``downtime-limit``; honour a cancel."""
+        started = time.monotonic()
+        total = source.memory_bytes
+        remaining = float(total)
+        transferred = 0.0
+        await self.event(source, "MIGRATION", {"status": "setup"})
+        if target is None or not target.alive:
+            source.migration = {"status": "failed", "error-desc": "connection refused"}
+            await self.event(source, "MIGRATION", {"status": "failed"})
+            return
+        source.migration = {"status": "active"}
+        await self.event(source, "MIGRATION", {"status": "active"})
+        passes = 1
+        while True:
+            await anyio.sleep(TICK)
+            if source.migration.get("status") == "cancelling" or not target.alive:
+                source.migration = {"status": "cancelled"}
+                await self.event(source, "MIGRATION", {"status": "cancelled"})
+                if target.alive:
+                    await self.exit(target)  # a target whose stream ends exits
+                return
+            bandwidth = source.params.get("max-bandwidth", 128 << 20)
+            sent = bandwidth * TICK
+            transferred += sent
+            dirty = source.dirty_rate * TICK if source.status == "running" else 0.0
+            remaining = max(0.0, remaining - sent) + dirty
+            if remaining >= total:
+                remaining = float(total)
+            passes += 1
+            elapsed_ms = int((time.monotonic() - started) * 1000)
+            downtime = source.params.get("downtime-limit", 300)
+            source.migration = {
+                "status": "active",
+                "total-time": elapsed_ms,
+                "expected-downtime": int(remaining / max(bandwidth, 1) * 1000),
+                "ram": {
+                    "transferred": int(transferred),
+                    "remaining": int(remaining),
+                    "total": total,
+                    "mbps": bandwidth * 8 / 1e6,
+                    "dirty-pages-rate": int(source.dirty_rate / 4096),
+                    "page-size": 4096,
+                    "dirty-sync-count": passes // 20 + 1,
+                },
+            }
+            if remaining <= bandwidth * downtime / 1000:
+                break
+        was_running = source.status == "running"
+        source.status = "postmigrate"
+        target.status = "running" if was_running else "paused"
+        source.completed_at = time.time()
+        source.migration = {
+            "status": "completed",
+            "total-time": elapsed_ms,
+            "downtime": 5,
+            "ram": {
+                "transferred": int(transferred),
+                "remaining": 0,
+                "total": total,
+                "mbps": bandwidth * 8 / 1e6,
+            },
+        }
+        await self.event(source, "MIGRATION", {"status": "completed"})
+
+
+async def serve_fleet(control_path: str) -> None:
+    """Run the fleet process: a control socket for :class:`FakeNode` clients."""
+    async with anyio.create_task_group() as tg:
+        fleet = Fleet(tg)
+
+        async def handle(stream: anyio.abc.SocketStream) -> None:
+            buffer = b""
+            async with stream:
+                try:
+                    while True:
+                        buffer += await stream.receive()
+                        *lines, buffer = buffer.split(b"\n")
+                        for line in lines:
+                            request = json.loads(line)
+                            try:
+                                reply = {"ok": await fleet.control(request)}
+                            except Exception as exc:  # reported to the caller, not fatal
+                                reply = {"error": repr(exc)}
+                            await stream.send(json.dumps(reply).encode() + b"\n")
+                except (anyio.EndOfStream, anyio.BrokenResourceError):
+                    return
+
+        await anyio.Path(control_path).unlink(missing_ok=True)
+        listener = await anyio.create_unix_listener(control_path)
+        await listener.serve(handle)
+
+
+class FakeNode:
+    """A node whose QEMUs are simulated by a fleet process (see the module docstring)."""
+
+    def __init__(self, name: str, control_path: str, *, dirty_rate: float = 0.0) -> None:
+        self._name = name
+        self.control_path = control_path
+        self.dirty_rate = dirty_rate
+        self.files: dict[str, bytes] = {}
+        self._stream: anyio.abc.SocketStream | None = None
+        self._lock: anyio.Lock | None = None
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    async def _call(self, **request: Any) -> Any:
+        if self._lock is None:
+            self._lock = anyio.Lock()
+        async with self._lock:
+            if self._stream is None:
+                self._stream = await anyio.connect_unix(self.control_path)
+            await self._stream.send(json.dumps(request).encode() + b"\n")
+            buffer = b""
+            while not buffer.endswith(b"\n"):
+                buffer += await self._stream.receive()
+        reply = json.loads(buffer)
+        if "error" in reply:
+            raise NodeError(f"fleet: {reply['error']}", node=self._name)
+        return reply["ok"]
+
+    async def aclose(self) -> None:
+        if self._stream is not None:
+            await self._stream.aclose()
+            self._stream = None
+
+    async def run(
+        self, argv: list[str], *, stdin: bytes | None = None, timeout: float | None = None
+    ) -> CommandResult:
+        if not argv[0].startswith("qemu-system"):
+            return CommandResult(tuple(argv), 0, b"", b"")
+        pid = await self._call(op="spawn", argv=argv, dirty_rate=self.dirty_rate)
+        self.files[argv[argv.index("-pidfile") + 1]] = f"{pid}\n".encode()
+        return CommandResult(tuple(argv), 0, b"", b"")
+
+    async def read_file(self, path: str) -> bytes | None:
+        return self.files.get(path)
+
+    async def write_file(self, path: str, data: bytes, mode: int = 0o600) -> None:
+        self.files[path] = data
+
+    async def create_exclusive(self, path: str, data: bytes, mode: int = 0o600) -> bool:
+        if path in self.files:
+            return False
+        self.files[path] = data
+        return True
+
+    async def remove(self, path: str) -> bool:
+        return self.files.pop(path, None) is not None
+
+    async def make_dirs(self, path: str, mode: int = 0o700) -> None:
+        os.makedirs(path, exist_ok=True)  # sockets of the fleet live here
+
+    async def list_dir(self, path: str) -> list[str]:
+        prefix = path.rstrip("/") + "/"
+        return sorted({p[len(prefix) :].split("/")[0] for p in self.files if p.startswith(prefix)})
+
+    async def rename(self, source: str, target: str) -> None:
+        self.files[target] = self.files.pop(source)
+
+    async def remove_tree(self, path: str) -> None:
+        for name in [p for p in self.files if p.startswith(path.rstrip("/") + "/")]:
+            del self.files[name]
+
+    async def process_cmdline(self, pid: int) -> list[str] | None:
+        result = await self._call(op="cmdline", pid=pid)
+        return list(result) if result is not None else None
+
+    async def signal_process(self, pid: int, sig: signal.Signals) -> bool:
+        return bool(await self._call(op="kill", pid=pid))
+
+    async def node_info(self) -> NodeInfo:
+        return NodeInfo(1 << 20, 1 << 19, 1024, 64, 2, 2)
+
+    def monitor_connector(self, path: str) -> Connector:
+        return UnixSocketConnector(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="serve a fake QEMU fleet")
+    parser.add_argument("control", help="unix socket path for FakeNode clients")
+    args = parser.parse_args()
+    anyio.run(serve_fleet, args.control)
+
+
+if __name__ == "__main__":
+    main()
