@@ -23,4 +23,7 @@ async def exit_task_group(
     """
     if exc is not None and isinstance(exc, anyio.get_cancelled_exc_class()):
         return bool(await task_group.__aexit__(exc_type, exc, tb))
-    return bool(await task_group.__aexit__(None, None, None))
+    await task_group.__aexit__(None, None, None)
+    # Never report "handled": the body's own exception, if any, must go on propagating
+    # (a group cancelled by its owner may answer True, which would swallow it).
+    return False

@@ -8,6 +8,7 @@ and migration progress both use it.
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 from typing import Generic, TypeVar
 
@@ -31,6 +32,7 @@ class BoundedFeed(Generic[T]):
         self.dropped = 0
         self._queue: deque[T] = deque(maxlen=max_buffered)
         self._wakeup: anyio.Event | None = None
+        self._event_class: type[anyio.Event] | None = None
         self._closed = False
 
     def push(self, item: T) -> None:
@@ -62,9 +64,40 @@ class BoundedFeed(Generic[T]):
         while not self._queue:
             if self._closed:
                 raise EndOfSubscription
-            self._wakeup = anyio.Event()
+            if self._event_class is None:
+                self._event_class = type(anyio.Event())  # the backend's class, looked up once
+            self._wakeup = self._event_class()
             await self._wakeup.wait()
         return self._queue.popleft()
+
+    async def wait_ready(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for an item (or the end); True if one is there.
+
+        On asyncio this arms a loop timer instead of a cancel scope: a watcher that wakes
+        twice a second per migration would otherwise pay for a cancellation every time.
+        """
+        if self._queue or self._closed:
+            return True
+        if self._event_class is None:
+            self._event_class = type(anyio.Event())
+        wakeup = self._wakeup = self._event_class()
+        loop = _running_asyncio_loop()
+        if loop is None:
+            with anyio.move_on_after(timeout):
+                await wakeup.wait()
+        else:
+            timer = loop.call_later(timeout, wakeup.set)
+            try:
+                await wakeup.wait()
+            finally:
+                timer.cancel()
+        return bool(self._queue) or self._closed
+
+    def drain(self) -> list[T]:
+        """Take every buffered item at once."""
+        items = list(self._queue)
+        self._queue.clear()
+        return items
 
     def describe(self) -> str:
         return "the next item"
@@ -88,3 +121,10 @@ class BoundedFeed(Generic[T]):
             return await self.receive()
         except EndOfSubscription:
             raise StopAsyncIteration from None
+
+
+def _running_asyncio_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

@@ -106,6 +106,7 @@ class MigrationTicket:
         self.scope: anyio.CancelScope | None = None
         self.qmp: QMPClient | None = None
         self.bandwidth_mib: int | None = None
+        self.watching = False  # past its set-up: progress is being reported
         self._done = anyio.Event()
 
     def __repr__(self) -> str:
@@ -450,6 +451,13 @@ class Engine:
                 await self._settle(ticket)
 
     def _progress(self, ticket: MigrationTicket, report: MigrationProgress) -> None:
+        if not ticket.watching:
+            # The migration has applied its own starting parameters by now; from here on
+            # the engine's share is the one that counts, so apply it (again) at once.
+            ticket.watching = True
+            ticket.bandwidth_mib = None
+            if self._task_group is not None and self.nodes[ticket.source].link_budget_mib:
+                self._task_group.start_soon(self._rebalance, ticket.source)
         self._emit(
             MigrationProgressed(
                 ticket.id, ticket.instance.name, ticket.source, ticket.target, report

@@ -20,6 +20,7 @@ machine says where.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ from kvmflow.migration.status import BadAnswer, MigrationSnapshot, MigrationStat
 from kvmflow.migration.watch import query_migration, watch_migration
 from kvmflow.monitor.events import EventSubscription
 from kvmflow.monitor.hmp import HMPClient
+from kvmflow.monitor.qmp import ConnectionState, QMPClient
 from kvmflow.monitor.queries import CommandRunner, RunState, query_status
 
 _log = structlog.get_logger("kvmflow.migration")
@@ -184,6 +186,8 @@ class _Migration:
         self.postcopy = False  # from post-copy on, the target holds the authoritative state
         self.postcopy_failed = False
         self.lost_contact = False
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._target_qmp: QMPClient | None = None
         self.engine = PolicyEngine(policy, instance.spec.memory_mib, self.started_at)
         self.was_running = True
         self._source_alive = True
@@ -217,6 +221,14 @@ class _Migration:
                 f"it already runs on {self.target.node.name}",
                 runs_on=self.source.node.name,
             )
+        return await self._with_source(source_qmp, monitor, runtime)
+
+    async def _with_source(
+        self,
+        source_qmp: SourceMonitor | None,
+        monitor: Literal["qmp", "hmp"],
+        runtime: SavedRuntime,
+    ) -> MigrationResult:
         if source_qmp is not None:
             return await self._with_source_monitor(source_qmp, runtime)
         if monitor == "hmp":
@@ -229,58 +241,69 @@ class _Migration:
     async def _with_source_monitor(
         self, qmp: SourceMonitor, runtime: SavedRuntime
     ) -> MigrationResult:
-        status = await query_status(qmp)
-        if status.state not in (RunState.RUNNING, RunState.PAUSED):
-            raise MigrationError(
-                self.name, f"source QEMU is {status.state.value}", runs_on=self.source.node.name
+        # The target's monitor connection, once opened, is kept to the end of the migration
+        # (set-up, completion, recovery and abort share it); the stack, entered inside the
+        # source monitor's scope, closes it on every path.
+        async with contextlib.AsyncExitStack() as stack:
+            self._stack = stack
+            status = await query_status(qmp)
+            if status.state not in (RunState.RUNNING, RunState.PAUSED):
+                raise MigrationError(
+                    self.name, f"source QEMU is {status.state.value}", runs_on=self.source.node.name
+                )
+            self.was_running = status.running
+            self.instance.machine.fire(InstanceEvent.MIGRATE)
+            self.log.info(
+                "migration starting",
+                uri=self.uri,
+                live=self.live,
+                bandwidth_mib=self.policy.bandwidth_mib,
+                downtime_ms=self.policy.downtime_ms,
             )
-        self.was_running = status.running
-        self.instance.machine.fire(InstanceEvent.MIGRATE)
-        self.log.info(
-            "migration starting",
-            uri=self.uri,
-            live=self.live,
-            bandwidth_mib=self.policy.bandwidth_mib,
-            downtime_ms=self.policy.downtime_ms,
-        )
-        try:
-            final = await self._transfer(qmp)
-        except BaseException as exc:
-            with anyio.CancelScope(shield=True):
-                moved = await self._abort(qmp, exc)
-            if moved is not None:
-                # QEMU completed before the cancel took effect: the instance moved. A
-                # cancellation still propagates; any other failure turns into success.
-                if isinstance(exc, anyio.get_cancelled_exc_class()):
-                    raise
-                return moved
-            if self.lost_contact:
-                raise MigrationError(
-                    self.name,
-                    f"lost contact with the source node {self.source.node.name} ({exc}); the "
-                    f"target on {self.target.node.name} was left waiting for the stream: when "
-                    "the source is reachable again, check where the guest runs and stop the "
-                    "other copy",
-                    runs_on=None,
-                    bad_answers=self.bad_answers,
-                ) from exc
-            if self.postcopy_failed:
-                raise MigrationError(
-                    self.name,
-                    f"post-copy failed after the switch ({exc}); the target "
-                    f"{self.target.node.name} holds the newest guest state and the source "
-                    f"{self.source.node.name} must not be resumed: restore the link and "
-                    "resume the migration, or stop both and restore from backup",
-                    runs_on=None,
-                    bad_answers=self.bad_answers,
-                ) from exc
-            if isinstance(exc, KvmflowError) and not isinstance(exc, MigrationError):
-                runs_on = self.source.node.name if self._source_alive else None
-                raise MigrationError(
-                    self.name, str(exc), runs_on=runs_on, bad_answers=self.bad_answers
-                ) from exc
-            raise
-        return await self._finish(qmp, final, runtime)
+            try:
+                final = await self._transfer(qmp)
+            except BaseException as exc:
+                with anyio.CancelScope(shield=True):
+                    moved = await self._abort(qmp, exc)
+                if moved is not None:
+                    # QEMU completed before the cancel took effect: the instance moved. A
+                    # cancellation still propagates; any other failure turns into success.
+                    if isinstance(exc, anyio.get_cancelled_exc_class()):
+                        raise
+                    return moved
+                error = self._failure(exc)
+                if error is not None:
+                    raise error from exc
+                raise
+            return await self._finish(qmp, final, runtime)
+
+    def _failure(self, exc: BaseException) -> MigrationError | None:
+        """The MigrationError that ``exc`` becomes after the abort (None: re-raise as is)."""
+        if self.lost_contact:
+            return MigrationError(
+                self.name,
+                f"lost contact with the source node {self.source.node.name} ({exc}); the "
+                f"target on {self.target.node.name} was left waiting for the stream: when the "
+                "source is reachable again, check where the guest runs and stop the other copy",
+                runs_on=None,
+                bad_answers=self.bad_answers,
+            )
+        if self.postcopy_failed:
+            return MigrationError(
+                self.name,
+                f"post-copy failed after the switch ({exc}); the target "
+                f"{self.target.node.name} holds the newest guest state and the source "
+                f"{self.source.node.name} must not be resumed: restore the link and resume "
+                "the migration, or stop both and restore from backup",
+                runs_on=None,
+                bad_answers=self.bad_answers,
+            )
+        if isinstance(exc, KvmflowError) and not isinstance(exc, MigrationError):
+            runs_on = self.source.node.name if self._source_alive else None
+            return MigrationError(
+                self.name, str(exc), runs_on=runs_on, bad_answers=self.bad_answers
+            )
+        return None
 
     async def _transfer(self, qmp: SourceMonitor) -> MigrationSnapshot:
         await self._start_target()
@@ -308,20 +331,20 @@ class _Migration:
         assert runtime is not None
         self.target_started = True  # from here on, the target may hold a process or files
         await self.target.start(spec, runtime=runtime, incoming="defer")
-        async with self.target.qmp(self.name, command_timeout=self.policy.query_timeout) as tq:
-            capabilities = self.policy.target_capabilities()
-            if capabilities:
-                await tq.execute("migrate-set-capabilities", {"capabilities": capabilities})
-            try:
-                await tq.execute("migrate-incoming", {"uri": self.uri})
-            except KvmflowError as exc:
-                raise MigrationError(
-                    self.name,
-                    f"target cannot listen on {self.address}:{self.port}: {exc}",
-                    runs_on=self.source.node.name,
-                ) from exc
-            listening = await tq.execute("query-migrate")
-            status = await query_status(tq)
+        tq = await self._target_monitor()
+        capabilities = self.policy.target_capabilities()
+        if capabilities:
+            await tq.execute("migrate-set-capabilities", {"capabilities": capabilities})
+        try:
+            await tq.execute("migrate-incoming", {"uri": self.uri})
+        except KvmflowError as exc:
+            raise MigrationError(
+                self.name,
+                f"target cannot listen on {self.address}:{self.port}: {exc}",
+                runs_on=self.source.node.name,
+            ) from exc
+        listening = await tq.execute("query-migrate")
+        status = await query_status(tq)
         addresses = listening.get("socket-address", []) if isinstance(listening, dict) else []
         if status.state is not RunState.INMIGRATE or not any(
             str(a.get("port")) == str(self.port) for a in addresses if isinstance(a, dict)
@@ -399,8 +422,8 @@ class _Migration:
         with anyio.move_on_after(self.policy.postcopy_recovery_seconds):
             while True:
                 try:
-                    async with self.target.qmp(self.name, command_timeout=10) as tq:
-                        await tq.execute("migrate-recover", {"uri": self.uri})
+                    tq = await self._target_monitor()
+                    await tq.execute("migrate-recover", {"uri": self.uri}, timeout=10)
                     await qmp.execute("migrate", {"uri": self.uri, "resume": True})
                 except KvmflowError as exc:
                     last_error = str(exc)
@@ -447,15 +470,26 @@ class _Migration:
             postcopy=self.postcopy,
         )
 
+    async def _target_monitor(self) -> QMPClient:
+        """The target's QMP connection, opened on first use and kept until the end."""
+        if self._target_qmp is None:
+            assert self._stack is not None
+            self._target_qmp = await self._stack.enter_async_context(
+                self.target.qmp(self.name, command_timeout=self.policy.query_timeout)
+            )
+        elif self._target_qmp.state is ConnectionState.LOST:
+            await self._target_qmp.reconnect()
+        return self._target_qmp
+
     async def _resume_target_if_needed(self) -> None:
-        async with self.target.qmp(self.name, command_timeout=self.policy.query_timeout) as tq:
-            with anyio.fail_after(self.policy.target_ready_timeout):
+        tq = await self._target_monitor()
+        with anyio.fail_after(self.policy.target_ready_timeout):
+            status = await query_status(tq)
+            while status.state is RunState.INMIGRATE:
+                await anyio.sleep(0.02)
                 status = await query_status(tq)
-                while status.state is RunState.INMIGRATE:
-                    await anyio.sleep(0.02)
-                    status = await query_status(tq)
-            if self.was_running and not status.running:
-                await tq.execute("cont")
+        if self.was_running and not status.running:
+            await tq.execute("cont")
 
     async def _end_source(self, qmp: SourceMonitor) -> str | None:
         """Quit the source QEMU (it is in ``postmigrate``); return the state it was in."""

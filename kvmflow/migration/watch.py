@@ -92,7 +92,5 @@ async def _wait_for_news(events: EventSubscription | None, interval: float) -> N
     if events is None:
         await anyio.sleep(interval)
         return
-    with anyio.move_on_after(interval):
-        await events.receive()
-        while events.pending():
-            await events.receive()
+    if await events.wait_ready(interval):
+        events.drain()

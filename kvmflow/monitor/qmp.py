@@ -15,6 +15,7 @@ import enum
 import heapq
 import math
 import socket
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Final
 
@@ -62,10 +63,12 @@ class _Call:
 
     __slots__ = ("arguments", "command", "done", "error", "value")
 
-    def __init__(self, command: str, arguments: dict[str, Any] | None) -> None:
+    def __init__(
+        self, command: str, arguments: dict[str, Any] | None, event_class: type[anyio.Event]
+    ) -> None:
         self.command = command
         self.arguments = arguments
-        self.done = anyio.Event()
+        self.done = event_class()
         self.value: Any = None
         self.error: Exception | None = None
 
@@ -171,6 +174,8 @@ class QMPClient:
         self._deadlines: list[tuple[float, int, _Call, float]] = []
         self._deadline_wakeup: anyio.Event | None = None
         self._watcher_target = math.inf  # when the deadline watcher wakes up next
+        self._event_class: type[anyio.Event] = anyio.Event
+        self._clock: Callable[[], float] = anyio.current_time
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -178,6 +183,11 @@ class QMPClient:
         if self._task_group is not None:
             raise MisuseError(f"QMP client for {self.name} is already open")
         self._send_lock = anyio.Lock()
+        # The backend's own Event class and clock, looked up once: on a busy controller
+        # the per-command backend lookup is measurable.
+        self._event_class = type(anyio.Event())
+        loop = _running_asyncio_loop()
+        self._clock = loop.time if loop is not None else anyio.current_time
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
         self._task_group = task_group
@@ -308,7 +318,7 @@ class QMPClient:
                 monitor=self.name,
             )
         call_id, line = connection.protocol.encode_command(command, arguments)
-        call = _Call(command, arguments)
+        call = _Call(command, arguments, self._event_class)
         self._pending[call_id] = call
         if command == "quit":
             self._quit_ids.add(call_id)
@@ -330,7 +340,7 @@ class QMPClient:
         """Arm a per-command deadline. One watcher task serves all of them from a heap, so
         that a command costs no cancel scope of its own (the common case, an answer well
         before the deadline, then costs one heap push)."""
-        deadline = anyio.current_time() + timeout
+        deadline = self._clock() + timeout
         heapq.heappush(self._deadlines, (deadline, call_id, call, timeout))
         if deadline < self._watcher_target and self._deadline_wakeup is not None:
             self._watcher_target = deadline

@@ -32,7 +32,7 @@ GREETING = (
     b'"package": "kvmflow-fleet"}, "capabilities": []}}\r\n'
 )
 FAKE_PID_BASE = 50_000_000
-TICK = 0.05
+TICK = 0.1  # simulation step; coarser steps keep the fleet process off the engine's core
 
 
 @dataclass
