@@ -25,12 +25,11 @@ from typing import Any
 import anyio
 import structlog
 
-from kvmflow.guest import SWEEP_COUNTER_ADDRESS, build_dirty_guest, guest_command_line
+from kvmflow.guest import build_dirty_guest, guest_command_line, wait_for_sweeps
 from kvmflow.instance import Instance
 from kvmflow.kvm import HvParams, InstanceSpec, KvmHypervisor, RuntimePaths, default_accelerator
 from kvmflow.migration import MigrationError, MigrationPolicy, migrate
 from kvmflow.migration.policy import Action, Capabilities, StallRule
-from kvmflow.monitor import HMPClient
 from kvmflow.node import LocalNode
 
 BASE: dict[str, Any] = {
@@ -75,16 +74,6 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-async def booted(hv: KvmHypervisor, name: str) -> None:
-    with anyio.fail_after(30):
-        while True:
-            async with HMPClient(hv.paths.hmp_socket(name)) as hmp:
-                line = await hmp.run(f"xp /1wx {SWEEP_COUNTER_ADDRESS:#x}")
-            if int(line.split(":")[1], 16) >= 2:
-                return
-            await anyio.sleep(0.2)
-
-
 async def one(
     source: KvmHypervisor,
     target: KvmHypervisor,
@@ -123,7 +112,7 @@ async def measure(
     limit: float,
 ) -> dict[str, Any]:
     await instance.start()
-    await booted(source, instance.name)
+    await wait_for_sweeps(source, instance.name)
     started = time.monotonic()
     outcome: dict[str, Any] = {"seconds": None, "downtime_ms": None, "actions": []}
     with anyio.move_on_after(limit):

@@ -19,12 +19,11 @@ from kvmflow.engine import (
     NodeEntry,
 )
 from kvmflow.errors import MisuseError
-from kvmflow.guest import SWEEP_COUNTER_ADDRESS, guest_command_line
+from kvmflow.guest import guest_command_line, wait_for_sweeps
 from kvmflow.instance import Instance
 from kvmflow.kvm import HvParams, InstanceSpec, KvmHypervisor, RuntimePaths, default_accelerator
 from kvmflow.migration import MigrationError, MigrationPolicy
 from kvmflow.migration.policy import MIB
-from kvmflow.monitor import HMPClient
 from kvmflow.node import LocalNode
 
 pytestmark = pytest.mark.anyio
@@ -79,14 +78,7 @@ async def start_dirty(engine: Engine, name: str, node: str, guest: Path) -> Inst
     )
     instance = engine.add_instance(Instance(spec, engine.node(node).hypervisor))
     await instance.start()
-    hv = engine.node(node).hypervisor
-    with anyio.fail_after(30):  # until the guest really dirties memory (SeaBIOS takes ~3 s)
-        while True:
-            async with HMPClient(hv.paths.hmp_socket(name)) as hmp:
-                line = await hmp.run(f"xp /1wx {SWEEP_COUNTER_ADDRESS:#x}")
-            if int(line.split(":")[1], 16) >= 2:
-                break
-            await anyio.sleep(0.2)
+    await wait_for_sweeps(engine.node(node).hypervisor, name)
     return instance
 
 

@@ -11,7 +11,8 @@ import anyio
 import psutil
 import pytest
 
-from kvmflow.guest import SWEEP_COUNTER_ADDRESS, guest_command_line
+from kvmflow.guest import guest_command_line, wait_for_sweeps
+from kvmflow.guest import sweep_count as sweeps
 from kvmflow.instance import Instance, InstanceState
 from kvmflow.kvm import HvParams, InstanceSpec, KvmHypervisor, RuntimePaths, default_accelerator
 from kvmflow.migration import (
@@ -21,7 +22,7 @@ from kvmflow.migration import (
     MigrationStatus,
     migrate,
 )
-from kvmflow.monitor import HMPClient, QMPClient, RunState, query_status
+from kvmflow.monitor import QMPClient, RunState, query_status
 from kvmflow.node import LocalNode
 
 pytestmark = pytest.mark.anyio
@@ -75,18 +76,6 @@ async def started(spec: InstanceSpec, hv: KvmHypervisor) -> Instance:
 async def run_state(hv: KvmHypervisor, name: str) -> RunState:
     async with hv.qmp(name) as qmp:
         return (await query_status(qmp)).state
-
-
-async def sweeps(hv: KvmHypervisor, name: str) -> int:
-    async with HMPClient(hv.paths.hmp_socket(name)) as hmp:
-        line = await hmp.run(f"xp /1wx {SWEEP_COUNTER_ADDRESS:#x}")
-    return int(line.split(":")[1].strip(), 16)
-
-
-async def wait_for_sweeps(hv: KvmHypervisor, name: str, minimum: int = 2) -> None:
-    with anyio.fail_after(30):  # SeaBIOS takes a few seconds to reach the kernel
-        while await sweeps(hv, name) < minimum:
-            await anyio.sleep(0.2)
 
 
 async def test_idle_guest_live_migration(

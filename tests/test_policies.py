@@ -13,12 +13,13 @@ from pathlib import Path
 import anyio
 import pytest
 
-from kvmflow.guest import SWEEP_COUNTER_ADDRESS, guest_command_line
+from kvmflow.guest import guest_command_line, wait_for_sweeps
+from kvmflow.guest import sweep_count as sweeps
 from kvmflow.instance import Instance, InstanceState
 from kvmflow.kvm import HvParams, InstanceSpec, KvmHypervisor, RuntimePaths, default_accelerator
 from kvmflow.migration import MigrationError, MigrationPolicy, MigrationProgress, migrate
 from kvmflow.migration.policy import Action, Capabilities, StallRule
-from kvmflow.monitor import HMPClient, RunState, query_status
+from kvmflow.monitor import RunState, query_status
 from kvmflow.node import LocalNode
 
 pytestmark = pytest.mark.anyio
@@ -50,12 +51,6 @@ def nodes(runtime_root: Path) -> tuple[KvmHypervisor, KvmHypervisor]:
     )
 
 
-async def sweeps(hv: KvmHypervisor, name: str) -> int:
-    async with HMPClient(hv.paths.hmp_socket(name)) as hmp:
-        line = await hmp.run(f"xp /1wx {SWEEP_COUNTER_ADDRESS:#x}")
-    return int(line.split(":")[1].strip(), 16)
-
-
 async def dirty_instance(hv: KvmHypervisor, name: str, port: int, guest: Path) -> Instance:
     spec = InstanceSpec(
         name,
@@ -70,9 +65,7 @@ async def dirty_instance(hv: KvmHypervisor, name: str, port: int, guest: Path) -
     )
     instance = Instance(spec, hv)
     await instance.start()
-    with anyio.fail_after(30):
-        while await sweeps(hv, name) < 2:
-            await anyio.sleep(0.2)
+    await wait_for_sweeps(hv, name)
     return instance
 
 

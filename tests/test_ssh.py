@@ -13,7 +13,7 @@ import anyio
 import pytest
 
 from kvmflow.engine import Engine, Limits, MigrationCompleted, MigrationStarted, NodeEntry
-from kvmflow.guest import SWEEP_COUNTER_ADDRESS
+from kvmflow.guest import wait_for_sweeps
 from kvmflow.instance import Instance, InstanceState
 from kvmflow.kvm import (
     HvParams,
@@ -24,7 +24,7 @@ from kvmflow.kvm import (
     default_accelerator,
 )
 from kvmflow.migration import MigrationError, MigrationPolicy, MigrationProgress, migrate
-from kvmflow.monitor import HMPClient, QMPClient, RunState, query_status
+from kvmflow.monitor import QMPClient, RunState, query_status
 from kvmflow.node import SSHConnectError, SSHNode, SSHTarget
 from tests.sshd import SSHFleet
 
@@ -198,15 +198,7 @@ async def test_dropped_ssh_session_mid_migration(
     )
     instance = Instance(spec, source)
     await instance.start()
-    with anyio.fail_after(30):  # wait until the guest really dirties memory
-        while True:
-            async with HMPClient(
-                source.node.monitor_connector(source.paths.hmp_socket("ssh-drop"))
-            ) as hmp:
-                line = await hmp.run(f"xp /1wx {SWEEP_COUNTER_ADDRESS:#x}")
-            if int(line.split(":")[1], 16) >= 2:
-                break
-            await anyio.sleep(0.2)
+    await wait_for_sweeps(source, "ssh-drop")  # the monitor is read over SSH too
     slow = MigrationPolicy.fixed(bandwidth_mib=20, downtime_ms=50, poll_interval=0.2)
     dropped: list[int] = []
 

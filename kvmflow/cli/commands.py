@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from rich.console import Console
@@ -24,6 +25,7 @@ from kvmflow.monitor import hmp_via_qmp
 from kvmflow.node import LocalNode
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
+T = TypeVar("T")
 
 
 class Context:
@@ -76,6 +78,26 @@ class Context:
             self.console.print(table)
         elif text is not None:
             self.console.print(text, highlight=False)
+
+
+async def with_progress(
+    ctx: Context, engine: Engine, work: Callable[[], Awaitable[T]], *, enabled: bool, total: int = 1
+) -> T:
+    """Run ``work`` while drawing the engine's migrations as progress bars."""
+    events = engine.events()
+    with MigrationBars(ctx.console, enabled=enabled, total=total) as bars:
+        async with anyio.create_task_group() as tg:
+
+            async def draw() -> None:
+                async for event in events:
+                    bars.handle(event)
+
+            tg.start_soon(draw)
+            try:
+                result = await work()
+            finally:
+                tg.cancel_scope.cancel()
+    return result
 
 
 def make_table(*columns: str) -> Table:
@@ -258,20 +280,12 @@ async def cmd_migrate(
         raise MisuseError(f"{name} is not running; nothing to migrate")
     async with ctx.engine(policy) as engine:
         engine.add_instance(Instance(ctx.spec(name), hv, InstanceState.RUNNING))
-        events = engine.events()
-        ticket = engine.submit_migration(name, target, live=live)
-        with MigrationBars(ctx.console, enabled=progress) as bars:
-            async with anyio.create_task_group() as tg:
-
-                async def draw() -> None:
-                    async for event in events:
-                        bars.handle(event)
-
-                tg.start_soon(draw)
-                try:
-                    result = await ticket.wait()
-                finally:
-                    tg.cancel_scope.cancel()
+        result = await with_progress(
+            ctx,
+            engine,
+            lambda: engine.submit_migration(name, target, live=live).wait(),
+            enabled=progress,
+        )
     data = {
         "instance": name,
         "source": result.source,
@@ -317,21 +331,13 @@ async def cmd_evacuate(
                     ]
                 )
             engine.add_instance(Instance(spec, source, InstanceState.RUNNING))
-        events = engine.events()
-        with MigrationBars(
-            ctx.console, enabled=progress and not dry_run, total=len(engine.on_node(node))
-        ) as bars:
-            async with anyio.create_task_group() as tg:
-
-                async def draw() -> None:
-                    async for event in events:
-                        bars.handle(event)
-
-                tg.start_soon(draw)
-                try:
-                    summary = await engine.evacuate(node, targets, dry_run=dry_run)
-                finally:
-                    tg.cancel_scope.cancel()
+        summary = await with_progress(
+            ctx,
+            engine,
+            lambda: engine.evacuate(node, targets, dry_run=dry_run),
+            enabled=progress and not dry_run,
+            total=len(engine.on_node(node)),
+        )
     plan = summary.plan
     data = {
         "node": node,
@@ -383,19 +389,13 @@ async def cmd_plan(ctx: Context, path: str, *, run: bool, progress: bool) -> int
         return EXIT_OK
     async with ctx.engine(None) as engine:
         await attach_all(ctx, engine)
-        events = engine.events()
-        with MigrationBars(ctx.console, enabled=progress) as bars:
-            async with anyio.create_task_group() as tg:
-
-                async def draw() -> None:
-                    async for event in events:
-                        bars.handle(event)
-
-                tg.start_soon(draw)
-                try:
-                    report = await run_plan(engine, steps, journal_path(Path(path)))
-                finally:
-                    tg.cancel_scope.cancel()
+        report = await with_progress(
+            ctx,
+            engine,
+            lambda: run_plan(engine, steps, journal_path(Path(path))),
+            enabled=progress,
+            total=len(steps),
+        )
     rows = [
         {
             "step": o.step.index,

@@ -21,11 +21,10 @@ from rich.console import Console
 
 from kvmflow.engine import Engine, Limits, NodeEntry
 from kvmflow.errors import KvmflowError
-from kvmflow.guest import SWEEP_COUNTER_ADDRESS, build_dirty_guest, guest_command_line
+from kvmflow.guest import build_dirty_guest, guest_command_line, wait_for_sweeps
 from kvmflow.instance import Instance
 from kvmflow.kvm import HvParams, InstanceSpec, KvmHypervisor, RuntimePaths, default_accelerator
 from kvmflow.migration import MigrationPolicy
-from kvmflow.monitor import HMPClient
 from kvmflow.node import LocalNode
 
 from .progress import MigrationBars, human_bytes
@@ -59,16 +58,6 @@ def _port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.3", 0))
         return int(probe.getsockname()[1])
-
-
-async def _wait_booted(hv: KvmHypervisor, name: str) -> None:
-    with anyio.fail_after(60):
-        while True:
-            async with HMPClient(hv.paths.hmp_socket(name)) as hmp:
-                line = await hmp.run(f"xp /1wx {SWEEP_COUNTER_ADDRESS:#x}")
-            if int(line.split(":")[1], 16) >= 1:
-                return
-            await anyio.sleep(0.25)
 
 
 async def run_demo(
@@ -122,7 +111,7 @@ async def run_demo(
             say(f"booting {guests} guests on node-a ...")
             async with anyio.create_task_group() as tg:
                 for name in profiles:
-                    tg.start_soon(_wait_booted, nodes[0].hypervisor, name)
+                    tg.start_soon(wait_for_sweeps, nodes[0].hypervisor, name, 1)
             events = engine.events()
             started = time.monotonic()
             tickets = {name: engine.submit_migration(name, "node-b") for name in profiles}

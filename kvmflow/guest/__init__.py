@@ -16,7 +16,11 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
-from kvmflow.errors import KvmflowError
+import anyio
+
+from kvmflow.errors import KvmflowError, MalformedReplyError
+from kvmflow.kvm.hypervisor import KvmHypervisor
+from kvmflow.monitor.hmp import HMPClient
 
 #: Physical address where the guest counts completed sweeps (HMP ``xp /1wx 0x7000``).
 SWEEP_COUNTER_ADDRESS = 0x7000
@@ -88,3 +92,29 @@ def build_dirty_guest(cache_dir: Path | None = None) -> Path:
 def guest_command_line(mib: int, pause: int = 0) -> str:
     """The ``-append`` text that makes the guest dirty ``mib`` MiB per sweep."""
     return f"mib={mib} pause={pause}"
+
+
+async def sweep_count(hypervisor: KvmHypervisor, name: str) -> int:
+    """How many sweeps the dirtying guest ``name`` has done (read over HMP, on any node)."""
+    connector = hypervisor.node.monitor_connector(hypervisor.paths.hmp_socket(name))
+    async with HMPClient(connector, command_timeout=10) as hmp:
+        line = await hmp.run(f"xp /1wx {SWEEP_COUNTER_ADDRESS:#x}")
+    try:
+        return int(line.split(":")[1].strip(), 16)
+    except (IndexError, ValueError) as exc:
+        raise MalformedReplyError(
+            f"no sweep counter of {name} in the answer to xp",
+            line.encode(),
+            monitor=connector.description,
+        ) from exc
+
+
+async def wait_for_sweeps(
+    hypervisor: KvmHypervisor, name: str, minimum: int = 2, timeout: float = 60.0
+) -> None:
+    """Wait until the guest has booted and dirtied its memory ``minimum`` times (SeaBIOS
+    takes about 3 s to reach the kernel under nested KVM)."""
+    with anyio.fail_after(timeout):
+        # The guest's memory can only be polled; it signals nothing.
+        while await sweep_count(hypervisor, name) < minimum:  # noqa: ASYNC110
+            await anyio.sleep(0.2)
