@@ -207,3 +207,51 @@ def test_progress_bars_render_on_a_terminal() -> None:
     with MigrationBars(quiet, enabled=False) as bars:
         bars.handle(MigrationQueued(2, "x", "a", "b"))
     assert quiet.export_text() == ""
+
+
+def test_node_flag_and_completion(sockdir: Path) -> None:
+    root = sockdir / "flagnode"
+    listed = kvmflow("--node", f"extra:{root}:127.0.0.5", "node-info", "extra", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout)[0]["node"] == "extra"
+    bad = kvmflow("--node", "nonsense", "list")
+    assert bad.returncode == 2
+    assert "NAME:RUNTIME_ROOT[:ADDRESS]" in bad.stderr
+    script = kvmflow("completion", "bash")
+    assert script.returncode == 0
+    assert "complete" in script.stdout
+    assert "kvmflow" in script.stdout
+
+
+def test_demo_interrupted_leaves_nothing_behind() -> None:
+    import os
+    import signal
+    import time
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kvmflow.cli.main", "demo", "--guests", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not subprocess.run(
+            ["pgrep", "-f", "kvmflow-demo-"], capture_output=True, check=False
+        ).stdout:
+            assert time.monotonic() < deadline, "the demo never started a guest"
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.1)
+        time.sleep(1.0)
+        os.kill(process.pid, signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stderr
+    assert (
+        subprocess.run(["pgrep", "-f", "kvmflow-demo-"], capture_output=True, check=False).stdout
+        == b""
+    )

@@ -169,3 +169,19 @@ def _node(name: str, body: Any, problems: list[FieldProblem]) -> NodeConfig | No
     if len(problems) > before:
         return None
     return NodeConfig(name, root, address, budget)
+
+
+def parse_node_flag(flag: str) -> NodeConfig:
+    """``NAME:ROOT[:ADDRESS]`` from ``--node`` as a node entry (checked like the file's)."""
+    name, _, rest = flag.partition(":")
+    root, _, address = rest.partition(":")
+    body: dict[str, Any] = {"runtime_root": root}
+    if address:
+        body["migration_address"] = address
+    problems: list[FieldProblem] = []
+    if not name or not root:
+        raise ConfigError([FieldProblem("--node", flag, "NAME:RUNTIME_ROOT[:ADDRESS]")])
+    node = _node(name, body, problems)
+    if node is None:
+        raise ConfigError([FieldProblem(f"--node {p.field}", p.value, p.allowed) for p in problems])
+    return node

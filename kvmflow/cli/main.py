@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK
 """Entry point of the ``kvmflow`` command: argument parsing, output and exit codes.
 
 Exit codes: 0 success; 1 an operation failed; 2 bad usage, bad configuration or an unknown
@@ -13,11 +14,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
+import argcomplete
+from argcomplete.shell_integration import shellcode
 from rich.console import Console
 
 from kvmflow.cli import commands
 from kvmflow.cli.commands import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, Context
-from kvmflow.cli.config import load_config
+from kvmflow.cli.config import Config, NodeConfig, load_config, parse_node_flag
 from kvmflow.cli.logs import configure_logging
 from kvmflow.engine import Limits
 from kvmflow.errors import KvmflowError, ValidationError
@@ -49,6 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="TOML file with [nodes.*] and [instances.*] (see "
         "examples/kvmflow.toml); without it: one local node, no instances",
+    )
+    parser.add_argument(
+        "--node",
+        action="append",
+        default=[],
+        dest="extra_nodes",
+        metavar="NAME:ROOT[:ADDRESS]",
+        help="add (or replace) a node: its name, runtime root and migration "
+        "address; repeatable, on top of the configuration file",
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     parser.add_argument("-q", "--quiet", action="count", default=0, help="less log output")
@@ -115,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MIB_S",
         help="bandwidth per migration (default 32 MiB/s)",
     )
+    p = command("completion", "print the shell completion script", json_flag=False)
+    p.add_argument(
+        "shell",
+        choices=["bash", "zsh", "fish", "tcsh"],
+        help='e.g. eval "$(kvmflow completion bash)" in ~/.bashrc',
+    )
     p = command("probe", "start a throwaway QEMU, ask it over QMP and HMP what it is, stop it")
     p.add_argument(
         "--backend",
@@ -132,7 +150,12 @@ def run(args: argparse.Namespace, console: Console) -> int:
         return cmd_probe(args)
     if args.command == "demo":
         return cmd_demo(args, console, progress)
-    ctx = Context(load_config(args.config), console, as_json=as_json)
+    if args.command == "completion":
+        print(shellcode(["kvmflow"], shell=args.shell))
+        return EXIT_OK
+    ctx = Context(
+        add_flag_nodes(load_config(args.config), args.extra_nodes), console, as_json=as_json
+    )
     if args.command == "console":
         return commands.console_command(ctx, args.name)
     if args.command == "list":
@@ -193,6 +216,14 @@ def run(args: argparse.Namespace, console: Console) -> int:
     raise AssertionError(args.command)  # pragma: no cover
 
 
+def add_flag_nodes(config: Config, flags: list[str]) -> Config:
+    """Nodes given with ``--node`` join (or replace) those of the configuration file."""
+    for flag in flags:
+        node: NodeConfig = parse_node_flag(flag)
+        config.nodes[node.name] = node
+    return config
+
+
 def cmd_probe(args: argparse.Namespace) -> int:
     from kvmflow.cli.probe import run_probe
 
@@ -239,6 +270,7 @@ def cmd_demo(args: argparse.Namespace, console: Console, progress: bool) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argcomplete.autocomplete(parser)
     args = parser.parse_args(argv)
     configure_logging(args.verbose - args.quiet, json_lines=args.log_json)
     console = Console()
