@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import anyio
+import anyio.abc
 import pytest
 
 from kvmflow.guest import guest_command_line, wait_for_sweeps
@@ -209,3 +210,97 @@ async def test_stall_rule_aborts_in_time_and_the_source_keeps_running(
     async with source.qmp("pol-stall") as qmp:
         assert (await query_status(qmp)).state is RunState.RUNNING
     assert not await target.is_running("pol-stall")
+
+
+class Relay:
+    """A TCP relay between source and target that can cut every connection on cue, as a
+    broken link would."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self.connections = 0
+        self._streams: list[anyio.abc.SocketStream] = []
+
+    async def serve(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+        self.port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        task_status.started()
+        async with listener:
+            await listener.serve(self._relay)
+
+    async def _relay(self, client: anyio.abc.SocketStream) -> None:
+        self.connections += 1
+        try:
+            upstream = await anyio.connect_tcp("127.0.0.1", self.target_port)
+        except OSError:
+            await client.aclose()
+            return
+        self._streams += [client, upstream]
+
+        async def pump(src: anyio.abc.SocketStream, dst: anyio.abc.SocketStream) -> None:
+            try:
+                async for chunk in src:
+                    await dst.send(chunk)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                pass
+            finally:
+                await anyio.aclose_forcefully(dst)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pump, client, upstream)
+            tg.start_soon(pump, upstream, client)
+
+    async def cut(self) -> None:
+        streams, self._streams = self._streams, []
+        for stream in streams:
+            await anyio.aclose_forcefully(stream)
+
+
+async def test_postcopy_link_break_is_recovered(
+    nodes: tuple[KvmHypervisor, KvmHypervisor], free_port: int, dirty_guest: Path
+) -> None:
+    source, target = nodes
+    instance = await dirty_instance(source, "pol-recover", free_port, dirty_guest)
+    policy = MigrationPolicy(
+        **HARD,
+        stall=StallRule(2, 0.1),
+        stall_actions=(Action.POSTCOPY,),
+        capabilities=Capabilities(postcopy_ram=True),
+        postcopy_recovery_seconds=30,
+    )
+    relay = Relay(free_port)
+    in_postcopy = anyio.Event()
+    statuses: list[str] = []
+
+    def progress(report: MigrationProgress) -> None:
+        statuses.append(report.snapshot.status.value)
+        if report.snapshot.status.value == "postcopy-active":
+            in_postcopy.set()
+
+    async with source.qmp("pol-recover") as qmp, anyio.create_task_group() as tg:
+        await tg.start(relay.serve)
+        # Slow post-copy down so that the link can be cut while pages still flow.
+        await qmp.execute("migrate-set-parameters", {"max-postcopy-bandwidth": 4 << 20})
+
+        async def break_link() -> None:
+            await in_postcopy.wait()
+            await anyio.sleep(0.3)
+            await relay.cut()
+
+        tg.start_soon(break_link)
+        result = await migrate(
+            instance,
+            target,
+            target_address="127.0.0.1",
+            policy=policy,
+            source_qmp=qmp,
+            source_uri=f"tcp:127.0.0.1:{relay.port}",
+            on_progress=progress,
+        )
+        tg.cancel_scope.cancel()
+    assert result.postcopy
+    assert result.postcopy_recoveries >= 1
+    assert relay.connections >= 2  # the first stream and the resumed one
+    assert "postcopy-paused" in statuses
+    await assert_runs_on_target(instance, source, target)

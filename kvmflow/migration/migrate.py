@@ -87,6 +87,7 @@ class MigrationResult:
     source_final_state: str | None = None
     decisions: list[Decision] = field(default_factory=list)
     postcopy: bool = False
+    postcopy_recoveries: int = 0
 
     @property
     def downtime_ms(self) -> int | None:
@@ -125,8 +126,12 @@ async def migrate(
     on_progress: ProgressCallback | None = None,
     source_qmp: SourceMonitor | None = None,
     source_monitor: Literal["qmp", "hmp"] = "qmp",
+    source_uri: str | None = None,
 ) -> MigrationResult:
     """Migrate ``instance`` to ``target``, whose QEMU will listen on ``target_address``.
+
+    ``source_uri`` is where the source connects when that differs from where the target
+    listens (a relay or NAT in between); by default the same ``tcp:ADDRESS:PORT``.
 
     ``port`` defaults to the instance's ``migration_port``; ``policy`` defaults to the
     instance's own bandwidth and downtime. ``source_monitor="hmp"`` is the explicit fallback
@@ -145,6 +150,7 @@ async def migrate(
         live,
         policy,
         on_progress,
+        source_uri,
     )
     try:
         async with instance.machine.operation_scope("migrate"):
@@ -166,11 +172,13 @@ class _Migration:
         live: bool,
         policy: MigrationPolicy,
         on_progress: ProgressCallback | None,
+        source_uri: str | None = None,
     ) -> None:
         self.instance = instance
         self.source = instance.hypervisor
         self.target = target
-        self.uri = f"tcp:{address}:{port}"
+        self.uri = f"tcp:{address}:{port}"  # where the target listens
+        self.source_uri = source_uri or self.uri  # where the source connects
         self.address = address
         self.port = port
         self.live = live
@@ -185,6 +193,7 @@ class _Migration:
         self.migration_started = False
         self.postcopy = False  # from post-copy on, the target holds the authoritative state
         self.postcopy_failed = False
+        self.recoveries = 0
         self.lost_contact = False
         self._stack: contextlib.AsyncExitStack | None = None
         self._target_qmp: QMPClient | None = None
@@ -315,7 +324,7 @@ class _Migration:
             await qmp.execute("stop")
             self.source_paused_by_us = True
         with qmp.subscribe("MIGRATION", max_buffered=64) as events:
-            await qmp.execute("migrate", {"uri": self.uri})
+            await qmp.execute("migrate", {"uri": self.source_uri})
             self.migration_started = True
             return await watch_migration(
                 qmp,
@@ -424,7 +433,8 @@ class _Migration:
                 try:
                     tq = await self._target_monitor()
                     await tq.execute("migrate-recover", {"uri": self.uri}, timeout=10)
-                    await qmp.execute("migrate", {"uri": self.uri, "resume": True})
+                    await qmp.execute("migrate", {"uri": self.source_uri, "resume": True})
+                    self.recoveries += 1
                 except KvmflowError as exc:
                     last_error = str(exc)
                     self.log.warning("post-copy recovery attempt failed", error=last_error)
@@ -468,6 +478,7 @@ class _Migration:
             source_final_state=source_state,
             decisions=list(self.engine.decisions),
             postcopy=self.postcopy,
+            postcopy_recoveries=self.recoveries,
         )
 
     async def _target_monitor(self) -> QMPClient:
