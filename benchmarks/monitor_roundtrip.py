@@ -70,7 +70,7 @@ def kvmflow_client(path: Path, count: int, backend: str) -> float:
 def kvmflow_concurrent(path: Path, count: int, callers: int = 100) -> float:
     async def run() -> float:
         async with QMPClient(path) as qmp:
-            per_caller = count // callers
+            per_caller = max(1, count // callers)
 
             async def caller() -> None:
                 for _ in range(per_caller):

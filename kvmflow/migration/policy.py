@@ -123,6 +123,7 @@ class MigrationPolicy:
     cancel_timeout: float = 30.0
     target_ready_timeout: float = 30.0
     postcopy_recovery_seconds: float = 60.0
+    wake_on_events: bool = True  # False: poll only (events still enabled, e.g. for timing)
 
     def __post_init__(self) -> None:
         problems = _check(self)
@@ -131,7 +132,8 @@ class MigrationPolicy:
 
     @property
     def use_events(self) -> bool:
-        return self.capabilities.events
+        """Whether MIGRATION events wake the watcher before the next poll."""
+        return self.capabilities.events and self.wake_on_events
 
     # ---------------------------------------------------------------- presets
 

@@ -1,0 +1,40 @@
+"""The quick benchmarks still run and end with one JSON line (figures are not asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "keys"),
+    [
+        (
+            "monitor_roundtrip.py",
+            ["--rounds", "1", "--count", "50"],
+            {"ratio_vs_raw", "kvmflow_asyncio", "raw_same_bytes"},
+        ),
+        (
+            "migration_latency.py",
+            ["--rounds", "1"],
+            {"detect_ms_events", "detect_ms_poll_2s", "migrate_over_qemu_total_time"},
+        ),
+    ],
+)
+def test_benchmark_prints_its_json_line(script: str, args: list[str], keys: set[str]) -> None:
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert keys <= set(figures)
