@@ -31,8 +31,8 @@ class BoundedFeed(Generic[T]):
             raise MisuseError(f"max_buffered must be at least 1, got {max_buffered}")
         self.dropped = 0
         self._queue: deque[T] = deque(maxlen=max_buffered)
-        self._wakeup: anyio.Event | None = None
-        self._event_class: type[anyio.Event] | None = None
+        # The reader's wake-up: a bare future on asyncio (cheapest), else a backend Event.
+        self._wakeup: asyncio.Future[None] | anyio.Event | None = None
         self._closed = False
 
     def push(self, item: T) -> None:
@@ -43,10 +43,38 @@ class BoundedFeed(Generic[T]):
         if len(queue) == queue.maxlen:
             self.dropped += 1
         queue.append(item)
-        if self._wakeup is not None:
-            self._wakeup.set()
+        self._wake()
 
     __call__ = push  # a feed can be passed wherever a callback is expected
+
+    def _wake(self) -> None:
+        wakeup, self._wakeup = self._wakeup, None
+        if wakeup is None:
+            return
+        if isinstance(wakeup, asyncio.Future):
+            if not wakeup.done():
+                wakeup.set_result(None)
+        else:
+            wakeup.set()
+
+    async def _sleep(self, timeout: float | None) -> None:
+        """Wait for the next push (or close), at most ``timeout`` seconds if given."""
+        loop = _running_asyncio_loop()
+        if loop is None:
+            event = self._wakeup = anyio.Event()
+            with anyio.move_on_after(timeout):
+                await event.wait()
+            return
+        future: asyncio.Future[None] = loop.create_future()
+        self._wakeup = future
+        # A loop timer, not a cancel scope: a watcher that wakes twice a second per
+        # migration would otherwise pay for a cancellation every time.
+        timer = loop.call_later(timeout, _resolve, future) if timeout is not None else None
+        try:
+            await future
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     def pending(self) -> int:
         """How many items are buffered and not yet received."""
@@ -64,33 +92,13 @@ class BoundedFeed(Generic[T]):
         while not self._queue:
             if self._closed:
                 raise EndOfSubscription
-            if self._event_class is None:
-                self._event_class = type(anyio.Event())  # the backend's class, looked up once
-            self._wakeup = self._event_class()
-            await self._wakeup.wait()
+            await self._sleep(None)
         return self._queue.popleft()
 
     async def wait_ready(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for an item (or the end); True if one is there.
-
-        On asyncio this arms a loop timer instead of a cancel scope: a watcher that wakes
-        twice a second per migration would otherwise pay for a cancellation every time.
-        """
-        if self._queue or self._closed:
-            return True
-        if self._event_class is None:
-            self._event_class = type(anyio.Event())
-        wakeup = self._wakeup = self._event_class()
-        loop = _running_asyncio_loop()
-        if loop is None:
-            with anyio.move_on_after(timeout):
-                await wakeup.wait()
-        else:
-            timer = loop.call_later(timeout, wakeup.set)
-            try:
-                await wakeup.wait()
-            finally:
-                timer.cancel()
+        """Wait up to ``timeout`` seconds for an item (or the end); True if one is there."""
+        if not (self._queue or self._closed):
+            await self._sleep(timeout)
         return bool(self._queue) or self._closed
 
     def drain(self) -> list[T]:
@@ -106,8 +114,7 @@ class BoundedFeed(Generic[T]):
         """Stop taking items; what is buffered can still be read."""
         if not self._closed:
             self._closed = True
-            if self._wakeup is not None:
-                self._wakeup.set()
+            self._wake()
 
     @property
     def closed(self) -> bool:
@@ -128,3 +135,8 @@ def _running_asyncio_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -59,26 +59,53 @@ class ConnectionState(enum.Enum):
 
 
 class _Call:
-    """One command in flight: what was sent and, once answered, its outcome."""
+    """One command in flight: what was sent and, once answered, its outcome.
 
-    __slots__ = ("arguments", "command", "done", "error", "value")
+    On asyncio the caller waits on a bare loop future (the cheapest wake-up there is; a busy
+    controller makes thousands of calls a second); elsewhere on the backend's Event.
+    """
+
+    __slots__ = ("_event", "_future", "arguments", "command", "completed", "error", "value")
 
     def __init__(
-        self, command: str, arguments: dict[str, Any] | None, event_class: type[anyio.Event]
+        self,
+        command: str,
+        arguments: dict[str, Any] | None,
+        loop: asyncio.AbstractEventLoop | None,
+        event_class: type[anyio.Event],
     ) -> None:
         self.command = command
         self.arguments = arguments
-        self.done = event_class()
+        self.completed = False
         self.value: Any = None
         self.error: Exception | None = None
+        self._future = loop.create_future() if loop is not None else None
+        self._event = event_class() if loop is None else None
 
     def succeed(self, value: Any) -> None:
         self.value = value
-        self.done.set()
+        self._complete()
 
     def fail(self, error: Exception) -> None:
         self.error = error
-        self.done.set()
+        self._complete()
+
+    def _complete(self) -> None:
+        self.completed = True
+        future = self._future
+        if future is not None:
+            if not future.done():  # a caller that gave up cancelled it
+                future.set_result(None)
+        else:
+            assert self._event is not None
+            self._event.set()
+
+    async def wait(self) -> None:
+        if self._future is not None:
+            await self._future
+        else:
+            assert self._event is not None
+            await self._event.wait()
 
 
 class _Connection:
@@ -175,6 +202,7 @@ class QMPClient:
         self._deadline_wakeup: anyio.Event | None = None
         self._watcher_target = math.inf  # when the deadline watcher wakes up next
         self._event_class: type[anyio.Event] = anyio.Event
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._clock: Callable[[], float] = anyio.current_time
 
     # ------------------------------------------------------------------ lifecycle
@@ -187,6 +215,7 @@ class QMPClient:
         # the per-command backend lookup is measurable.
         self._event_class = type(anyio.Event())
         loop = _running_asyncio_loop()
+        self._loop = loop
         self._clock = loop.time if loop is not None else anyio.current_time
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
@@ -318,7 +347,7 @@ class QMPClient:
                 monitor=self.name,
             )
         call_id, line = connection.protocol.encode_command(command, arguments)
-        call = _Call(command, arguments, self._event_class)
+        call = _Call(command, arguments, self._loop, self._event_class)
         self._pending[call_id] = call
         if command == "quit":
             self._quit_ids.add(call_id)
@@ -328,9 +357,9 @@ class QMPClient:
             self._add_deadline(call_id, call, timeout)
         try:
             await self._send(connection, line)
-            await call.done.wait()
+            await call.wait()
         finally:
-            if not call.done.is_set() and call_id in self._pending:
+            if not call.completed and call_id in self._pending:
                 self._pending[call_id] = None
         if call.error is not None:
             raise call.error
@@ -350,9 +379,9 @@ class QMPClient:
         heap = self._deadlines
         while True:
             now = anyio.current_time()
-            while heap and (heap[0][0] <= now or heap[0][2].done.is_set()):
+            while heap and (heap[0][0] <= now or heap[0][2].completed):
                 _, call_id, call, timeout = heapq.heappop(heap)
-                if not call.done.is_set():
+                if not call.completed:
                     if call_id in self._pending:
                         self._pending[call_id] = None  # its late reply will be dropped
                     call.fail(

@@ -57,6 +57,7 @@ class FakeQemu:
     alive: bool = True
     listener: anyio.abc.SocketListener | None = None
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    sim: dict[str, float] | None = None  # the running migration's numbers
 
 
 class Fleet:
@@ -192,6 +193,8 @@ class Fleet:
             self.by_port[qemu.incoming_port] = qemu
             return {}
         if command == "query-migrate":
+            if qemu.sim is not None:
+                return active_answer(qemu, qemu.sim)
             if qemu.incoming_port is not None and not qemu.migration:
                 return {
                     "socket-address": [
@@ -221,8 +224,6 @@ class Fleet:
         rest fits in ``downtime-limit``; honour a cancel."""
         started = time.monotonic()
         total = source.memory_bytes
-        remaining = float(total)
-        transferred = 0.0
         await self.event(source, "MIGRATION", {"status": "setup"})
         if target is None or not target.alive:
             source.migration = {"status": "failed", "error-desc": "connection refused"}
@@ -230,41 +231,34 @@ class Fleet:
             return
         source.migration = {"status": "active"}
         await self.event(source, "MIGRATION", {"status": "active"})
-        passes = 1
+        sim = source.sim = {
+            "started": started,
+            "transferred": 0.0,
+            "remaining": float(total),
+            "passes": 1.0,
+            "bandwidth": 0.0,
+        }
         while True:
             await anyio.sleep(TICK)
             if source.migration.get("status") == "cancelling" or not target.alive:
+                source.sim = None
                 source.migration = {"status": "cancelled"}
                 await self.event(source, "MIGRATION", {"status": "cancelled"})
                 if target.alive:
                     await self.exit(target)  # a target whose stream ends exits
                 return
-            bandwidth = source.params.get("max-bandwidth", 128 << 20)
+            # Only numbers per tick; query-migrate builds its answer when asked.
+            bandwidth = sim["bandwidth"] = source.params.get("max-bandwidth", 128 << 20)
             sent = bandwidth * TICK
-            transferred += sent
+            sim["transferred"] += sent
             dirty = source.dirty_rate * TICK if source.status == "running" else 0.0
-            remaining = max(0.0, remaining - sent) + dirty
-            if remaining >= total:
-                remaining = float(total)
-            passes += 1
-            elapsed_ms = int((time.monotonic() - started) * 1000)
-            downtime = source.params.get("downtime-limit", 300)
-            source.migration = {
-                "status": "active",
-                "total-time": elapsed_ms,
-                "expected-downtime": int(remaining / max(bandwidth, 1) * 1000),
-                "ram": {
-                    "transferred": int(transferred),
-                    "remaining": int(remaining),
-                    "total": total,
-                    "mbps": bandwidth * 8 / 1e6,
-                    "dirty-pages-rate": int(source.dirty_rate / 4096),
-                    "page-size": 4096,
-                    "dirty-sync-count": passes // 20 + 1,
-                },
-            }
-            if remaining <= bandwidth * downtime / 1000:
+            sim["remaining"] = min(float(total), max(0.0, sim["remaining"] - sent) + dirty)
+            sim["passes"] += 1
+            if sim["remaining"] <= bandwidth * source.params.get("downtime-limit", 300) / 1000:
                 break
+        source.sim = None
+        transferred = sim["transferred"]
+        elapsed_ms = int((time.monotonic() - started) * 1000)
         was_running = source.status == "running"
         source.status = "postmigrate"
         target.status = "running" if was_running else "paused"
@@ -281,6 +275,26 @@ class Fleet:
             },
         }
         await self.event(source, "MIGRATION", {"status": "completed"})
+
+
+def active_answer(qemu: FakeQemu, sim: dict[str, float]) -> dict[str, Any]:
+    """A ``query-migrate`` answer for a migration in progress."""
+    bandwidth = sim["bandwidth"] or qemu.params.get("max-bandwidth", 128 << 20)
+    remaining = sim["remaining"]
+    return {
+        "status": "active",
+        "total-time": int((time.monotonic() - sim["started"]) * 1000),
+        "expected-downtime": int(remaining / max(bandwidth, 1) * 1000),
+        "ram": {
+            "transferred": int(sim["transferred"]),
+            "remaining": int(remaining),
+            "total": qemu.memory_bytes,
+            "mbps": bandwidth * 8 / 1e6,
+            "dirty-pages-rate": int(qemu.dirty_rate / 4096),
+            "page-size": 4096,
+            "dirty-sync-count": int(sim["passes"]) // 20 + 1,
+        },
+    }
 
 
 async def serve_fleet(control_path: str) -> None:
@@ -318,32 +332,35 @@ class FakeNode:
         self.control_path = control_path
         self.dirty_rate = dirty_rate
         self.files: dict[str, bytes] = {}
-        self._stream: anyio.abc.SocketStream | None = None
-        self._lock: anyio.Lock | None = None
+        self._idle: list[anyio.abc.SocketStream] = []  # control connections not in use
 
     @property
     def name(self) -> str:
         return self._name
 
     async def _call(self, **request: Any) -> Any:
-        if self._lock is None:
-            self._lock = anyio.Lock()
-        async with self._lock:
-            if self._stream is None:
-                self._stream = await anyio.connect_unix(self.control_path)
-            await self._stream.send(json.dumps(request).encode() + b"\n")
+        # A connection per concurrent call (kept for reuse), as an SSH node opens a channel
+        # per command: the calls of many migrations on one node do not queue behind one
+        # socket.
+        stream = self._idle.pop() if self._idle else await anyio.connect_unix(self.control_path)
+        try:
+            await stream.send(json.dumps(request).encode() + b"\n")
             buffer = b""
             while not buffer.endswith(b"\n"):
-                buffer += await self._stream.receive()
+                buffer += await stream.receive()
+        except BaseException:
+            await anyio.aclose_forcefully(stream)
+            raise
+        self._idle.append(stream)
         reply = json.loads(buffer)
         if "error" in reply:
             raise NodeError(f"fleet: {reply['error']}", node=self._name)
         return reply["ok"]
 
     async def aclose(self) -> None:
-        if self._stream is not None:
-            await self._stream.aclose()
-            self._stream = None
+        """Close the control connections."""
+        while self._idle:
+            await self._idle.pop().aclose()
 
     async def run(
         self, argv: list[str], *, stdin: bytes | None = None, timeout: float | None = None
