@@ -25,9 +25,9 @@ from typing import Any
 import anyio
 import structlog
 
-from kvmflow.guest import build_dirty_guest, guest_command_line, wait_for_sweeps
+from kvmflow.guest import build_dirty_guest, dirty_guest_spec, wait_for_sweeps
 from kvmflow.instance import Instance
-from kvmflow.kvm import HvParams, InstanceSpec, KvmHypervisor, RuntimePaths, default_accelerator
+from kvmflow.kvm import HvParams, KvmHypervisor, RuntimePaths, default_accelerator
 from kvmflow.migration import MigrationError, MigrationPolicy, migrate
 from kvmflow.migration.policy import Action, Capabilities, StallRule
 from kvmflow.node import LocalNode
@@ -84,17 +84,7 @@ async def one(
     policy: MigrationPolicy,
     limit: float,
 ) -> dict[str, Any]:
-    spec = InstanceSpec(
-        name,
-        memory_mib=128,
-        hvparams=HvParams(
-            migration_port=free_port(),
-            kernel_path=str(guest),
-            root_path="/dev/null",
-            kernel_args=guest_command_line(mib, pause),
-            serial_console=False,
-        ),
-    )
+    spec = dirty_guest_spec(name, guest, migration_port=free_port(), mib=mib, pause=pause)
     instance = Instance(spec, source)
     try:
         return await measure(instance, source, target, policy, limit)

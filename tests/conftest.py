@@ -92,3 +92,20 @@ def ssh_hosts() -> Iterator[object]:
 
     with ssh_fleet(["127.0.0.2", "127.0.0.3"]) as fleet:
         yield fleet
+
+
+@pytest.fixture
+def nodes(runtime_root: Path) -> tuple[object, object]:
+    """Two local "nodes" (each its own runtime root under ``runtime_root``): node-a, node-b."""
+    from kvmflow.kvm import KvmHypervisor, RuntimePaths, default_accelerator
+    from kvmflow.node import LocalNode
+
+    accel = default_accelerator()
+    return (
+        KvmHypervisor(
+            LocalNode("node-a"), RuntimePaths(str(runtime_root / "a")), default_accelerator=accel
+        ),
+        KvmHypervisor(
+            LocalNode("node-b"), RuntimePaths(str(runtime_root / "b")), default_accelerator=accel
+        ),
+    )

@@ -19,7 +19,7 @@ from kvmflow.engine import (
     NodeEntry,
 )
 from kvmflow.errors import MisuseError
-from kvmflow.guest import guest_command_line, wait_for_sweeps
+from kvmflow.guest import dirty_guest_spec, wait_for_sweeps
 from kvmflow.instance import Instance
 from kvmflow.kvm import HvParams, InstanceSpec, KvmHypervisor, RuntimePaths, default_accelerator
 from kvmflow.migration import MigrationError, MigrationPolicy
@@ -65,17 +65,7 @@ async def start_idle(engine: Engine, name: str, node: str, memory: int = 64) -> 
 
 
 async def start_dirty(engine: Engine, name: str, node: str, guest: Path) -> Instance:
-    spec = InstanceSpec(
-        name,
-        memory_mib=128,
-        hvparams=HvParams(
-            migration_port=port(),
-            kernel_path=str(guest),
-            root_path="/dev/null",
-            kernel_args=guest_command_line(48),
-            serial_console=False,
-        ),
-    )
+    spec = dirty_guest_spec(name, guest, migration_port=port(), mib=48)
     instance = engine.add_instance(Instance(spec, engine.node(node).hypervisor))
     await instance.start()
     await wait_for_sweeps(engine.node(node).hypervisor, name)

@@ -11,10 +11,10 @@ import anyio
 import psutil
 import pytest
 
-from kvmflow.guest import guest_command_line, wait_for_sweeps
+from kvmflow.guest import dirty_guest_spec, wait_for_sweeps
 from kvmflow.guest import sweep_count as sweeps
 from kvmflow.instance import Instance, InstanceState
-from kvmflow.kvm import HvParams, InstanceSpec, KvmHypervisor, RuntimePaths, default_accelerator
+from kvmflow.kvm import HvParams, InstanceSpec, KvmHypervisor
 from kvmflow.migration import (
     MigrationError,
     MigrationPolicy,
@@ -23,7 +23,6 @@ from kvmflow.migration import (
     migrate,
 )
 from kvmflow.monitor import QMPClient, RunState, query_status
-from kvmflow.node import LocalNode
 
 pytestmark = pytest.mark.anyio
 
@@ -37,34 +36,12 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture
-def nodes(runtime_root: Path) -> tuple[KvmHypervisor, KvmHypervisor]:
-    accel = default_accelerator()
-    source = KvmHypervisor(
-        LocalNode("node-a"), RuntimePaths(str(runtime_root / "a")), default_accelerator=accel
-    )
-    target = KvmHypervisor(
-        LocalNode("node-b"), RuntimePaths(str(runtime_root / "b")), default_accelerator=accel
-    )
-    return source, target
-
-
 def idle_spec(name: str, port: int) -> InstanceSpec:
     return InstanceSpec(name, memory_mib=64, hvparams=HvParams(migration_port=port))
 
 
 def dirty_spec(name: str, port: int, guest: Path, mib: int = 48) -> InstanceSpec:
-    return InstanceSpec(
-        name,
-        memory_mib=128,
-        hvparams=HvParams(
-            migration_port=port,
-            kernel_path=str(guest),
-            root_path="/dev/null",
-            kernel_args=guest_command_line(mib),
-            serial_console=False,
-        ),
-    )
+    return dirty_guest_spec(name, guest, migration_port=port, mib=mib)
 
 
 async def started(spec: InstanceSpec, hv: KvmHypervisor) -> Instance:

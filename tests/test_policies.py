@@ -14,14 +14,13 @@ import anyio
 import anyio.abc
 import pytest
 
-from kvmflow.guest import guest_command_line, wait_for_sweeps
+from kvmflow.guest import dirty_guest_spec, wait_for_sweeps
 from kvmflow.guest import sweep_count as sweeps
 from kvmflow.instance import Instance, InstanceState
-from kvmflow.kvm import HvParams, InstanceSpec, KvmHypervisor, RuntimePaths, default_accelerator
+from kvmflow.kvm import KvmHypervisor
 from kvmflow.migration import MigrationError, MigrationPolicy, MigrationProgress, migrate
 from kvmflow.migration.policy import Action, Capabilities, StallRule
 from kvmflow.monitor import RunState, query_status
-from kvmflow.node import LocalNode
 
 pytestmark = pytest.mark.anyio
 
@@ -39,31 +38,8 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture
-def nodes(runtime_root: Path) -> tuple[KvmHypervisor, KvmHypervisor]:
-    accel = default_accelerator()
-    return (
-        KvmHypervisor(
-            LocalNode("node-a"), RuntimePaths(str(runtime_root / "a")), default_accelerator=accel
-        ),
-        KvmHypervisor(
-            LocalNode("node-b"), RuntimePaths(str(runtime_root / "b")), default_accelerator=accel
-        ),
-    )
-
-
 async def dirty_instance(hv: KvmHypervisor, name: str, port: int, guest: Path) -> Instance:
-    spec = InstanceSpec(
-        name,
-        memory_mib=128,
-        hvparams=HvParams(
-            migration_port=port,
-            kernel_path=str(guest),
-            root_path="/dev/null",
-            kernel_args=guest_command_line(48),
-            serial_console=False,
-        ),
-    )
+    spec = dirty_guest_spec(name, guest, migration_port=port, mib=48)
     instance = Instance(spec, hv)
     await instance.start()
     await wait_for_sweeps(hv, name)

@@ -21,9 +21,9 @@ from rich.console import Console
 
 from kvmflow.engine import Engine, Limits, NodeEntry
 from kvmflow.errors import KvmflowError
-from kvmflow.guest import build_dirty_guest, guest_command_line, wait_for_sweeps
+from kvmflow.guest import build_dirty_guest, dirty_guest_spec, wait_for_sweeps
 from kvmflow.instance import Instance
-from kvmflow.kvm import HvParams, InstanceSpec, KvmHypervisor, RuntimePaths, default_accelerator
+from kvmflow.kvm import KvmHypervisor, RuntimePaths, default_accelerator
 from kvmflow.migration import MigrationPolicy
 from kvmflow.node import LocalNode
 
@@ -96,17 +96,7 @@ async def run_demo(
                 label, mib, pause = PROFILES[n % len(PROFILES)]
                 name = f"demo-{n}-{label}"
                 profiles[name] = label
-                spec = InstanceSpec(
-                    name,
-                    memory_mib=128,
-                    hvparams=HvParams(
-                        migration_port=_port(),
-                        kernel_path=str(guest),
-                        root_path="/dev/null",
-                        kernel_args=guest_command_line(mib, pause),
-                        serial_console=False,
-                    ),
-                )
+                spec = dirty_guest_spec(name, guest, migration_port=_port(), mib=mib, pause=pause)
                 await engine.add_instance(Instance(spec, nodes[0].hypervisor)).start()
             say(f"booting {guests} guests on node-a ...")
             async with anyio.create_task_group() as tg:

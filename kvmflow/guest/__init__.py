@@ -20,6 +20,7 @@ import anyio
 
 from kvmflow.errors import KvmflowError, MalformedReplyError
 from kvmflow.kvm.hypervisor import KvmHypervisor
+from kvmflow.kvm.params import HvParams, InstanceSpec
 from kvmflow.monitor.hmp import HMPClient
 
 #: Physical address where the guest counts completed sweeps (HMP ``xp /1wx 0x7000``).
@@ -118,3 +119,26 @@ async def wait_for_sweeps(
         # The guest's memory can only be polled; it signals nothing.
         while await sweep_count(hypervisor, name) < minimum:  # noqa: ASYNC110
             await anyio.sleep(0.2)
+
+
+def dirty_guest_spec(
+    name: str,
+    elf: Path,
+    *,
+    migration_port: int,
+    mib: int = 48,
+    pause: int = 0,
+    memory_mib: int = 128,
+) -> InstanceSpec:
+    """An instance that boots the dirtying guest: ``mib`` MiB dirtied per sweep."""
+    return InstanceSpec(
+        name,
+        memory_mib=memory_mib,
+        hvparams=HvParams(
+            migration_port=migration_port,
+            kernel_path=str(elf),
+            root_path="/dev/null",
+            kernel_args=guest_command_line(mib, pause),
+            serial_console=False,
+        ),
+    )
