@@ -273,7 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argcomplete.autocomplete(parser)
     args = parser.parse_args(argv)
     configure_logging(args.verbose - args.quiet, json_lines=args.log_json)
-    console = Console()
+    # Off a terminal (logs, CI) rich would wrap tables at 80 columns; give them room.
+    console = Console() if sys.stdout.isatty() else Console(width=160)
     try:
         return run(args, console)
     except ValidationError as exc:
