@@ -46,7 +46,7 @@ class MigrationBars:
             TextColumn("{task.fields[rate]}"),
             TextColumn("{task.fields[left]}"),
             TextColumn("[cyan]{task.fields[eta]}"),
-            TextColumn("dt {task.fields[downtime]}"),
+            TextColumn("{task.fields[downtime]}"),
             TextColumn("[magenta]{task.fields[action]}"),
             console=console,
             transient=False,
@@ -113,7 +113,7 @@ class MigrationBars:
                 rate=f"{snap.throughput_mbps / 8:.1f} MB/s",
                 left=f"{human_bytes(snap.remaining)} left",
                 eta=str(report.estimate) if report.estimate else snap.status.value,
-                downtime=f"{report.downtime_limit_ms} ms",
+                downtime=f"dt {report.downtime_limit_ms} ms",
             )
         elif isinstance(event, PolicyActionTaken) and event.decision is not None:
             self.progress.update(task, action=event.decision.name)
