@@ -308,7 +308,7 @@ class KvmHypervisor:
             pid = await self.find_pid(name)
             if pid is not None:
                 await self._kill_and_wait(name, pid)
-        await self.cleanup(name)
+        await self._clean_up_after(name)  # the process is known to be gone here
 
     async def _powerdown(self, name: str, pid: int, timeout: float, qmp: QMPClient | None) -> None:
         try:
@@ -353,6 +353,9 @@ class KvmHypervisor:
         not empty). Refuses a live instance."""
         if await self.is_running(name):
             raise InstanceRunningError(f"instance {name} is running; stop it before cleanup")
+        await self._clean_up_after(name)
+
+    async def _clean_up_after(self, name: str) -> None:
         uid_data = await self.node.read_file(self.paths.uid_file(name))
         await self._remove_files(name)
         if uid_data is not None and self.uid_pool is not None:
