@@ -32,6 +32,13 @@ HARD = {
     "seconds_per_gib": None,
 }
 
+# Switch to post-copy when the stall rule (or the prediction) says it will not converge.
+POSTCOPY = {
+    "stall": StallRule(2, 0.1),
+    "stall_actions": (Action.POSTCOPY,),
+    "capabilities": Capabilities(postcopy_ram=True),
+}
+
 
 @pytest.fixture
 def anyio_backend() -> str:
@@ -119,12 +126,7 @@ async def test_postcopy_converges(
 ) -> None:
     source, target = nodes
     instance = await dirty_instance(source, "pol-post", free_port, dirty_guest)
-    policy = MigrationPolicy(
-        **HARD,
-        stall=StallRule(2, 0.1),
-        stall_actions=(Action.POSTCOPY,),
-        capabilities=Capabilities(postcopy_ram=True),
-    )
+    policy = MigrationPolicy(**HARD, **POSTCOPY)
     statuses: list[str] = []
     result = await migrate(
         instance,
@@ -238,13 +240,7 @@ async def test_postcopy_link_break_is_recovered(
 ) -> None:
     source, target = nodes
     instance = await dirty_instance(source, "pol-recover", free_port, dirty_guest)
-    policy = MigrationPolicy(
-        **HARD,
-        stall=StallRule(2, 0.1),
-        stall_actions=(Action.POSTCOPY,),
-        capabilities=Capabilities(postcopy_ram=True),
-        postcopy_recovery_seconds=30,
-    )
+    policy = MigrationPolicy(**HARD, **POSTCOPY, postcopy_recovery_seconds=30)
     relay = Relay(free_port)
     in_postcopy = anyio.Event()
     statuses: list[str] = []
