@@ -18,7 +18,6 @@ import argparse
 import json
 import logging
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -34,17 +33,11 @@ from kvmflow.migration import MigrationPolicy, MigrationProgress, MigrationStatu
 from kvmflow.node import LocalNode
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 async def one_migration(
     source: KvmHypervisor, target: KvmHypervisor, name: str, policy: MigrationPolicy
 ) -> tuple[float, float]:
     """Return (detection latency s, migrate() time / QEMU total-time)."""
-    spec = InstanceSpec(name, memory_mib=64, hvparams=HvParams(migration_port=free_port()))
+    spec = InstanceSpec(name, memory_mib=64, hvparams=HvParams(migration_port=0))
     instance = Instance(spec, source)
     await instance.start()
     noticed: list[float] = []

@@ -15,7 +15,6 @@ import argparse
 import json
 import logging
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -68,12 +67,6 @@ POLICIES = {
 CASES = {"light_8mib_paused": (8, 2000), "medium_24mib": (24, 0), "heavy_48mib": (48, 0)}
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 async def one(
     source: KvmHypervisor,
     target: KvmHypervisor,
@@ -84,7 +77,7 @@ async def one(
     policy: MigrationPolicy,
     limit: float,
 ) -> dict[str, Any]:
-    spec = dirty_guest_spec(name, guest, migration_port=free_port(), mib=mib, pause=pause)
+    spec = dirty_guest_spec(name, guest, migration_port=0, mib=mib, pause=pause)
     instance = Instance(spec, source)
     try:
         return await measure(instance, source, target, policy, limit)

@@ -8,7 +8,6 @@ watches the engine's event stream, and moves both guests to node-b. Run:
 from __future__ import annotations
 
 import shutil
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -20,12 +19,6 @@ from kvmflow.instance import Instance
 from kvmflow.kvm import HvParams, InstanceSpec, KvmHypervisor, RuntimePaths, default_accelerator
 from kvmflow.migration import MigrationPolicy
 from kvmflow.node import LocalNode
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 async def controller(root: Path) -> list[str]:
@@ -43,9 +36,7 @@ async def controller(root: Path) -> list[str]:
     moved: list[str] = []
     async with Engine(nodes, default_policy=policy) as engine:
         for n in range(2):
-            spec = InstanceSpec(
-                f"ctl-{n}", memory_mib=64, hvparams=HvParams(migration_port=free_port())
-            )
+            spec = InstanceSpec(f"ctl-{n}", memory_mib=64, hvparams=HvParams(migration_port=0))
             await engine.add_instance(Instance(spec, nodes[0].hypervisor)).start()
         events = engine.events()
 

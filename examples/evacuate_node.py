@@ -10,7 +10,6 @@ a guest will not converge. Prints the plan and the outcome. Run:
 from __future__ import annotations
 
 import shutil
-import socket
 import tempfile
 from pathlib import Path
 
@@ -34,12 +33,6 @@ POLICY = MigrationPolicy(
 )
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 async def evacuate(root: Path) -> bool:
     accel = default_accelerator()
     nodes = [
@@ -57,9 +50,7 @@ async def evacuate(root: Path) -> bool:
     ) as engine:
         try:
             for n in range(4):
-                spec = InstanceSpec(
-                    f"evac-{n}", memory_mib=64, hvparams=HvParams(migration_port=free_port())
-                )
+                spec = InstanceSpec(f"evac-{n}", memory_mib=64, hvparams=HvParams(migration_port=0))
                 await engine.add_instance(Instance(spec, nodes[0].hypervisor)).start()
             plan = await engine.plan_evacuation("node-a", ["node-b", "node-c"])
             for name, target, memory in plan.moves:

@@ -8,7 +8,6 @@ the Prometheus exposition format, as a metrics endpoint would serve them. Run:
 from __future__ import annotations
 
 import shutil
-import socket
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -75,12 +74,9 @@ async def run(root: Path) -> str:
         for name in ("node-a", "node-b")
     ]
     metrics = Metrics()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     policy = MigrationPolicy.fixed(bandwidth_mib=200, poll_interval=0.05)
     async with Engine(nodes, default_policy=policy) as engine:
-        spec = InstanceSpec("metrics-1", memory_mib=64, hvparams=HvParams(migration_port=port))
+        spec = InstanceSpec("metrics-1", memory_mib=64, hvparams=HvParams(migration_port=0))
         await engine.add_instance(Instance(spec, nodes[0].hypervisor)).start()
         events = engine.events()
         ticket = engine.submit_migration("metrics-1", "node-b")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -40,9 +39,6 @@ def kvmflow(*args: str, config: Path | None = None) -> subprocess.CompletedProce
 
 @pytest.fixture
 def config(runtime_root: Path) -> Path:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     path = runtime_root / "kvmflow.toml"
     path.write_text(f"""
 [nodes.alpha]
@@ -56,7 +52,7 @@ migration_address = "127.0.0.3"
 [instances.cli1]
 node = "alpha"
 memory_mib = 64
-hvparams = {{ migration_port = {port}, migration_bandwidth = 500 }}
+hvparams = {{ migration_port = 0, migration_bandwidth = 500 }}
 """)
     return path
 

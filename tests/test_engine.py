@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import anyio
@@ -37,12 +36,6 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture
 def entries(runtime_root: Path) -> list[NodeEntry]:
     accel = default_accelerator()
@@ -58,14 +51,14 @@ def entries(runtime_root: Path) -> list[NodeEntry]:
 
 
 async def start_idle(engine: Engine, name: str, node: str, memory: int = 64) -> Instance:
-    spec = InstanceSpec(name, memory_mib=memory, hvparams=HvParams(migration_port=port()))
+    spec = InstanceSpec(name, memory_mib=memory, hvparams=HvParams(migration_port=0))
     instance = engine.add_instance(Instance(spec, engine.node(node).hypervisor))
     await instance.start()
     return instance
 
 
 async def start_dirty(engine: Engine, name: str, node: str, guest: Path) -> Instance:
-    spec = dirty_guest_spec(name, guest, migration_port=port(), mib=48)
+    spec = dirty_guest_spec(name, guest, migration_port=0, mib=48)
     instance = engine.add_instance(Instance(spec, engine.node(node).hypervisor))
     await instance.start()
     await wait_for_sweeps(engine.node(node).hypervisor, name)

@@ -22,6 +22,7 @@ from kvmflow.migration import (
     MigrationStatus,
     migrate,
 )
+from kvmflow.migration.migrate import _listening_port, _uri_host
 from kvmflow.monitor import QMPClient, RunState, query_status
 
 pytestmark = pytest.mark.anyio
@@ -56,10 +57,10 @@ async def run_state(hv: KvmHypervisor, name: str) -> RunState:
 
 
 async def test_idle_guest_live_migration(
-    nodes: tuple[KvmHypervisor, KvmHypervisor], free_port: int
+    nodes: tuple[KvmHypervisor, KvmHypervisor],
 ) -> None:
     source, target = nodes
-    instance = await started(idle_spec("mig-idle", free_port), source)
+    instance = await started(idle_spec("mig-idle", 0), source)
     source_pid = (await source.info("mig-idle")).pid  # type: ignore[union-attr]
     reports: list[MigrationProgress] = []
     result = await migrate(
@@ -67,6 +68,10 @@ async def test_idle_guest_live_migration(
     )
     assert result.final.status is MigrationStatus.COMPLETED
     assert result.source_final_state == "postmigrate"
+    # Port 0: the target picked a free port and the source was sent there.
+    host, _, picked = result.target_uri.rpartition(":")
+    assert host == "tcp:127.0.0.1"
+    assert 0 < int(picked) <= 65535
     assert result.total_time_ms is not None
     assert result.downtime_ms is not None
     assert reports
@@ -84,10 +89,10 @@ async def test_idle_guest_live_migration(
 
 
 async def test_non_live_migration_pauses_then_runs_on_target(
-    nodes: tuple[KvmHypervisor, KvmHypervisor], free_port: int
+    nodes: tuple[KvmHypervisor, KvmHypervisor],
 ) -> None:
     source, target = nodes
-    instance = await started(idle_spec("mig-nonlive", free_port), source)
+    instance = await started(idle_spec("mig-nonlive", 0), source)
     states: list[str] = []
     async with source.qmp("mig-nonlive") as qmp:
         with qmp.subscribe("STOP") as stops:
@@ -109,10 +114,10 @@ async def test_non_live_migration_pauses_then_runs_on_target(
 
 
 async def test_non_converging_guest_is_cancelled_by_a_deadline(
-    nodes: tuple[KvmHypervisor, KvmHypervisor], free_port: int, dirty_guest: Path
+    nodes: tuple[KvmHypervisor, KvmHypervisor], dirty_guest: Path
 ) -> None:
     source, target = nodes
-    instance = await started(dirty_spec("mig-dirty", free_port, dirty_guest), source)
+    instance = await started(dirty_spec("mig-dirty", 0, dirty_guest), source)
     await wait_for_sweeps(source, "mig-dirty")
     reports: list[MigrationProgress] = []
     with anyio.move_on_after(4) as scope:
@@ -134,10 +139,10 @@ async def test_non_converging_guest_is_cancelled_by_a_deadline(
 
 
 async def test_cancel_from_another_task_mid_flight(
-    nodes: tuple[KvmHypervisor, KvmHypervisor], free_port: int, dirty_guest: Path
+    nodes: tuple[KvmHypervisor, KvmHypervisor], dirty_guest: Path
 ) -> None:
     source, target = nodes
-    instance = await started(dirty_spec("mig-cancel", free_port, dirty_guest), source)
+    instance = await started(dirty_spec("mig-cancel", 0, dirty_guest), source)
     await wait_for_sweeps(source, "mig-cancel")
     active = anyio.Event()
 
@@ -162,10 +167,10 @@ async def test_cancel_from_another_task_mid_flight(
 
 
 async def test_target_killed_mid_flight(
-    nodes: tuple[KvmHypervisor, KvmHypervisor], free_port: int, dirty_guest: Path
+    nodes: tuple[KvmHypervisor, KvmHypervisor], dirty_guest: Path
 ) -> None:
     source, target = nodes
-    instance = await started(dirty_spec("mig-tkill", free_port, dirty_guest), source)
+    instance = await started(dirty_spec("mig-tkill", 0, dirty_guest), source)
     await wait_for_sweeps(source, "mig-tkill")
     killed: list[int] = []
 
@@ -188,10 +193,10 @@ async def test_target_killed_mid_flight(
 
 
 async def test_source_killed_mid_flight(
-    nodes: tuple[KvmHypervisor, KvmHypervisor], free_port: int, dirty_guest: Path
+    nodes: tuple[KvmHypervisor, KvmHypervisor], dirty_guest: Path
 ) -> None:
     source, target = nodes
-    instance = await started(dirty_spec("mig-skill", free_port, dirty_guest), source)
+    instance = await started(dirty_spec("mig-skill", 0, dirty_guest), source)
     await wait_for_sweeps(source, "mig-skill")
     source_pid = (await source.info("mig-skill")).pid  # type: ignore[union-attr]
 
@@ -231,14 +236,16 @@ async def test_target_port_taken_fails_before_the_source_is_touched(
 
 
 async def test_preconditions_are_checked_before_anything(
-    nodes: tuple[KvmHypervisor, KvmHypervisor], free_port: int
+    nodes: tuple[KvmHypervisor, KvmHypervisor],
 ) -> None:
     source, target = nodes
-    instance = Instance(idle_spec("mig-pre", free_port), source)
+    instance = Instance(idle_spec("mig-pre", 0), source)
     from kvmflow.errors import MisuseError
 
     with pytest.raises(MisuseError, match="only a running or paused instance"):
         await migrate(instance, target, target_address="127.0.0.1")
+    with pytest.raises(MisuseError, match="70000 is not a TCP port: use 1 to 65535, or 0"):
+        await migrate(instance, target, target_address="127.0.0.1", port=70000)
     await instance.start()
     with pytest.raises(MisuseError, match="the node it runs on"):
         await migrate(instance, source, target_address="127.0.0.1")
@@ -255,10 +262,8 @@ async def test_eight_paused_guests_migrate_at_once(
     source, target = nodes
     instances = []
     for n in range(8):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        instance = await started(idle_spec(f"mig-p{n}", port), source)
+        # Port 0: each target picks a free port, so eight listeners cannot collide.
+        instance = await started(idle_spec(f"mig-p{n}", 0), source)
         async with source.qmp(instance.name) as qmp:
             await qmp.execute("stop")
         instances.append(instance)
@@ -282,10 +287,10 @@ async def test_eight_paused_guests_migrate_at_once(
 
 
 async def test_shared_monitor_is_usable_by_others_during_migration(
-    nodes: tuple[KvmHypervisor, KvmHypervisor], free_port: int
+    nodes: tuple[KvmHypervisor, KvmHypervisor],
 ) -> None:
     source, target = nodes
-    instance = await started(idle_spec("mig-shared", free_port), source)
+    instance = await started(idle_spec("mig-shared", 0), source)
     seen: list[str] = []
     async with source.qmp("mig-shared") as qmp, anyio.create_task_group() as tg:
 
@@ -304,12 +309,12 @@ async def test_shared_monitor_is_usable_by_others_during_migration(
 
 
 async def test_progress_as_an_async_iterator(
-    nodes: tuple[KvmHypervisor, KvmHypervisor], free_port: int
+    nodes: tuple[KvmHypervisor, KvmHypervisor],
 ) -> None:
     from kvmflow.migration import ProgressFeed
 
     source, target = nodes
-    instance = await started(idle_spec("mig-feed", free_port), source)
+    instance = await started(idle_spec("mig-feed", 0), source)
     feed = ProgressFeed()
     reports: list[MigrationProgress] = []
 
@@ -327,10 +332,10 @@ async def test_progress_as_an_async_iterator(
 
 
 async def test_hmp_fallback_migrates_without_qmp(
-    nodes: tuple[KvmHypervisor, KvmHypervisor], free_port: int
+    nodes: tuple[KvmHypervisor, KvmHypervisor],
 ) -> None:
     source, target = nodes
-    instance = await started(idle_spec("mig-hmp", free_port), source)
+    instance = await started(idle_spec("mig-hmp", 0), source)
     policy = MigrationPolicy.fixed(bandwidth_mib=500, downtime_ms=200, poll_interval=0.1)
     reports: list[MigrationProgress] = []
     result = await migrate(
@@ -382,3 +387,28 @@ def test_info_migrate_parsing() -> None:
         "running": False,
     }
     assert parse_info_status("VM status: running") == {"status": "running", "running": True}
+
+
+@pytest.mark.parametrize(
+    ("answer", "wanted", "port"),
+    [
+        ({"socket-address": [{"type": "inet", "host": "::1", "port": "4444"}]}, 0, 4444),
+        ({"socket-address": [{"type": "inet", "host": "::1", "port": "4444"}]}, 4444, 4444),
+        ({"socket-address": [{"type": "inet", "host": "::1", "port": "4444"}]}, 5555, None),
+        ({"socket-address": [{"type": "inet", "port": "0"}]}, 0, None),
+        ({"socket-address": [{"type": "inet", "port": "x"}, "junk"]}, 0, None),
+        ({"socket-address": "junk"}, 0, None),
+        ({}, 0, None),
+        ([], 0, None),
+    ],
+)
+def test_listening_port_reads_only_sane_answers(
+    answer: object, wanted: int, port: int | None
+) -> None:
+    assert _listening_port(answer, wanted) == port
+
+
+def test_ipv6_target_addresses_are_bracketed_in_uris() -> None:
+    assert _uri_host("::1") == "[::1]"
+    assert _uri_host("[::1]") == "[::1]"
+    assert _uri_host("192.0.2.1") == "192.0.2.1"

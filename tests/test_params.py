@@ -216,7 +216,7 @@ def test_cdrom_boot_needs_iso(files: dict[str, str]) -> None:
         ("security_model", ["none", "pool"], ["root"]),
         ("kvm_flag", ["enabled", "disabled", None], ["yes", True]),
         ("acpi", [True, False], ["yes", 1, None]),
-        ("migration_port", [1, 8102, 65535], ["8102", 1.5, True]),
+        ("migration_port", [0, 1, 8102, 65535], ["8102", 1.5, True]),
     ],
 )
 def test_choices_from_config(field: str, good: list[Any], bad: list[Any]) -> None:
@@ -248,7 +248,7 @@ def test_disk_types_x86_cannot_run_are_refused(disk_type: str) -> None:
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("migration_port", 0),
+        ("migration_port", -1),
         ("migration_port", 65536),
         ("migration_bandwidth", 0),
         ("migration_bandwidth", -5),
@@ -257,6 +257,12 @@ def test_disk_types_x86_cannot_run_are_refused(disk_type: str) -> None:
 )
 def test_migration_numbers(field: str, value: int) -> None:
     assert field in problems_of(spec_with(**{field: value}))
+
+
+def test_migration_port_zero_means_any_free_port() -> None:
+    validate_spec(spec_with(migration_port=0))
+    allowed = problems_of(spec_with(migration_port=70000))["migration_port"].allowed
+    assert "0 to let the target pick" in allowed
 
 
 def test_security_models() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -62,11 +61,6 @@ def test_example_plan_is_valid() -> None:
 
 @pytest.fixture
 def config(runtime_root: Path) -> Path:
-    ports = []
-    for _ in range(2):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            ports.append(probe.getsockname()[1])
     path = runtime_root / "kvmflow.toml"
     path.write_text(f"""
 [nodes.alpha]
@@ -76,11 +70,11 @@ runtime_root = "{runtime_root}/beta"
 [instances.p1]
 node = "alpha"
 memory_mib = 64
-hvparams = {{ migration_port = {ports[0]}, migration_bandwidth = 500 }}
+hvparams = {{ migration_port = 0, migration_bandwidth = 500 }}
 [instances.p2]
 node = "alpha"
 memory_mib = 64
-hvparams = {{ migration_port = {ports[1]}, migration_bandwidth = 500 }}
+hvparams = {{ migration_port = 0, migration_bandwidth = 500 }}
 """)
     return path
 

@@ -67,10 +67,10 @@ async def assert_runs_on_target(
 
 
 async def test_downtime_escalation_converges(
-    nodes: tuple[KvmHypervisor, KvmHypervisor], free_port: int, dirty_guest: Path
+    nodes: tuple[KvmHypervisor, KvmHypervisor], dirty_guest: Path
 ) -> None:
     source, target = nodes
-    instance = await dirty_instance(source, "pol-down", free_port, dirty_guest)
+    instance = await dirty_instance(source, "pol-down", 0, dirty_guest)
     policy = MigrationPolicy(
         **HARD,
         downtime_ceiling_ms=8000,
@@ -89,10 +89,10 @@ async def test_downtime_escalation_converges(
 
 
 async def test_auto_converge_converges(
-    nodes: tuple[KvmHypervisor, KvmHypervisor], free_port: int, dirty_guest: Path
+    nodes: tuple[KvmHypervisor, KvmHypervisor], dirty_guest: Path
 ) -> None:
     source, target = nodes
-    instance = await dirty_instance(source, "pol-throttle", free_port, dirty_guest)
+    instance = await dirty_instance(source, "pol-throttle", 0, dirty_guest)
     policy = MigrationPolicy(
         **HARD,
         action_grace_seconds=0.5,
@@ -122,10 +122,10 @@ async def test_auto_converge_converges(
 
 
 async def test_postcopy_converges(
-    nodes: tuple[KvmHypervisor, KvmHypervisor], free_port: int, dirty_guest: Path
+    nodes: tuple[KvmHypervisor, KvmHypervisor], dirty_guest: Path
 ) -> None:
     source, target = nodes
-    instance = await dirty_instance(source, "pol-post", free_port, dirty_guest)
+    instance = await dirty_instance(source, "pol-post", 0, dirty_guest)
     policy = MigrationPolicy(**HARD, **POSTCOPY)
     statuses: list[str] = []
     result = await migrate(
@@ -142,10 +142,10 @@ async def test_postcopy_converges(
 
 
 async def test_prediction_says_not_converging_within_a_few_polls(
-    nodes: tuple[KvmHypervisor, KvmHypervisor], free_port: int, dirty_guest: Path
+    nodes: tuple[KvmHypervisor, KvmHypervisor], dirty_guest: Path
 ) -> None:
     source, target = nodes
-    instance = await dirty_instance(source, "pol-predict", free_port, dirty_guest)
+    instance = await dirty_instance(source, "pol-predict", 0, dirty_guest)
     policy = MigrationPolicy(**HARD, stall=None, stall_actions=(Action.ABORT,))
     reports: list[MigrationProgress] = []
     with pytest.raises(MigrationError, match="aborted by the policy \\(prediction\\)"):
@@ -163,10 +163,10 @@ async def test_prediction_says_not_converging_within_a_few_polls(
 
 
 async def test_stall_rule_aborts_in_time_and_the_source_keeps_running(
-    nodes: tuple[KvmHypervisor, KvmHypervisor], free_port: int, dirty_guest: Path
+    nodes: tuple[KvmHypervisor, KvmHypervisor], dirty_guest: Path
 ) -> None:
     source, target = nodes
-    instance = await dirty_instance(source, "pol-stall", free_port, dirty_guest)
+    instance = await dirty_instance(source, "pol-stall", 0, dirty_guest)
     policy = MigrationPolicy(
         **HARD, predict=False, stall=StallRule(3, 0.1), stall_actions=(Action.ABORT,)
     )

@@ -56,12 +56,6 @@ def ssh_node(fleet: SSHFleet, index: int, **changes: object) -> SSHNode:
     )
 
 
-def port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.3", 0))
-        return int(probe.getsockname()[1])
-
-
 async def test_files_commands_and_processes(ssh_hosts: SSHFleet, tmp_path: Path) -> None:
     node = ssh_node(ssh_hosts, 0)
     try:
@@ -153,9 +147,7 @@ async def test_evacuate_six_guests_over_ssh(ssh_hosts: SSHFleet, runtime_root: P
         async with Engine(entries, limits=Limits(2, 2), default_policy=FAST) as engine:
             events = engine.events()
             for n in range(6):
-                spec = InstanceSpec(
-                    f"ssh-{n}", memory_mib=64, hvparams=HvParams(migration_port=port())
-                )
+                spec = InstanceSpec(f"ssh-{n}", memory_mib=64, hvparams=HvParams(migration_port=0))
                 await engine.add_instance(Instance(spec, entries[0].hypervisor)).start()
             assert len(await entries[0].hypervisor.list_instances()) == 6
             summary = await engine.evacuate("node-a", ["node-b"])
@@ -189,7 +181,7 @@ async def test_dropped_ssh_session_mid_migration(
         "ssh-drop",
         memory_mib=128,
         hvparams=HvParams(
-            migration_port=port(),
+            migration_port=0,
             kernel_path=str(dirty_guest),
             root_path="/dev/null",
             kernel_args="mib=48",

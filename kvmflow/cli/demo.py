@@ -10,7 +10,6 @@ how each went. Everything is stopped and removed at the end, also on Ctrl-C.
 from __future__ import annotations
 
 import shutil
-import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -54,12 +53,6 @@ class DemoReport:
         return all(row.outcome == "completed" for row in self.rows)
 
 
-def _port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.3", 0))
-        return int(probe.getsockname()[1])
-
-
 async def run_demo(
     guests: int, console: Console, *, show_progress: bool, bandwidth_mib: int = 32
 ) -> DemoReport:
@@ -96,7 +89,7 @@ async def run_demo(
                 label, mib, pause = PROFILES[n % len(PROFILES)]
                 name = f"demo-{n}-{label}"
                 profiles[name] = label
-                spec = dirty_guest_spec(name, guest, migration_port=_port(), mib=mib, pause=pause)
+                spec = dirty_guest_spec(name, guest, migration_port=0, mib=mib, pause=pause)
                 await engine.add_instance(Instance(spec, nodes[0].hypervisor)).start()
             say(f"booting {guests} guests on node-a ...")
             async with anyio.create_task_group() as tg:

@@ -133,7 +133,7 @@ class HvParams:
     nic_type: NicType = NicType.PARAVIRTUAL
     disk_type: DiskType = DiskType.PARAVIRTUAL
     usb_mouse: UsbMouse | None = None
-    migration_port: int = 8102
+    migration_port: int = 8102  # 0: the target's kernel picks a free port per migration
     migration_bandwidth: int = 32
     migration_downtime: int = 30
     use_localtime: bool = False
@@ -399,9 +399,13 @@ def validate_hvparams(hv: HvParams, problems: list[FieldProblem]) -> None:
                 "or paravirtual",
             )
         )
-    if not 1 <= hv.migration_port <= 65535:
+    if not 0 <= hv.migration_port <= 65535:
         problems.append(
-            FieldProblem("migration_port", hv.migration_port, "must be a TCP port, 1 to 65535")
+            FieldProblem(
+                "migration_port",
+                hv.migration_port,
+                "must be a TCP port, 1 to 65535, or 0 to let the target pick a free one",
+            )
         )
     for name in ("migration_bandwidth", "migration_downtime"):
         value = getattr(hv, name)

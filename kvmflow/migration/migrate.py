@@ -88,6 +88,7 @@ class MigrationResult:
     decisions: list[Decision] = field(default_factory=list)
     postcopy: bool = False
     postcopy_recoveries: int = 0
+    target_uri: str = ""  # where the target listened (the port it picked, for port 0)
 
     @property
     def downtime_ms(self) -> int | None:
@@ -133,20 +134,24 @@ async def migrate(
     ``source_uri`` is where the source connects when that differs from where the target
     listens (a relay or NAT in between); by default the same ``tcp:ADDRESS:PORT``.
 
-    ``port`` defaults to the instance's ``migration_port``; ``policy`` defaults to the
-    instance's own bandwidth and downtime. ``source_monitor="hmp"`` is the explicit fallback
+    ``port`` defaults to the instance's ``migration_port``; 0 lets the target pick a free port
+    (no collisions when many migrations run at once). ``policy`` defaults to the instance's
+    own bandwidth and downtime. ``source_monitor="hmp"`` is the explicit fallback
     for a source without a QMP socket (no events: it polls). Pass ``source_qmp`` to share an
     open monitor
     connection of the source. Raises :class:`MigrationError` when the migration did not
     happen (the instance then still runs on the source, or ``runs_on`` says otherwise).
     """
     spec = instance.spec
+    port = spec.hvparams.migration_port if port is None else port
+    if not 0 <= port <= 65535:
+        raise MisuseError(f"port {port} is not a TCP port: use 1 to 65535, or 0 for any free one")
     policy = policy or MigrationPolicy.from_hvparams(spec.hvparams)
     run = _Migration(
         instance,
         target,
         target_address,
-        port or spec.hvparams.migration_port,
+        port,
         live,
         policy,
         on_progress,
@@ -177,7 +182,7 @@ class _Migration:
         self.instance = instance
         self.source = instance.hypervisor
         self.target = target
-        self.uri = f"tcp:{address}:{port}"  # where the target listens
+        self.uri = f"tcp:{_uri_host(address)}:{port}"  # where the target listens
         self.source_uri = source_uri or self.uri  # where the source connects
         self.address = address
         self.port = port
@@ -354,17 +359,24 @@ class _Migration:
             ) from exc
         listening = await tq.execute("query-migrate")
         status = await query_status(tq)
-        addresses = listening.get("socket-address", []) if isinstance(listening, dict) else []
-        if status.state is not RunState.INMIGRATE or not any(
-            str(a.get("port")) == str(self.port) for a in addresses if isinstance(a, dict)
-        ):
+        port = _listening_port(listening, self.port)
+        if status.state is not RunState.INMIGRATE or port is None:
             raise MigrationError(
                 self.name,
                 f"target is not listening on {self.uri} "
                 f"(status {status.state.value}, {listening!r})",
                 runs_on=self.source.node.name,
             )
+        if self.port == 0:  # the target picked the port: from now on, use the one it picked
+            self._use_port(port)
         self.log.info("target listening", uri=self.uri)
+
+    def _use_port(self, port: int) -> None:
+        """Aim the source (unless it goes through a relay) and any recovery at ``port``."""
+        uri = f"tcp:{_uri_host(self.address)}:{port}"
+        if self.source_uri == self.uri:
+            self.source_uri = uri
+        self.uri, self.port = uri, port
 
     async def _on_snapshot(self, qmp: SourceMonitor, snapshot: MigrationSnapshot) -> None:
         """Judge one sample by the policy, act on it, and report it."""
@@ -479,6 +491,7 @@ class _Migration:
             decisions=list(self.engine.decisions),
             postcopy=self.postcopy,
             postcopy_recoveries=self.recoveries,
+            target_uri=self.uri,
         )
 
     async def _target_monitor(self) -> QMPClient:
@@ -654,3 +667,20 @@ __all__ = [
     "TooManyBadAnswersError",
     "migrate",
 ]
+
+
+def _uri_host(address: str) -> str:
+    """``address`` as the host part of a ``tcp:`` URI (IPv6 literals in brackets)."""
+    return f"[{address}]" if ":" in address and not address.startswith("[") else address
+
+
+def _listening_port(listening: object, wanted: int) -> int | None:
+    """The TCP port the target's ``query-migrate`` says it listens on: ``wanted``, or, when
+    ``wanted`` is 0 (any free port), the one it picked. None when it does not listen."""
+    addresses = listening.get("socket-address", []) if isinstance(listening, dict) else []
+    for address in addresses if isinstance(addresses, list) else []:
+        text = str(address.get("port")) if isinstance(address, dict) else ""
+        port = int(text) if text.isdigit() else 0
+        if port > 0 and wanted in (0, port):
+            return port
+    return None
