@@ -69,12 +69,19 @@ def runtime_root() -> Iterator[Path]:
 
 @pytest.fixture
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
+    """A TCP port free on 127.0.0.1 right now, below Linux's ephemeral range (32768 and up)
+    so that no outgoing connection takes it before the test binds it."""
+    import random
     import socket
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    for port in random.sample(range(20000, 32768), 200):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free TCP port between 20000 and 32767 on 127.0.0.1")
 
 
 @pytest.fixture(scope="session")

@@ -96,6 +96,34 @@ async def test_evacuation_honours_limits_and_moves_everything(entries: list[Node
     assert kinds.count("MigrationCompleted") == 6
 
 
+async def test_instances_sharing_a_fixed_port_take_turns(
+    entries: list[NodeEntry], free_port: int
+) -> None:
+    # Ganeti gives every instance the same migration port; two targets cannot listen on it
+    # at once, so the engine runs those migrations one after the other, limits allowing 2.
+    async with Engine(entries[:2], limits=Limits(2, 2), default_policy=FAST) as engine:
+        events = engine.events()
+        for n in range(3):
+            spec = InstanceSpec(
+                f"same-{n}", memory_mib=64, hvparams=HvParams(migration_port=free_port)
+            )
+            await engine.add_instance(Instance(spec, entries[0].hypervisor)).start()
+        await start_idle(engine, "any-port", "node-a")
+        summary = await engine.evacuate("node-a", ["node-b"])
+        assert summary.ok, summary.failed
+    running: set[str] = set()
+    shared_at_once = peak = 0
+    async for event in events:
+        if isinstance(event, MigrationStarted):
+            running.add(event.instance)
+            peak = max(peak, len(running))
+            shared_at_once = max(shared_at_once, sum(n.startswith("same-") for n in running))
+        elif isinstance(event, MigrationCompleted):
+            running.discard(event.instance)
+    assert shared_at_once == 1
+    assert peak == 2  # the instance on port 0 ran alongside
+
+
 async def test_dry_run_plans_without_touching_anything(entries: list[NodeEntry]) -> None:
     async with Engine(entries, default_policy=FAST) as engine:
         for n in range(3):

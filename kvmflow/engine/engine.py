@@ -322,7 +322,12 @@ class Engine:
             ticket.scope.cancel()
 
     def _eligible(
-        self, ticket: MigrationTicket, out: Counter[str], into: Counter[str], total: int
+        self,
+        ticket: MigrationTicket,
+        out: Counter[str],
+        into: Counter[str],
+        total: int,
+        listening: set[tuple[str, int]],
     ) -> bool:
         limits = self.limits
         return (
@@ -330,7 +335,16 @@ class Engine:
             and into[ticket.target] < limits.max_inbound
             and (limits.max_total is None or total < limits.max_total)
             and ticket.instance.machine.operation is None
+            and self._listen_key(ticket) not in listening
         )
+
+    def _listen_key(self, ticket: MigrationTicket) -> tuple[str, int]:
+        """Where the ticket's target will listen. Two migrations cannot listen on one fixed
+        port of one address (Ganeti gives every instance port 8102), so the second waits;
+        port 0 (any free port) never waits."""
+        port = ticket.instance.spec.hvparams.migration_port
+        address = self.nodes[ticket.target].migration_address
+        return (address, port) if port else (address, -ticket.id)
 
     async def _dispatch(self) -> None:
         while True:
@@ -343,16 +357,18 @@ class Engine:
         while True:
             out: Counter[str] = Counter()
             into: Counter[str] = Counter()
+            listening: set[tuple[str, int]] = set()
             total = 0
             for ticket in self._tickets.values():
                 if ticket.state == "active":
                     out[ticket.source] += 1
                     into[ticket.target] += 1
+                    listening.add(self._listen_key(ticket))
                     total += 1
             candidates = [
                 t
                 for t in self._tickets.values()
-                if t.state == "queued" and self._eligible(t, out, into, total)
+                if t.state == "queued" and self._eligible(t, out, into, total, listening)
             ]
             if not candidates:
                 return
