@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
 from pathlib import Path
+from typing import Any
 
 import anyio
 import psutil
 import pytest
 
+from kvmflow.errors import ConnectionLostError
 from kvmflow.guest import dirty_guest_spec, wait_for_sweeps
 from kvmflow.guest import sweep_count as sweeps
 from kvmflow.instance import Instance, InstanceState
-from kvmflow.kvm import HvParams, InstanceSpec, KvmHypervisor
+from kvmflow.kvm import HvParams, InstanceInfo, InstanceSpec, KvmHypervisor
+from kvmflow.kvm.runtime import SavedRuntime
 from kvmflow.migration import (
     MigrationError,
     MigrationPolicy,
@@ -190,6 +194,93 @@ async def test_target_killed_mid_flight(
     assert await run_state(source, "mig-tkill") is RunState.RUNNING
     assert instance.machine.state is InstanceState.RUNNING
     assert os.listdir(target.paths.dir("pid")) == []
+
+
+class TargetWithoutTablet(KvmHypervisor):
+    """A target QEMU without the source's USB tablet: it takes the RAM, then fails on the
+    tablet's device state, which QEMU sends last, after the source reports completion."""
+
+    async def start(
+        self,
+        spec: InstanceSpec,
+        *,
+        runtime: SavedRuntime | None = None,
+        incoming: str | None = None,
+    ) -> InstanceInfo:
+        if runtime is not None:
+            argv = list(runtime.argv)
+            at = argv.index("usb-tablet")
+            runtime = dataclasses.replace(runtime, argv=(*argv[: at - 1], *argv[at + 1 :]))
+        return await super().start(spec, runtime=runtime, incoming=incoming)
+
+
+async def test_source_takes_the_guest_back_when_the_target_never_takes_over(
+    nodes: tuple[KvmHypervisor, KvmHypervisor],
+) -> None:
+    source, plain_target = nodes
+    target = TargetWithoutTablet(plain_target.node, plain_target.paths)
+    spec = InstanceSpec(
+        "mig-back", memory_mib=64, hvparams=HvParams(migration_port=0, usb_mouse="tablet")
+    )
+    instance = await started(spec, source)
+    reports: list[MigrationProgress] = []
+    with pytest.raises(MigrationError) as info:
+        await migrate(
+            instance, target, target_address="127.0.0.1", policy=FAST, on_progress=reports.append
+        )
+    assert reports[-1].snapshot.status is MigrationStatus.COMPLETED  # the source sent it all
+    assert "never took over after the copy" in info.value.reason
+    assert info.value.runs_on == "node-a"
+    assert await run_state(source, "mig-back") is RunState.RUNNING
+    assert instance.machine.state is InstanceState.RUNNING
+    assert instance.machine.node == "node-a"
+    assert not await target.is_running("mig-back")
+    assert os.listdir(target.paths.dir("pid")) == []
+    assert await source.load_runtime("mig-back") is not None
+    # The guest can still move: a sound target takes it.
+    result = await migrate(instance, plain_target, target_address="127.0.0.1", policy=FAST)
+    assert result.final.status is MigrationStatus.COMPLETED
+    assert await run_state(plain_target, "mig-back") is RunState.RUNNING
+
+
+class LosesContAnswer(QMPClient):
+    """A monitor whose answer to ``cont`` is lost on the way back (QEMU did run it)."""
+
+    async def execute(
+        self, command: str, arguments: dict[str, Any] | None = None, *, timeout: float | None = None
+    ) -> Any:
+        answer = await super().execute(command, arguments, timeout=timeout)
+        if command == "cont":
+            raise ConnectionLostError("the answer to 'cont' was lost")
+        return answer
+
+
+class TargetLosingContAnswers(KvmHypervisor):
+    def qmp(
+        self, name: str, *, connect_timeout: float = 5.0, command_timeout: float | None = None
+    ) -> QMPClient:
+        return LosesContAnswer(
+            self.node.monitor_connector(self.paths.qmp_socket(name)),
+            connect_timeout=connect_timeout,
+            command_timeout=command_timeout,
+        )
+
+
+async def test_a_target_that_may_have_run_the_guest_is_never_undone(
+    nodes: tuple[KvmHypervisor, KvmHypervisor],
+) -> None:
+    # Non-live: the target loads the guest paused and needs a `cont`, whose answer is lost.
+    # The guest may run there now, so resuming the source could fork it: kvmflow does not.
+    source, plain_target = nodes
+    target = TargetLosingContAnswers(plain_target.node, plain_target.paths)
+    instance = await started(idle_spec("mig-maybe", 0), source)
+    with pytest.raises(MigrationError) as info:
+        await migrate(instance, target, target_address="127.0.0.1", policy=FAST, live=False)
+    assert "may have run the guest" in info.value.reason
+    assert info.value.runs_on is None
+    assert instance.machine.state is InstanceState.FAILED
+    assert await run_state(plain_target, "mig-maybe") is RunState.RUNNING  # left as it is
+    assert await run_state(source, "mig-maybe") is RunState.POSTMIGRATE  # never resumed
 
 
 async def test_source_killed_mid_flight(

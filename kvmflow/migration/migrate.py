@@ -29,7 +29,7 @@ from typing import Literal, Protocol
 import anyio
 import structlog
 
-from kvmflow.errors import ConnectionLostError, KvmflowError, MisuseError
+from kvmflow.errors import CommandError, ConnectionLostError, KvmflowError, MisuseError
 from kvmflow.feed import BoundedFeed
 from kvmflow.instance.instance import Instance
 from kvmflow.instance.states import InstanceEvent, InstanceState
@@ -198,6 +198,7 @@ class _Migration:
         self.migration_started = False
         self.postcopy = False  # from post-copy on, the target holds the authoritative state
         self.postcopy_failed = False
+        self.target_may_have_run = False  # a `cont` reached the target, unconfirmed
         self.recoveries = 0
         self.lost_contact = False
         self._stack: contextlib.AsyncExitStack | None = None
@@ -464,7 +465,12 @@ class _Migration:
     async def _finish(
         self, qmp: SourceMonitor, final: MigrationSnapshot, runtime: SavedRuntime
     ) -> MigrationResult:
-        await self._resume_target_if_needed()
+        try:
+            await self._resume_target_if_needed()
+        except (KvmflowError, TimeoutError) as exc:
+            with anyio.CancelScope(shield=True):
+                error = await self._target_never_took_over(qmp, exc)
+            raise error from exc
         await self.target.save_runtime(self.instance.spec, runtime)
         source_state = await self._end_source(qmp)
         self.instance.hypervisor = self.target
@@ -513,7 +519,63 @@ class _Migration:
                 await anyio.sleep(0.02)
                 status = await query_status(tq)
         if self.was_running and not status.running:
-            await tq.execute("cont")
+            try:
+                await tq.execute("cont")
+            except CommandError:
+                raise  # QEMU refused: the vCPUs did not start
+            except BaseException:
+                self.target_may_have_run = True  # sent, but no answer: they may have started
+                raise
+
+    async def _target_never_took_over(
+        self, qmp: SourceMonitor, cause: BaseException
+    ) -> MigrationError:
+        """The source sent everything but the target did not get the guest going (it died
+        loading the final device state, hung, or refused ``cont``). If the guest never ran
+        there, the source (in ``postmigrate``, its disks handed over) takes it back with
+        ``cont``, as libvirt does. If a ``cont`` reached the target without an answer, the
+        guest may run there: resuming the source could fork it, so both are left as they are."""
+        source, target = self.source.node.name, self.target.node.name
+        machine = self.instance.machine
+        if self.target_may_have_run:
+            self.log.error("target may have run the guest, then failed", cause=repr(cause))
+            machine.fire(InstanceEvent.CRASHED)
+            return MigrationError(
+                self.name,
+                f"the target on {target} may have run the guest, then failed ({cause}); the source "
+                f"on {source} is stopped after the migration and its state is older: check "
+                "the target, and resume the source only if the target never ran the guest",
+                runs_on=None,
+                bad_answers=self.bad_answers,
+            )
+        self.log.warning("target never took over; resuming the source", cause=repr(cause))
+        await self._stop_target()
+        try:
+            if await self.target.is_running(self.name):
+                raise MigrationError(self.name, "the target could not be stopped", runs_on=None)
+            if self.was_running:
+                await qmp.execute("cont", timeout=10)
+        except KvmflowError as exc:
+            self.log.error("source could not take the guest back", error=str(exc))
+            machine.fire(InstanceEvent.CRASHED)
+            return MigrationError(
+                self.name,
+                f"the target on {target} never took over ({cause}) and the source on "
+                f"{source} could not take the guest back ({exc}): check both nodes",
+                runs_on=None,
+                bad_answers=self.bad_answers,
+            )
+        if self.was_running:
+            machine.fire(InstanceEvent.MIGRATION_ABORTED)
+        else:
+            machine.fire(InstanceEvent.MIGRATION_ABORTED_PAUSED)
+        return MigrationError(
+            self.name,
+            f"the target on {target} never took over after the copy ({cause}); the source "
+            f"took the guest back",
+            runs_on=source,
+            bad_answers=self.bad_answers,
+        )
 
     async def _end_source(self, qmp: SourceMonitor) -> str | None:
         """Quit the source QEMU (it is in ``postmigrate``); return the state it was in."""
