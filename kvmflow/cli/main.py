@@ -24,6 +24,7 @@ from kvmflow.cli.config import Config, NodeConfig, load_config, parse_node_flag
 from kvmflow.cli.logs import configure_logging
 from kvmflow.engine import Limits
 from kvmflow.errors import KvmflowError, ValidationError
+from kvmflow.tuning import tune_gc_for_fleet
 
 EPILOG = """\
 examples:
@@ -273,6 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argcomplete.autocomplete(parser)
     args = parser.parse_args(argv)
     configure_logging(args.verbose - args.quiet, json_lines=args.log_json)
+    tune_gc_for_fleet()  # the application's call, as logging is: see kvmflow.tuning
     # Off a terminal (logs, CI) rich would wrap tables at 80 columns; give them room.
     console = Console() if sys.stdout.isatty() else Console(width=160)
     try:

@@ -35,6 +35,10 @@ FAKE_PID_BASE = 50_000_000
 TICK = 0.1  # simulation step; coarser steps keep the fleet process off the engine's core
 
 
+class FakeCommandError(Exception):
+    """A command the simulated QEMU refuses; the client gets a QMP error reply."""
+
+
 @dataclass
 class FakeQemu:
     """One simulated QEMU: its run state and, while it migrates, the migration."""
@@ -68,6 +72,7 @@ class Fleet:
         self.qemus: dict[int, FakeQemu] = {}
         self.by_port: dict[int, FakeQemu] = {}
         self.pids = itertools.count(FAKE_PID_BASE)
+        self.free_ports = itertools.count(40000)
 
     # ------------------------------------------------------------------ control
 
@@ -141,13 +146,16 @@ class Fleet:
                 for line in lines:
                     if line.strip():
                         request = json.loads(line)
-                        reply = await self.command(
-                            qemu, request["execute"], request.get("arguments") or {}
-                        )
-                        await stream.send(
-                            json.dumps({"return": reply, "id": request.get("id")}).encode()
-                            + b"\r\n"
-                        )
+                        try:
+                            answer = {
+                                "return": await self.command(
+                                    qemu, request["execute"], request.get("arguments") or {}
+                                )
+                            }
+                        except FakeCommandError as exc:
+                            answer = {"error": {"class": "GenericError", "desc": str(exc)}}
+                        answer["id"] = request.get("id")
+                        await stream.send(json.dumps(answer).encode() + b"\r\n")
                         if request["execute"] == "quit":
                             await self.exit(qemu)
                             return
@@ -189,7 +197,10 @@ class Fleet:
         if command == "query-migrate-parameters":
             return dict(qemu.params)
         if command == "migrate-incoming":
-            qemu.incoming_port = int(args["uri"].rsplit(":", 1)[1])
+            port = int(args["uri"].rsplit(":", 1)[1])
+            if port in self.by_port:
+                raise FakeCommandError("Failed to find an available port: Address already in use")
+            qemu.incoming_port = port or next(self.free_ports)  # 0: pick one, as QEMU does
             self.by_port[qemu.incoming_port] = qemu
             return {}
         if command == "query-migrate":
@@ -203,7 +214,8 @@ class Fleet:
                 }
             return dict(qemu.migration)
         if command == "migrate":
-            target = self.by_port.get(int(args["uri"].rsplit(":", 1)[1]))
+            # The target stops listening once the stream is accepted, as QEMU does.
+            target = self.by_port.pop(int(args["uri"].rsplit(":", 1)[1]), None)
             qemu.migration = {"status": "setup"}
             self.task_group.start_soon(self.simulate, qemu, target)
             return {}
