@@ -256,14 +256,7 @@ class LosesContAnswer(QMPClient):
 
 
 class TargetLosingContAnswers(KvmHypervisor):
-    def qmp(
-        self, name: str, *, connect_timeout: float = 5.0, command_timeout: float | None = None
-    ) -> QMPClient:
-        return LosesContAnswer(
-            self.node.monitor_connector(self.paths.qmp_socket(name)),
-            connect_timeout=connect_timeout,
-            command_timeout=command_timeout,
-        )
+    qmp_client_type = LosesContAnswer
 
 
 async def test_a_target_that_may_have_run_the_guest_is_never_undone(

@@ -77,6 +77,9 @@ class KvmHypervisor:
     security model. ``site_script`` is what NIC up-scripts run when it exists.
     """
 
+    #: The monitor client :meth:`qmp` opens; a subclass may add instrumentation.
+    qmp_client_type: type[QMPClient] = QMPClient
+
     def __init__(
         self,
         node: Node,
@@ -146,7 +149,7 @@ class KvmHypervisor:
         self, name: str, *, connect_timeout: float = 5.0, command_timeout: float | None = None
     ) -> QMPClient:
         """A QMP client for the instance's monitor (not yet connected)."""
-        return QMPClient(
+        return self.qmp_client_type(
             self.node.monitor_connector(self.paths.qmp_socket(name)),
             connect_timeout=connect_timeout,
             command_timeout=command_timeout,

@@ -539,14 +539,10 @@ class _Migration:
         machine = self.instance.machine
         if self.target_may_have_run:
             self.log.error("target may have run the guest, then failed", cause=repr(cause))
-            machine.fire(InstanceEvent.CRASHED)
-            return MigrationError(
-                self.name,
-                f"the target on {target} may have run the guest, then failed ({cause}); the source "
-                f"on {source} is stopped after the migration and its state is older: check "
-                "the target, and resume the source only if the target never ran the guest",
-                runs_on=None,
-                bad_answers=self.bad_answers,
+            return self._runs_nowhere_known(
+                f"the target on {target} may have run the guest, then failed ({cause}); the "
+                f"source on {source} is stopped after the migration and its state is older: "
+                "check the target, and resume the source only if the target never ran the guest"
             )
         self.log.warning("target never took over; resuming the source", cause=repr(cause))
         await self._stop_target()
@@ -557,13 +553,9 @@ class _Migration:
                 await qmp.execute("cont", timeout=10)
         except KvmflowError as exc:
             self.log.error("source could not take the guest back", error=str(exc))
-            machine.fire(InstanceEvent.CRASHED)
-            return MigrationError(
-                self.name,
+            return self._runs_nowhere_known(
                 f"the target on {target} never took over ({cause}) and the source on "
-                f"{source} could not take the guest back ({exc}): check both nodes",
-                runs_on=None,
-                bad_answers=self.bad_answers,
+                f"{source} could not take the guest back ({exc}): check both nodes"
             )
         if self.was_running:
             machine.fire(InstanceEvent.MIGRATION_ABORTED)
@@ -576,6 +568,11 @@ class _Migration:
             runs_on=source,
             bad_answers=self.bad_answers,
         )
+
+    def _runs_nowhere_known(self, reason: str) -> MigrationError:
+        """The guest runs on no node kvmflow can vouch for: the operator must look."""
+        self.instance.machine.fire(InstanceEvent.CRASHED)
+        return MigrationError(self.name, reason, runs_on=None, bad_answers=self.bad_answers)
 
     async def _end_source(self, qmp: SourceMonitor) -> str | None:
         """Quit the source QEMU (it is in ``postmigrate``); return the state it was in."""
