@@ -95,7 +95,7 @@ def dirty_guest() -> Path:
 @pytest.fixture(scope="module")
 def ssh_hosts() -> Iterator[object]:
     """Two real sshd servers, on 127.0.0.2 and 127.0.0.3, each standing for one host."""
-    from tests.sshd import ssh_fleet
+    from kvmflow.testing.sshd import ssh_fleet
 
     with ssh_fleet(["127.0.0.2", "127.0.0.3"]) as fleet:
         yield fleet

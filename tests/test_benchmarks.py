@@ -21,6 +21,11 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
             {"ratio_vs_raw", "kvmflow_asyncio", "raw_same_bytes"},
         ),
         (
+            "ssh_roundtrip.py",
+            ["--rounds", "1", "--count", "50"],
+            {"local_us", "ssh_us", "raw_ssh_us", "ratio_ssh_vs_raw_ssh"},
+        ),
+        (
             "migration_latency.py",
             ["--rounds", "1"],
             {"detect_ms_events", "detect_ms_poll_2s", "migrate_over_qemu_total_time"},

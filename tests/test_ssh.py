@@ -26,7 +26,7 @@ from kvmflow.kvm import (
 from kvmflow.migration import MigrationError, MigrationPolicy, MigrationProgress, migrate
 from kvmflow.monitor import QMPClient, RunState, query_status
 from kvmflow.node import SSHConnectError, SSHNode, SSHTarget
-from tests.sshd import SSHFleet
+from kvmflow.testing.sshd import SSHFleet
 
 pytestmark = pytest.mark.anyio
 

@@ -1,4 +1,6 @@
-"""Public fakes for embedders: test controllers without QEMU, or against bad monitors."""
+"""Public test helpers for embedders: fake monitors that misbehave on cue, a simulated
+fleet (:mod:`kvmflow.testing.fleet`) and real sshd servers on loopback
+(:mod:`kvmflow.testing.sshd`)."""
 
 from kvmflow.testing.fake_monitor import (
     DEFAULT_GREETING,

@@ -1,4 +1,5 @@
-"""Real OpenSSH sshd servers on loopback addresses, one per pretend host, for tests."""
+"""Real OpenSSH sshd servers on loopback addresses, one per pretend host, for tests and
+benchmarks of SSH nodes (needs root for /run/sshd and an sshd binary)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ class SSHHost:
 
 @dataclass
 class SSHFleet:
+    """Running sshd servers with the client key that logs in, a key that does not, and the
+    known-hosts file listing them."""
+
     hosts: list[SSHHost]
     client_key: Path
     known_hosts: Path
