@@ -92,6 +92,15 @@ async def test_idle_guest_live_migration(
     assert events == ["start", "started", "migrate", "migrated"]
 
 
+async def test_migration_to_an_ipv6_address(nodes: tuple[KvmHypervisor, KvmHypervisor]) -> None:
+    source, target = nodes
+    instance = await started(idle_spec("mig-v6", 0), source)
+    result = await migrate(instance, target, target_address="::1", policy=FAST)
+    assert result.target_uri.startswith("tcp:[::1]:")
+    assert await run_state(target, "mig-v6") is RunState.RUNNING
+    assert instance.machine.node == "node-b"
+
+
 async def test_non_live_migration_pauses_then_runs_on_target(
     nodes: tuple[KvmHypervisor, KvmHypervisor],
 ) -> None:
