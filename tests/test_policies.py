@@ -12,6 +12,7 @@ from pathlib import Path
 
 import anyio
 import anyio.abc
+import psutil
 import pytest
 
 from kvmflow.guest import dirty_guest_spec, wait_for_sweeps
@@ -275,4 +276,58 @@ async def test_postcopy_link_break_is_recovered(
     assert result.postcopy_recoveries >= 1
     assert relay.connections >= 2  # the first stream and the resumed one
     assert "postcopy-paused" in statuses
+    await assert_runs_on_target(instance, source, target)
+
+
+def target_stream_port(target: KvmHypervisor, name: str) -> int:
+    """The local port of the target QEMU's incoming migration stream (the port it picked)."""
+    pid = int(Path(target.paths.pid_file(name)).read_text())
+    streams = [
+        c.laddr.port
+        for c in psutil.Process(pid).net_connections(kind="tcp")
+        if c.status == psutil.CONN_ESTABLISHED
+    ]
+    assert len(streams) == 1, streams
+    return int(streams[0])
+
+
+async def test_postcopy_pause_is_recovered_on_the_port_the_target_picked(
+    nodes: tuple[KvmHypervisor, KvmHypervisor], dirty_guest: Path
+) -> None:
+    # migrate-pause is QEMU's own way to cut a post-copy stream. QEMU 7.2 keeps its incoming
+    # listener open through the pause, so the port it picked is still its own to recover on.
+    source, target = nodes
+    instance = await dirty_instance(source, "pol-pause", 0, dirty_guest)
+    policy = MigrationPolicy(**HARD, **POSTCOPY, postcopy_recovery_seconds=20)
+    in_postcopy = anyio.Event()
+    statuses: list[str] = []
+    picked: list[int] = []
+
+    def progress(report: MigrationProgress) -> None:
+        statuses.append(report.snapshot.status.value)
+        if report.snapshot.status.value == "postcopy-active":
+            in_postcopy.set()
+
+    async with source.qmp("pol-pause") as qmp, anyio.create_task_group() as tg:
+        await qmp.execute("migrate-set-parameters", {"max-postcopy-bandwidth": 16 << 20})
+
+        async def break_link() -> None:
+            await in_postcopy.wait()
+            await anyio.sleep(0.3)
+            picked.append(target_stream_port(target, "pol-pause"))
+            await qmp.execute("migrate-pause")
+
+        tg.start_soon(break_link)
+        result = await migrate(
+            instance,
+            target,
+            target_address="127.0.0.1",
+            policy=policy,
+            source_qmp=qmp,
+            on_progress=progress,
+        )
+        tg.cancel_scope.cancel()
+    assert "postcopy-paused" in statuses
+    assert result.postcopy_recoveries >= 1
+    assert result.target_uri == f"tcp:127.0.0.1:{picked[0]}"
     await assert_runs_on_target(instance, source, target)
