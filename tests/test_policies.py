@@ -8,6 +8,7 @@ finish it, leave the guest running on the target and the source process gone.
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio
@@ -19,9 +20,15 @@ from kvmflow.guest import dirty_guest_spec, wait_for_sweeps
 from kvmflow.guest import sweep_count as sweeps
 from kvmflow.instance import Instance, InstanceState
 from kvmflow.kvm import KvmHypervisor
-from kvmflow.migration import MigrationError, MigrationPolicy, MigrationProgress, migrate
+from kvmflow.migration import (
+    MigrationError,
+    MigrationPolicy,
+    MigrationProgress,
+    MigrationResult,
+    migrate,
+)
 from kvmflow.migration.policy import Action, Capabilities, StallRule
-from kvmflow.monitor import RunState, query_status
+from kvmflow.monitor import QMPClient, RunState, query_status
 
 pytestmark = pytest.mark.anyio
 
@@ -236,13 +243,19 @@ class Relay:
             await anyio.aclose_forcefully(stream)
 
 
-async def test_postcopy_link_break_is_recovered(
-    nodes: tuple[KvmHypervisor, KvmHypervisor], free_port: int, dirty_guest: Path
-) -> None:
-    source, target = nodes
-    instance = await dirty_instance(source, "pol-recover", free_port, dirty_guest)
+async def migrate_and_break_postcopy(
+    instance: Instance,
+    target: KvmHypervisor,
+    qmp: QMPClient,
+    break_link: Callable[[], Awaitable[None]],
+    *,
+    postcopy_mib: int,
+    source_uri: str | None = None,
+) -> tuple[MigrationResult, list[str]]:
+    """Migrate with post-copy and recovery; 0.3 s into post-copy, ``break_link``. Post-copy
+    runs at ``postcopy_mib`` MiB/s so that pages still flow when the link breaks. Returns
+    the result and every status reported."""
     policy = MigrationPolicy(**HARD, **POSTCOPY, postcopy_recovery_seconds=30)
-    relay = Relay(free_port)
     in_postcopy = anyio.Event()
     statuses: list[str] = []
 
@@ -251,25 +264,42 @@ async def test_postcopy_link_break_is_recovered(
         if report.snapshot.status.value == "postcopy-active":
             in_postcopy.set()
 
-    async with source.qmp("pol-recover") as qmp, anyio.create_task_group() as tg:
-        await tg.start(relay.serve)
-        # Slow post-copy down so that the link can be cut while pages still flow.
-        await qmp.execute("migrate-set-parameters", {"max-postcopy-bandwidth": 4 << 20})
+    async def breaker() -> None:
+        await in_postcopy.wait()
+        await anyio.sleep(0.3)
+        await break_link()
 
-        async def break_link() -> None:
-            await in_postcopy.wait()
-            await anyio.sleep(0.3)
-            await relay.cut()
-
-        tg.start_soon(break_link)
+    await qmp.execute("migrate-set-parameters", {"max-postcopy-bandwidth": postcopy_mib << 20})
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(breaker)
         result = await migrate(
             instance,
             target,
             target_address="127.0.0.1",
             policy=policy,
             source_qmp=qmp,
-            source_uri=f"tcp:127.0.0.1:{relay.port}",
+            source_uri=source_uri,
             on_progress=progress,
+        )
+        tg.cancel_scope.cancel()
+    return result, statuses
+
+
+async def test_postcopy_link_break_is_recovered(
+    nodes: tuple[KvmHypervisor, KvmHypervisor], free_port: int, dirty_guest: Path
+) -> None:
+    source, target = nodes
+    instance = await dirty_instance(source, "pol-recover", free_port, dirty_guest)
+    relay = Relay(free_port)
+    async with source.qmp("pol-recover") as qmp, anyio.create_task_group() as tg:
+        await tg.start(relay.serve)
+        result, statuses = await migrate_and_break_postcopy(
+            instance,
+            target,
+            qmp,
+            relay.cut,
+            postcopy_mib=4,
+            source_uri=f"tcp:127.0.0.1:{relay.port}",
         )
         tg.cancel_scope.cancel()
     assert result.postcopy
@@ -298,35 +328,16 @@ async def test_postcopy_pause_is_recovered_on_the_port_the_target_picked(
     # listener open through the pause, so the port it picked is still its own to recover on.
     source, target = nodes
     instance = await dirty_instance(source, "pol-pause", 0, dirty_guest)
-    policy = MigrationPolicy(**HARD, **POSTCOPY, postcopy_recovery_seconds=20)
-    in_postcopy = anyio.Event()
-    statuses: list[str] = []
     picked: list[int] = []
+    async with source.qmp("pol-pause") as qmp:
 
-    def progress(report: MigrationProgress) -> None:
-        statuses.append(report.snapshot.status.value)
-        if report.snapshot.status.value == "postcopy-active":
-            in_postcopy.set()
-
-    async with source.qmp("pol-pause") as qmp, anyio.create_task_group() as tg:
-        await qmp.execute("migrate-set-parameters", {"max-postcopy-bandwidth": 16 << 20})
-
-        async def break_link() -> None:
-            await in_postcopy.wait()
-            await anyio.sleep(0.3)
+        async def pause() -> None:
             picked.append(target_stream_port(target, "pol-pause"))
             await qmp.execute("migrate-pause")
 
-        tg.start_soon(break_link)
-        result = await migrate(
-            instance,
-            target,
-            target_address="127.0.0.1",
-            policy=policy,
-            source_qmp=qmp,
-            on_progress=progress,
+        result, statuses = await migrate_and_break_postcopy(
+            instance, target, qmp, pause, postcopy_mib=16
         )
-        tg.cancel_scope.cancel()
     assert "postcopy-paused" in statuses
     assert result.postcopy_recoveries >= 1
     assert result.target_uri == f"tcp:127.0.0.1:{picked[0]}"
