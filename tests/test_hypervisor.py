@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import pwd
 import socket
+import ssl
+import struct
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import psutil
@@ -31,6 +34,7 @@ from kvmflow.kvm import (
 )
 from kvmflow.monitor import RunState, query_status
 from kvmflow.node import LocalNode
+from tests.tls import make_x509_dir
 
 pytestmark = pytest.mark.anyio
 
@@ -232,17 +236,22 @@ def free_vnc_port() -> int:
     raise AssertionError("no free port")
 
 
+def vnc_spec(name: str, tmp_path: Path, password: str = "s3cr3t-pw\n", **hv: Any) -> InstanceSpec:
+    """An instance with VNC on 127.0.0.1 (a free display) and a password file."""
+    password_file = tmp_path / "vnc.pw"
+    password_file.write_text(password)
+    return InstanceSpec(
+        name,
+        memory_mib=32,
+        network_port=free_vnc_port(),
+        hvparams=HvParams(vnc_bind_address="127.0.0.1", vnc_password_file=str(password_file), **hv),
+    )
+
+
 async def test_vnc_password_is_set_through_the_monitor_only(
     hv: KvmHypervisor, tmp_path: Path
 ) -> None:
-    password_file = tmp_path / "vnc.pw"
-    password_file.write_text("s3cr3t-pw\n")
-    spec = InstanceSpec(
-        "vm-v",
-        memory_mib=32,
-        network_port=free_vnc_port(),
-        hvparams=HvParams(vnc_bind_address="127.0.0.1", vnc_password_file=str(password_file)),
-    )
+    spec = vnc_spec("vm-v", tmp_path)
     with capture_logs() as logs:
         info = await hv.start(spec)
     assert "s3cr3t-pw" not in " ".join(psutil.Process(info.pid).cmdline())
@@ -258,17 +267,77 @@ async def test_vnc_password_is_set_through_the_monitor_only(
     await hv.stop("vm-v", force=True)
 
 
+VENCRYPT = 19  # RFB security type
+X509_NONE, X509_VNC = 260, 261  # VeNCrypt subtypes: x509 TLS, then no or VNC password auth
+
+
+def recv_exact(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError(f"VNC server closed after {data!r}")
+        data += chunk
+    return data
+
+
+def vnc_x509_handshake(port: int, context: ssl.SSLContext) -> tuple[list[int], bytes]:
+    """Speak RFB 3.8 up to VeNCrypt, complete the TLS handshake with ``context`` and read
+    the first bytes sent inside TLS (the VNC auth challenge). Returns the offered subtypes
+    and those bytes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        assert recv_exact(raw, 12) == b"RFB 003.008\n"
+        raw.sendall(b"RFB 003.008\n")
+        offered = list(recv_exact(raw, recv_exact(raw, 1)[0]))
+        assert offered == [VENCRYPT]
+        raw.sendall(bytes([VENCRYPT]))
+        assert recv_exact(raw, 2) == bytes([0, 2])  # VeNCrypt 0.2
+        raw.sendall(bytes([0, 2]))
+        assert recv_exact(raw, 1) == b"\x00"
+        count = recv_exact(raw, 1)[0]
+        subtypes = list(struct.unpack(f">{count}I", recv_exact(raw, 4 * count)))
+        raw.sendall(struct.pack(">I", subtypes[0]))
+        assert recv_exact(raw, 1) == b"\x01"  # subtype accepted: TLS starts
+        try:
+            with context.wrap_socket(raw, server_hostname="kvmflow-vnc") as tls:
+                return subtypes, recv_exact(tls, 16)
+        except (ssl.SSLError, ConnectionError) as exc:
+            raise PermissionError(f"the VNC server ended the TLS session: {exc!r}") from exc
+
+
+async def test_vnc_tls_with_x509_verification_really_handshakes(
+    hv: KvmHypervisor, tmp_path: Path
+) -> None:
+    creds = make_x509_dir(tmp_path / "x509", tmp_path / "viewer", "kvmflow-vnc")
+    spec = vnc_spec(
+        "vm-tls",
+        tmp_path,
+        vnc_tls=True,
+        vnc_x509_path=str(tmp_path / "x509"),
+        vnc_x509_verify=True,
+    )
+    await hv.start(spec)
+    async with hv.qmp("vm-tls") as qmp:
+        servers = await qmp.execute("query-vnc-servers")
+    assert [(v["auth"], v["vencrypt"]) for v in servers] == [("vencrypt", "x509-vnc")]
+    viewer = ssl.create_default_context(cafile=creds.ca_cert)
+    viewer.load_cert_chain(creds.cert, creds.key)
+    subtypes, challenge = await anyio.to_thread.run_sync(
+        vnc_x509_handshake, spec.network_port, viewer
+    )
+    assert subtypes == [X509_VNC]
+    assert len(challenge) == 16  # the VNC password challenge, sent inside TLS
+    # verify-peer is on: a viewer without a certificate of the CA gets nothing.
+    stranger = ssl.create_default_context(cafile=creds.ca_cert)
+    with pytest.raises(PermissionError, match="ended the TLS session"):
+        await anyio.to_thread.run_sync(vnc_x509_handshake, spec.network_port, stranger)
+    await hv.stop("vm-tls", force=True)
+
+
 async def test_empty_vnc_password_file_undoes_the_start(
     hv: KvmHypervisor, tmp_path: Path, runtime_root: Path
 ) -> None:
-    password_file = tmp_path / "vnc.pw"
-    password_file.write_text("")
-    spec = InstanceSpec(
-        "vm-w",
-        memory_mib=32,
-        network_port=free_vnc_port(),
-        hvparams=HvParams(vnc_bind_address="127.0.0.1", vnc_password_file=str(password_file)),
-    )
+    spec = vnc_spec("vm-w", tmp_path, password="")
     with pytest.raises(Exception, match="is empty"):
         await hv.start(spec)
     assert await hv.list_instances() == []
