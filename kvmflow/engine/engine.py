@@ -335,16 +335,19 @@ class Engine:
             and into[ticket.target] < limits.max_inbound
             and (limits.max_total is None or total < limits.max_total)
             and ticket.instance.machine.operation is None
-            and self._listen_key(ticket) not in listening
+            and self._listener_free(ticket, listening)
         )
 
-    def _listen_key(self, ticket: MigrationTicket) -> tuple[str, int]:
-        """Where the ticket's target will listen. Two migrations cannot listen on one fixed
-        port of one address (Ganeti gives every instance port 8102), so the second waits;
-        port 0 (any free port) never waits."""
+    def _listener_free(self, ticket: MigrationTicket, listening: set[tuple[str, int]]) -> bool:
+        listener = self._fixed_listener(ticket)
+        return listener is None or listener not in listening
+
+    def _fixed_listener(self, ticket: MigrationTicket) -> tuple[str, int] | None:
+        """The address and fixed port the ticket's target will listen on; None for port 0
+        (the target picks one, so it never waits). Two migrations cannot listen on one fixed
+        port of one address (Ganeti gives every instance port 8102): the second waits."""
         port = ticket.instance.spec.hvparams.migration_port
-        address = self.nodes[ticket.target].migration_address
-        return (address, port) if port else (address, -ticket.id)
+        return (self.nodes[ticket.target].migration_address, port) if port else None
 
     async def _dispatch(self) -> None:
         while True:
@@ -363,7 +366,8 @@ class Engine:
                 if ticket.state == "active":
                     out[ticket.source] += 1
                     into[ticket.target] += 1
-                    listening.add(self._listen_key(ticket))
+                    if (listener := self._fixed_listener(ticket)) is not None:
+                        listening.add(listener)
                     total += 1
             candidates = [
                 t

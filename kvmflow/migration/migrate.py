@@ -717,17 +717,6 @@ class _Migration:
             self.log.error("target could not be cleaned", error=str(exc))
 
 
-__all__ = [
-    "MigrationError",
-    "MigrationFailedError",
-    "MigrationProgress",
-    "MigrationResult",
-    "ProgressFeed",
-    "TooManyBadAnswersError",
-    "migrate",
-]
-
-
 def _uri_host(address: str) -> str:
     """``address`` as the host part of a ``tcp:`` URI (IPv6 literals in brackets)."""
     return f"[{address}]" if ":" in address and not address.startswith("[") else address
@@ -743,3 +732,14 @@ def _listening_port(listening: object, wanted: int) -> int | None:
         if port > 0 and wanted in (0, port):
             return port
     return None
+
+
+__all__ = [
+    "MigrationError",
+    "MigrationFailedError",
+    "MigrationProgress",
+    "MigrationResult",
+    "ProgressFeed",
+    "TooManyBadAnswersError",
+    "migrate",
+]
