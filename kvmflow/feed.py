@@ -9,7 +9,9 @@ and migration progress both use it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import anyio
@@ -23,16 +25,31 @@ class EndOfSubscription(KvmflowError):
     """The feed was closed and everything in it has been read."""
 
 
+@dataclass(frozen=True)
+class FeedStatistics:
+    """A feed's load, named after anyio's memory stream statistics."""
+
+    current_buffer_used: int
+    max_buffer_size: int
+    dropped: int
+    tasks_waiting_receive: int
+    closed: bool
+
+
 class BoundedFeed(Generic[T]):
-    """Items oldest first; ``push`` never blocks; ``async for`` reads until closed."""
+    """Items oldest first; ``push`` never blocks; ``async for`` reads until closed.
+
+    Any number of tasks may wait on one feed: every push wakes them all, and each takes an
+    item if one is left (so no waiter sleeps while an item sits queued).
+    """
 
     def __init__(self, max_buffered: int = 1000) -> None:
         if max_buffered < 1:
             raise MisuseError(f"max_buffered must be at least 1, got {max_buffered}")
         self.dropped = 0
         self._queue: deque[T] = deque(maxlen=max_buffered)
-        # The reader's wake-up: a bare future on asyncio (cheapest), else a backend Event.
-        self._wakeup: asyncio.Future[None] | anyio.Event | None = None
+        # The waiters' wake-ups: bare futures on asyncio (cheapest), else backend Events.
+        self._waiters: list[asyncio.Future[None] | anyio.Event] = []
         self._closed = False
 
     def push(self, item: T) -> None:
@@ -48,25 +65,30 @@ class BoundedFeed(Generic[T]):
     __call__ = push  # a feed can be passed wherever a callback is expected
 
     def _wake(self) -> None:
-        wakeup, self._wakeup = self._wakeup, None
-        if wakeup is None:
+        if not self._waiters:
             return
-        if isinstance(wakeup, asyncio.Future):
-            if not wakeup.done():
-                wakeup.set_result(None)
-        else:
-            wakeup.set()
+        waiters, self._waiters = self._waiters, []
+        for wakeup in waiters:
+            if isinstance(wakeup, asyncio.Future):
+                if not wakeup.done():
+                    wakeup.set_result(None)
+            else:
+                wakeup.set()
 
     async def _sleep(self, timeout: float | None) -> None:
         """Wait for the next push (or close), at most ``timeout`` seconds if given."""
         loop = _running_asyncio_loop()
         if loop is None:
-            event = self._wakeup = anyio.Event()
-            with anyio.move_on_after(timeout):
-                await event.wait()
+            event = anyio.Event()
+            self._waiters.append(event)
+            try:
+                with anyio.move_on_after(timeout):
+                    await event.wait()
+            finally:
+                self._forget(event)
             return
         future: asyncio.Future[None] = loop.create_future()
-        self._wakeup = future
+        self._waiters.append(future)
         # A loop timer, not a cancel scope: a watcher that wakes twice a second per
         # migration would otherwise pay for a cancellation every time.
         timer = loop.call_later(timeout, _resolve, future) if timeout is not None else None
@@ -75,6 +97,13 @@ class BoundedFeed(Generic[T]):
         finally:
             if timer is not None:
                 timer.cancel()
+            self._forget(future)
+
+    def _forget(self, wakeup: asyncio.Future[None] | anyio.Event) -> None:
+        """Drop a waiter that woke by timeout or cancellation (a push already dropped the
+        others)."""
+        with contextlib.suppress(ValueError):
+            self._waiters.remove(wakeup)
 
     def pending(self) -> int:
         """How many items are buffered and not yet received."""
@@ -100,6 +129,24 @@ class BoundedFeed(Generic[T]):
         if not (self._queue or self._closed):
             await self._sleep(timeout)
         return bool(self._queue) or self._closed
+
+    def receive_nowait(self) -> T:
+        """The next item if one is buffered; raises ``anyio.WouldBlock`` if none is, and
+        :class:`EndOfSubscription` once closed and drained."""
+        if self._queue:
+            return self._queue.popleft()
+        if self._closed:
+            raise EndOfSubscription
+        raise anyio.WouldBlock
+
+    def statistics(self) -> FeedStatistics:
+        return FeedStatistics(
+            len(self._queue),
+            self._queue.maxlen or 0,
+            self.dropped,
+            len(self._waiters),
+            self._closed,
+        )
 
     def drain(self) -> list[T]:
         """Take every buffered item at once."""

@@ -19,8 +19,8 @@ from kvmflow.engine.events import (
     PolicyActionTaken,
 )
 from kvmflow.migration.decide import Decision, Estimate
-from kvmflow.migration.migrate import MigrationProgress
 from kvmflow.migration.policy import Action
+from kvmflow.migration.results import MigrationProgress
 from kvmflow.migration.status import MigrationSnapshot, MigrationStatus
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

@@ -15,8 +15,10 @@ cancelled migration cleans up after itself).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -42,8 +44,9 @@ from kvmflow.feed import BoundedFeed
 from kvmflow.instance.instance import Instance
 from kvmflow.kvm.hypervisor import KvmHypervisor
 from kvmflow.migration.errors import MigrationError
-from kvmflow.migration.migrate import MigrationProgress, MigrationResult, migrate
+from kvmflow.migration.migrate import migrate
 from kvmflow.migration.policy import MIB, MigrationPolicy
+from kvmflow.migration.results import MigrationProgress, MigrationResult
 from kvmflow.monitor.qmp import QMPClient
 
 _log = structlog.get_logger("kvmflow.engine")
@@ -77,6 +80,25 @@ class Limits:
             or (self.max_total is not None and self.max_total < 1)
         ):
             raise MisuseError(f"migration limits must be at least 1, got {self}")
+
+
+class EventFeed(BoundedFeed[EngineEvent]):
+    """One subscriber's engine events; closing it (or leaving its ``with`` block) detaches
+    it from the engine, so that subscribers that come and go leave nothing behind."""
+
+    def __init__(self, max_buffered: int, detach: Callable[[EventFeed], None]) -> None:
+        super().__init__(max_buffered)
+        self._detach = detach
+
+    def close(self) -> None:
+        super().close()
+        self._detach(self)
+
+    def __enter__(self) -> EventFeed:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 class MigrationTicket:
@@ -175,7 +197,7 @@ class Engine:
         self._tickets: dict[int, MigrationTicket] = {}
         self._ids = itertools.count(1)
         self._served: Counter[str] = Counter()
-        self._feeds: list[BoundedFeed[EngineEvent]] = []
+        self._feeds: list[EventFeed] = []
         self._event_buffer = event_buffer
         self._wakeup: anyio.Event | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
@@ -206,7 +228,7 @@ class Engine:
         try:
             return await exit_task_group(task_group, exc_type, exc, tb)
         finally:
-            for feed in self._feeds:
+            for feed in list(self._feeds):
                 feed.close()
 
     # ------------------------------------------------------------------- registry
@@ -240,11 +262,16 @@ class Engine:
 
     # --------------------------------------------------------------------- events
 
-    def events(self, max_buffered: int | None = None) -> BoundedFeed[EngineEvent]:
-        """A new feed of every engine event from now on (iterate it with ``async for``)."""
-        feed: BoundedFeed[EngineEvent] = BoundedFeed(max_buffered or self._event_buffer)
+    def events(self, max_buffered: int | None = None) -> EventFeed:
+        """A new feed of every engine event from now on: ``with engine.events() as feed:``
+        then ``async for event in feed``. Leaving the block (or ``close()``) detaches it."""
+        feed = EventFeed(max_buffered or self._event_buffer, self._detach)
         self._feeds.append(feed)
         return feed
+
+    def _detach(self, feed: EventFeed) -> None:
+        with contextlib.suppress(ValueError):
+            self._feeds.remove(feed)
 
     def _emit(self, event: EngineEvent) -> None:
         for feed in self._feeds:
@@ -312,6 +339,7 @@ class Engine:
             )
             self._counts["cancelled"] += 1
             ticket._finish("cancelled")
+            del self._tickets[ticket.id]
             self._emit(
                 MigrationCancelled(
                     ticket.id, ticket.instance.name, ticket.source, ticket.target, started=False
@@ -465,6 +493,9 @@ class Engine:
             ticket.error = exc
         except KvmflowError as exc:
             ticket.error = MigrationError(instance.name, str(exc), runs_on=instance.node_name)
+        except Exception as exc:  # a bug: the ticket fails, the engine and others go on
+            _log.exception("migration failed on a bug", instance=instance.name, ticket=ticket.id)
+            ticket.error = exc
         finally:
             ticket.qmp = None
             with anyio.CancelScope(shield=True):
@@ -515,6 +546,7 @@ class Engine:
                     ticket.id, name, ticket.source, ticket.target, str(ticket.error), runs_on
                 )
             )
+        del self._tickets[ticket.id]  # its owner keeps the ticket; the engine forgets it
         await self._rebalance(ticket.source)
         self._wake()
 
@@ -577,4 +609,6 @@ class Engine:
                 summary.moved.append((result.instance, result.target))
             except KvmflowError as exc:
                 summary.failed.append((ticket.instance.name, str(exc)))
+            except Exception as exc:  # a bug in one migration: the others still count
+                summary.failed.append((ticket.instance.name, f"internal error: {exc!r}"))
         return summary

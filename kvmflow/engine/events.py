@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kvmflow.migration.decide import Decision
-from kvmflow.migration.migrate import MigrationProgress, MigrationResult
+from kvmflow.migration.results import MigrationProgress, MigrationResult
 
 
 @dataclass(frozen=True)

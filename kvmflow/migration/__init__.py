@@ -1,8 +1,11 @@
 """Live migration as a cancellable coroutine, watched to its end with tolerance."""
 
 from kvmflow.migration.errors import MigrationError, MigrationFailedError, TooManyBadAnswersError
-from kvmflow.migration.migrate import MigrationProgress, MigrationResult, ProgressFeed, migrate
+from kvmflow.migration.migrate import SourceMonitor, migrate
+from kvmflow.migration.outcome import Outcome
+from kvmflow.migration.phases import MigrationPhase, PhaseChange, PhaseEvent, PhaseListener
 from kvmflow.migration.policy import MigrationPolicy
+from kvmflow.migration.results import MigrationProgress, MigrationResult, ProgressFeed
 from kvmflow.migration.status import (
     BadAnswer,
     MigrationSnapshot,
@@ -15,12 +18,18 @@ __all__ = [
     "BadAnswer",
     "MigrationError",
     "MigrationFailedError",
+    "MigrationPhase",
     "MigrationPolicy",
     "MigrationProgress",
     "MigrationResult",
     "MigrationSnapshot",
     "MigrationStatus",
+    "Outcome",
+    "PhaseChange",
+    "PhaseEvent",
+    "PhaseListener",
     "ProgressFeed",
+    "SourceMonitor",
     "TooManyBadAnswersError",
     "migrate",
     "parse_query_migrate",

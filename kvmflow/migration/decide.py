@@ -39,14 +39,14 @@ class Estimate:
 class Decision:
     """One thing the policy decided, why, and what it sets."""
 
-    action: Action | None  # None: a downtime schedule step
+    action: Action
     trigger: str  # "schedule", "stall", "deadline" or "prediction"
     evidence: str
     downtime_ms: int | None = None
 
     @property
     def name(self) -> str:
-        return self.action.value if self.action else "downtime-step"
+        return self.action.value
 
 
 def estimate(
@@ -136,7 +136,7 @@ class PolicyEngine:
             f"downtime {self.downtime_ms} -> {wanted} ms"
         )
         self.downtime_ms = wanted
-        return [Decision(None, "schedule", evidence, wanted)]
+        return [Decision(Action.DOWNTIME_STEP, "schedule", evidence, wanted)]
 
     def _stalled(self, snapshot: MigrationSnapshot, now: float) -> tuple[str, str] | None:
         rule = self.policy.stall

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from kvmflow.errors import KvmflowError
 from kvmflow.migration.status import BadAnswer
 
+if TYPE_CHECKING:
+    from kvmflow.migration.outcome import Outcome
+
 
 class MigrationError(KvmflowError):
-    """A migration did not happen. ``runs_on`` names the node the instance runs on now
-    (``None`` if it runs nowhere, for example because the source QEMU died)."""
+    """A migration did not happen, or did not finish. ``runs_on`` names the node the instance
+    runs on now (``None`` if it runs nowhere kvmflow can vouch for, for example because the
+    source QEMU died); ``outcome`` says how it ended (``None`` when nothing was started)."""
 
     def __init__(
         self,
@@ -17,12 +23,14 @@ class MigrationError(KvmflowError):
         *,
         runs_on: str | None,
         bad_answers: list[BadAnswer] | None = None,
+        outcome: Outcome | None = None,
     ) -> None:
         self.instance = instance
         self.reason = reason
         self.runs_on = runs_on
         self.bad_answers = bad_answers or []
-        where = f"it still runs on {runs_on}" if runs_on else "it runs nowhere now"
+        self.outcome = outcome
+        where = f"it runs on {runs_on}" if runs_on else "it runs nowhere now"
         super().__init__(f"migration of {instance} failed: {reason}; {where}")
 
 

@@ -1,105 +1,73 @@
 """Live (or non-live) migration of one instance as one cancellable coroutine.
 
-:func:`migrate` moves an instance from the node it runs on to a target node:
+:func:`migrate` moves an instance from the node it runs on to a target node, phase by phase
+(:mod:`kvmflow.migration.phases`):
 
-1. pre-checks that change nothing (the source runs and is this instance; the target does
-   not run it);
-2. the target QEMU is started from the source's saved runtime with ``-incoming defer``,
-   then ``migrate-incoming``; that it listens is confirmed by asking its monitor
-   (``query-migrate`` shows the socket address, ``query-status`` says ``inmigrate``) --
-   never by connecting to the port, which makes QEMU 7.2's target exit;
-3. the ``events`` capability and bandwidth/downtime are set, a non-live migration stops the
-   source first, ``migrate`` starts it, and the watcher follows it to the end;
-4. success: the target runs (resumed if the source was running), saves its runtime, the
-   source QEMU quits and its files go. Failure or cancellation: ``migrate_cancel`` (shielded
-   and bounded), the source is resumed if we paused it, the target is killed and cleaned.
+1. ``checking``: pre-checks that change nothing (the source runs and is this instance; the
+   target does not run it);
+2. ``target-starting`` / ``target-listening``: the target QEMU starts from the source's saved
+   runtime and listens (:mod:`kvmflow.migration.target`);
+3. ``streaming``: capabilities and limits are set, a non-live migration stops the source,
+   ``migrate`` starts the stream and the watcher follows it, the policy acting on every
+   sample (:mod:`kvmflow.migration.actions`);
+4. ``completed-on-source`` -> ``switched-over`` -> ``done``: the target runs the guest,
+   saves its runtime, and the source QEMU quits. From the switch-over on nothing is undone:
+   finishing runs shielded and bounded, and ends with the guest recorded on the target.
 
-After every exit path exactly one copy of the instance runs, and the instance's state
-machine says where.
+Every step that needs undoing pushes its undo on one stack next to the step (kill the
+target, resume the source we paused); a failure before the switch-over cancels the stream
+and unwinds that stack, shielded, within ``policy.cleanup_timeout``; the switch-over drops
+it. How the migration ended is looked up from (phase, what the clean-up found) in
+:mod:`kvmflow.migration.outcome`. After every exit path exactly one copy of the instance
+runs, or the instance is ``failed`` and the error says why kvmflow cannot vouch for one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import anyio
 import structlog
 
-from kvmflow.errors import CommandError, ConnectionLostError, KvmflowError, MisuseError
+from kvmflow.errors import ConnectionLostError, KvmflowError, MisuseError
 from kvmflow.feed import BoundedFeed
 from kvmflow.instance.instance import Instance
 from kvmflow.instance.states import InstanceEvent, InstanceState
 from kvmflow.kvm.hypervisor import KvmHypervisor
 from kvmflow.kvm.runtime import SavedRuntime
-from kvmflow.migration.decide import Decision, Estimate, PolicyEngine
-from kvmflow.migration.errors import (
-    MigrationError,
-    MigrationFailedError,
-    PolicyAbortError,
-    PostcopyRecoveryError,
-    TooManyBadAnswersError,
-)
+from kvmflow.migration.actions import PolicyActions
+from kvmflow.migration.decide import Decision, PolicyEngine
+from kvmflow.migration.errors import MigrationError
 from kvmflow.migration.hmp_monitor import HmpMigrationMonitor
-from kvmflow.migration.policy import Action, MigrationPolicy
+from kvmflow.migration.outcome import INFO, Finding, Outcome, Side, outcome_of
+from kvmflow.migration.phases import (
+    MigrationPhase,
+    PhaseEvent,
+    PhaseListener,
+    PhaseTracker,
+)
+from kvmflow.migration.policy import MigrationPolicy
+from kvmflow.migration.results import MigrationProgress, MigrationResult, ProgressCallback
 from kvmflow.migration.status import BadAnswer, MigrationSnapshot, MigrationStatus
+from kvmflow.migration.target import ContUnanswered, MigrationTarget
 from kvmflow.migration.watch import query_migration, watch_migration
 from kvmflow.monitor.events import EventSubscription
 from kvmflow.monitor.hmp import HMPClient
-from kvmflow.monitor.qmp import ConnectionState, QMPClient
 from kvmflow.monitor.queries import CommandRunner, RunState, query_status
 
 _log = structlog.get_logger("kvmflow.migration")
 
-EVENTS_CAPABILITY = {"capabilities": [{"capability": "events", "state": True}]}
-
-
-@dataclass(frozen=True)
-class MigrationProgress:
-    """One progress report: QEMU's figures, the policy's estimate, the downtime limit now in
-    force, and the decisions the policy took on this sample (with their evidence)."""
-
-    instance: str
-    source: str
-    target: str
-    elapsed: float
-    snapshot: MigrationSnapshot
-    downtime_limit_ms: int = 0
-    estimate: Estimate | None = None
-    decisions: tuple[Decision, ...] = ()
-
-
-@dataclass
-class MigrationResult:
-    """How a completed migration went."""
-
-    instance: str
-    source: str
-    target: str
-    live: bool
-    elapsed: float
-    final: MigrationSnapshot
-    progress_reports: int = 0
-    bad_answers: list[BadAnswer] = field(default_factory=list)
-    source_final_state: str | None = None
-    decisions: list[Decision] = field(default_factory=list)
-    postcopy: bool = False
-    postcopy_recoveries: int = 0
-    target_uri: str = ""  # where the target listened (the port it picked, for port 0)
-
-    @property
-    def downtime_ms(self) -> int | None:
-        return self.final.downtime_ms
-
-    @property
-    def total_time_ms(self) -> int | None:
-        return self.final.total_time_ms
-
-
-ProgressCallback = Callable[[MigrationProgress], None]
+Phase, Step = MigrationPhase, PhaseEvent
+_POSTCOPY_STATUSES = (
+    MigrationStatus.POSTCOPY_ACTIVE,
+    MigrationStatus.POSTCOPY_PAUSED,
+    MigrationStatus.POSTCOPY_RECOVER,
+)
+#: How long to ask again for the final figures QEMU fills in just after ``completed``.
+FINAL_FIGURES_SECONDS = 2.0
 
 
 class SourceMonitor(CommandRunner, Protocol):
@@ -111,11 +79,6 @@ class SourceMonitor(CommandRunner, Protocol):
     async def reconnect(self) -> None: ...
 
 
-class ProgressFeed(BoundedFeed[MigrationProgress]):
-    """Progress reports as an async iterator: pass it as ``on_progress`` and iterate it in
-    another task (``async for report in feed``); it ends when the migration ends."""
-
-
 async def migrate(
     instance: Instance,
     target: KvmHypervisor,
@@ -125,6 +88,7 @@ async def migrate(
     live: bool = True,
     policy: MigrationPolicy | None = None,
     on_progress: ProgressCallback | None = None,
+    on_phase: PhaseListener | None = None,
     source_qmp: SourceMonitor | None = None,
     source_monitor: Literal["qmp", "hmp"] = "qmp",
     source_uri: str | None = None,
@@ -136,11 +100,11 @@ async def migrate(
 
     ``port`` defaults to the instance's ``migration_port``; 0 lets the target pick a free port
     (no collisions when many migrations run at once). ``policy`` defaults to the instance's
-    own bandwidth and downtime. ``source_monitor="hmp"`` is the explicit fallback
-    for a source without a QMP socket (no events: it polls). Pass ``source_qmp`` to share an
-    open monitor
-    connection of the source. Raises :class:`MigrationError` when the migration did not
-    happen (the instance then still runs on the source, or ``runs_on`` says otherwise).
+    own bandwidth and downtime. ``on_phase`` sees every phase step before the next one runs
+    (a journal writes it there). ``source_monitor="hmp"`` is the explicit fallback for a
+    source without a QMP socket (no events: it polls). Pass ``source_qmp`` to share an open
+    monitor connection of the source. Raises :class:`MigrationError` when the migration did
+    not happen or did not finish (``runs_on`` says where the instance runs then).
     """
     spec = instance.spec
     port = spec.hvparams.migration_port if port is None else port
@@ -148,14 +112,7 @@ async def migrate(
         raise MisuseError(f"port {port} is not a TCP port: use 1 to 65535, or 0 for any free one")
     policy = policy or MigrationPolicy.from_hvparams(spec.hvparams)
     run = _Migration(
-        instance,
-        target,
-        target_address,
-        port,
-        live,
-        policy,
-        on_progress,
-        source_uri,
+        instance, target, target_address, port, live, policy, on_progress, on_phase, source_uri
     )
     try:
         async with instance.machine.operation_scope("migrate"):
@@ -166,7 +123,7 @@ async def migrate(
 
 
 class _Migration:
-    """The state of one migration attempt, so that every exit path can undo what was done."""
+    """One migration attempt: its phase, its undo steps and what it reports."""
 
     def __init__(
         self,
@@ -177,40 +134,43 @@ class _Migration:
         live: bool,
         policy: MigrationPolicy,
         on_progress: ProgressCallback | None,
-        source_uri: str | None = None,
+        on_phase: PhaseListener | None,
+        source_uri: str | None,
     ) -> None:
         self.instance = instance
+        self.name = instance.name
         self.source = instance.hypervisor
-        self.target = target
-        self.uri = f"tcp:{_uri_host(address)}:{port}"  # where the target listens
-        self.source_uri = source_uri or self.uri  # where the source connects
-        self.address = address
-        self.port = port
+        self.target_hv = target
+        self.address, self.port = address, port
         self.live = live
         self.policy = policy
         self.on_progress = on_progress
-        self.name = instance.name
+        self.relay_uri = source_uri  # where the source connects, if not where the target is
         self.started_at = time.monotonic()
         self.reports = 0
         self.bad_answers: list[BadAnswer] = []
-        self.target_started = False
-        self.source_paused_by_us = False
-        self.migration_started = False
-        self.postcopy = False  # from post-copy on, the target holds the authoritative state
-        self.postcopy_failed = False
-        self.target_may_have_run = False  # a `cont` reached the target, unconfirmed
-        self.recoveries = 0
-        self.lost_contact = False
-        self._stack: contextlib.AsyncExitStack | None = None
-        self._target_qmp: QMPClient | None = None
-        self.engine = PolicyEngine(policy, instance.spec.memory_mib, self.started_at)
+        self.policy_engine = PolicyEngine(policy, instance.spec.memory_mib, self.started_at)
+        self.phases = PhaseTracker(self.name, self.source.node.name, target.node.name, on_phase)
+        self.undo = contextlib.AsyncExitStack()  # undo steps, dropped at the switch-over
         self.was_running = True
-        self._source_alive = True
+        self.paused_at: float | None = None  # when we stopped the source's vCPUs
+        self.paused_ms: int | None = None
+        self._target: MigrationTarget | None = None
+        self._actions: PolicyActions | None = None
         self.log = _log.bind(
             instance=self.name, source=self.source.node.name, target=target.node.name
         )
 
-    # ------------------------------------------------------------------- main path
+    @property
+    def target(self) -> MigrationTarget:
+        assert self._target is not None
+        return self._target
+
+    @property
+    def source_uri(self) -> str:
+        return self.relay_uri or self.target.uri
+
+    # ------------------------------------------------------------------ checking
 
     async def execute(
         self, source_qmp: SourceMonitor | None, monitor: Literal["qmp", "hmp"] = "qmp"
@@ -221,8 +181,8 @@ class _Migration:
                 f"instance {self.name} is {machine.state.value}; only a running "
                 "or paused instance can migrate"
             )
-        if self.target.node.name == self.source.node.name and (
-            self.target.paths == self.source.paths
+        if self.target_hv.node.name == self.source.node.name and (
+            self.target_hv.paths == self.source.paths
         ):
             raise MisuseError(f"target of {self.name} is the node it runs on")
         runtime = await self.source.load_runtime(self.name)
@@ -230,20 +190,12 @@ class _Migration:
             raise MigrationError(
                 self.name, f"it is not running on {self.source.node.name}", runs_on=None
             )
-        if await self.target.is_running(self.name):
+        if await self.target_hv.is_running(self.name):
             raise MigrationError(
                 self.name,
-                f"it already runs on {self.target.node.name}",
+                f"it already runs on {self.target_hv.node.name}",
                 runs_on=self.source.node.name,
             )
-        return await self._with_source(source_qmp, monitor, runtime)
-
-    async def _with_source(
-        self,
-        source_qmp: SourceMonitor | None,
-        monitor: Literal["qmp", "hmp"],
-        runtime: SavedRuntime,
-    ) -> MigrationResult:
         if source_qmp is not None:
             return await self._with_source_monitor(source_qmp, runtime)
         if monitor == "hmp":
@@ -256,11 +208,19 @@ class _Migration:
     async def _with_source_monitor(
         self, qmp: SourceMonitor, runtime: SavedRuntime
     ) -> MigrationResult:
-        # The target's monitor connection, once opened, is kept to the end of the migration
-        # (set-up, completion, recovery and abort share it); the stack, entered inside the
-        # source monitor's scope, closes it on every path.
-        async with contextlib.AsyncExitStack() as stack:
-            self._stack = stack
+        # The resources stack (the target's monitor connection) closes on every path; the
+        # undo stack is unwound by an abort or dropped at the switch-over.
+        async with contextlib.AsyncExitStack() as resources:
+            self._target = MigrationTarget(
+                self.target_hv, self.name, self.address, self.port, self.policy, resources
+            )
+            self._actions = PolicyActions(
+                qmp,
+                self.target,
+                self.policy,
+                pause_source=lambda: self._pause_source(qmp),
+                switched_to_postcopy=self._enter_postcopy,
+            )
             status = await query_status(qmp)
             if status.state not in (RunState.RUNNING, RunState.PAUSED):
                 raise MigrationError(
@@ -270,151 +230,74 @@ class _Migration:
             self.instance.machine.fire(InstanceEvent.MIGRATE)
             self.log.info(
                 "migration starting",
-                uri=self.uri,
+                address=self.address,
+                port=self.port,
                 live=self.live,
                 bandwidth_mib=self.policy.bandwidth_mib,
                 downtime_ms=self.policy.downtime_ms,
             )
             try:
-                final = await self._transfer(qmp)
+                final = await self._transfer(qmp, runtime)
             except BaseException as exc:
-                with anyio.CancelScope(shield=True):
-                    moved = await self._abort(qmp, exc)
-                if moved is not None:
-                    # QEMU completed before the cancel took effect: the instance moved. A
-                    # cancellation still propagates; any other failure turns into success.
-                    if isinstance(exc, anyio.get_cancelled_exc_class()):
-                        raise
-                    return moved
-                error = self._failure(exc)
-                if error is not None:
-                    raise error from exc
-                raise
-            return await self._finish(qmp, final, runtime)
+                return await self._after_failure(qmp, exc, runtime)
+            return await self._complete(qmp, final, runtime)
 
-    def _failure(self, exc: BaseException) -> MigrationError | None:
-        """The MigrationError that ``exc`` becomes after the abort (None: re-raise as is)."""
-        if self.lost_contact:
-            return MigrationError(
-                self.name,
-                f"lost contact with the source node {self.source.node.name} ({exc}); the "
-                f"target on {self.target.node.name} was left waiting for the stream: when the "
-                "source is reachable again, check where the guest runs and stop the other copy",
-                runs_on=None,
-                bad_answers=self.bad_answers,
-            )
-        if self.postcopy_failed:
-            return MigrationError(
-                self.name,
-                f"post-copy failed after the switch ({exc}); the target "
-                f"{self.target.node.name} holds the newest guest state and the source "
-                f"{self.source.node.name} must not be resumed: restore the link and resume "
-                "the migration, or stop both and restore from backup",
-                runs_on=None,
-                bad_answers=self.bad_answers,
-            )
-        if isinstance(exc, KvmflowError) and not isinstance(exc, MigrationError):
-            runs_on = self.source.node.name if self._source_alive else None
-            return MigrationError(
-                self.name, str(exc), runs_on=runs_on, bad_answers=self.bad_answers
-            )
-        return None
+    # ----------------------------------------------------------------- streaming
 
-    async def _transfer(self, qmp: SourceMonitor) -> MigrationSnapshot:
-        await self._start_target()
+    async def _transfer(self, qmp: SourceMonitor, runtime: SavedRuntime) -> MigrationSnapshot:
+        await self.phases.step(Step.START_TARGET)
+        self.undo.push_async_callback(self.target.stop)
+        await self.target.start(self.instance.spec, runtime, self.source.node.name)
+        await self.phases.step(Step.TARGET_LISTENS)
         capabilities = self.policy.source_capabilities()
         if capabilities:
             await qmp.execute("migrate-set-capabilities", {"capabilities": capabilities})
         await qmp.execute("migrate-set-parameters", self.policy.qemu_parameters())
-        if not self.live and self.was_running:
-            await qmp.execute("stop")
-            self.source_paused_by_us = True
+        if not self.live:
+            await self._pause_source(qmp)
         with qmp.subscribe("MIGRATION", max_buffered=64) as events:
+            await self.phases.step(Step.STREAM)  # before `migrate`: from here it may stream
             await qmp.execute("migrate", {"uri": self.source_uri})
-            self.migration_started = True
             return await watch_migration(
                 qmp,
                 events if self.policy.use_events else None,
                 self.policy,
-                on_snapshot=lambda snapshot: self._on_snapshot(qmp, snapshot),
+                on_snapshot=lambda snapshot: self._on_snapshot(snapshot),
                 on_bad_answer=self._note_bad_answer,
             )
 
-    async def _start_target(self) -> None:
-        spec = self.instance.spec
-        runtime = await self.source.load_runtime(self.name)
-        assert runtime is not None
-        self.target_started = True  # from here on, the target may hold a process or files
-        await self.target.start(spec, runtime=runtime, incoming="defer")
-        tq = await self._target_monitor()
-        capabilities = self.policy.target_capabilities()
-        if capabilities:
-            await tq.execute("migrate-set-capabilities", {"capabilities": capabilities})
-        try:
-            await tq.execute("migrate-incoming", {"uri": self.uri})
-        except KvmflowError as exc:
-            raise MigrationError(
-                self.name,
-                f"target cannot listen on {self.address}:{self.port}: {exc}",
-                runs_on=self.source.node.name,
-            ) from exc
-        listening = await tq.execute("query-migrate")
-        status = await query_status(tq)
-        port = _listening_port(listening, self.port)
-        if status.state is not RunState.INMIGRATE or port is None:
-            raise MigrationError(
-                self.name,
-                f"target is not listening on {self.uri} "
-                f"(status {status.state.value}, {listening!r})",
-                runs_on=self.source.node.name,
-            )
-        if self.port == 0:  # the target picked the port: from now on, use the one it picked
-            self._use_port(port)
-        self.log.info("target listening", uri=self.uri)
+    async def _pause_source(self, qmp: SourceMonitor) -> None:
+        """Stop the source's vCPUs (non-live, or the policy's pause); undone by ``cont``."""
+        if not self.was_running or self.paused_at is not None:
+            return
+        await qmp.execute("stop")
+        self.paused_at = time.monotonic()
 
-    def _use_port(self, port: int) -> None:
-        """Aim the source (unless it goes through a relay) and any recovery at ``port``."""
-        uri = f"tcp:{_uri_host(self.address)}:{port}"
-        if self.source_uri == self.uri:
-            self.source_uri = uri
-        self.uri, self.port = uri, port
+        async def resume() -> None:
+            try:
+                await qmp.execute("cont", timeout=10)
+            except KvmflowError as exc:
+                self.log.error("source could not be resumed", error=str(exc))
 
-    async def _on_snapshot(self, qmp: SourceMonitor, snapshot: MigrationSnapshot) -> None:
+        self.undo.push_async_callback(resume)
+
+    async def _enter_postcopy(self) -> None:
+        """From the switch to post-copy on, the target holds the newest guest state."""
+        if self.phases.phase is Phase.STREAMING:
+            await self.phases.step(Step.SWITCH_TO_POSTCOPY)
+            self.undo.pop_all()  # neither side may be thrown away any more
+
+    async def _on_snapshot(self, snapshot: MigrationSnapshot) -> None:
         """Judge one sample by the policy, act on it, and report it."""
-        if snapshot.status in (
-            MigrationStatus.POSTCOPY_ACTIVE,
-            MigrationStatus.POSTCOPY_PAUSED,
-            MigrationStatus.POSTCOPY_RECOVER,
-        ):
-            self.postcopy = True
-        decisions = self.engine.observe(snapshot, time.monotonic())
+        if snapshot.status in _POSTCOPY_STATUSES:
+            await self._enter_postcopy()
+        decisions = self.policy_engine.observe(snapshot, time.monotonic())
         self._report(snapshot, tuple(decisions))  # first, so that listeners see an abort too
+        assert self._actions is not None
         for decision in decisions:
-            await self._apply(qmp, decision)
+            await self._actions.apply(decision)
         if snapshot.status is MigrationStatus.POSTCOPY_PAUSED:
-            await self._recover_postcopy(qmp)
-
-    async def _apply(self, qmp: SourceMonitor, decision: Decision) -> None:
-        self.log.info(
-            "policy decision",
-            action=decision.name,
-            trigger=decision.trigger,
-            evidence=decision.evidence,
-        )
-        action = decision.action
-        if action is None or action is Action.RAISE_DOWNTIME:
-            await qmp.execute("migrate-set-parameters", {"downtime-limit": decision.downtime_ms})
-        elif action is Action.AUTO_CONVERGE:
-            await qmp.execute("migrate-set-parameters", self.policy.throttle_parameters())
-        elif action is Action.POSTCOPY:
-            await qmp.execute("migrate-start-postcopy")
-            self.postcopy = True
-        elif action is Action.PAUSE:
-            if self.was_running and not self.source_paused_by_us:
-                await qmp.execute("stop")
-                self.source_paused_by_us = True
-        elif action is Action.ABORT:
-            raise PolicyAbortError(decision.trigger, decision.evidence)
+            await self._actions.recover_postcopy(self.source_uri)
 
     def _report(self, snapshot: MigrationSnapshot, decisions: tuple[Decision, ...]) -> None:
         self.reports += 1
@@ -423,156 +306,117 @@ class _Migration:
                 MigrationProgress(
                     self.name,
                     self.source.node.name,
-                    self.target.node.name,
+                    self.target_hv.node.name,
                     time.monotonic() - self.started_at,
                     snapshot,
-                    self.engine.downtime_ms,
-                    self.engine.last_estimate,
+                    self.policy_engine.downtime_ms,
+                    self.policy_engine.last_estimate,
                     decisions,
                 )
             )
 
-    async def _recover_postcopy(self, qmp: SourceMonitor) -> None:
-        """The post-copy link broke: ask the target to listen again and the source to
-        resume into it, until it works or the recovery deadline passes."""
-        self.log.warning(
-            "post-copy paused; recovering",
-            uri=self.uri,
-            deadline=self.policy.postcopy_recovery_seconds,
-        )
-        last_error = "no attempt finished"
-        with anyio.move_on_after(self.policy.postcopy_recovery_seconds):
-            while True:
-                try:
-                    tq = await self._target_monitor()
-                    await tq.execute("migrate-recover", {"uri": self.uri}, timeout=10)
-                    await qmp.execute("migrate", {"uri": self.source_uri, "resume": True})
-                    self.recoveries += 1
-                except KvmflowError as exc:
-                    last_error = str(exc)
-                    self.log.warning("post-copy recovery attempt failed", error=last_error)
-                else:
-                    self.log.info("post-copy recovery started", uri=self.uri)
-                    return
-                await anyio.sleep(1.0)
-        raise PostcopyRecoveryError(self.policy.postcopy_recovery_seconds, last_error)
-
     def _note_bad_answer(self, answer: BadAnswer, in_a_row: int) -> None:
         self.bad_answers.append(answer)
 
-    # --------------------------------------------------------------------- success
+    # --------------------------------------------------------------- completion
+
+    async def _complete(
+        self, qmp: SourceMonitor, final: MigrationSnapshot, runtime: SavedRuntime
+    ) -> MigrationResult:
+        """The source sent everything: get the target going (or take the guest back), then
+        finish. Shielded: a cancel from here on waits for the end instead of tearing it."""
+        with anyio.CancelScope(shield=True):
+            final = await self._final_figures(qmp, final)
+            await self.phases.step(Step.SOURCE_COMPLETED)
+            if self.phases.phase is Phase.COMPLETED_ON_SOURCE:
+                try:
+                    await self.target.take_over(self.was_running)
+                except ContUnanswered as exc:
+                    await self.phases.step(Step.CONT_UNANSWERED)
+                    raise await self._give_up(exc) from exc
+                except (KvmflowError, TimeoutError) as exc:
+                    raise await self._take_back(qmp, exc) from exc
+                await self.phases.step(Step.TARGET_TOOK_OVER)
+            if self.paused_at is not None:
+                self.paused_ms = round((time.monotonic() - self.paused_at) * 1000)
+            self.undo.pop_all()  # the target took over: nothing is undone any more
+            result = await self._finish(qmp, final, runtime)
+        return result  # noqa: RET504 (outside the scope: mypy sees a scope that may swallow)
+
+    async def _final_figures(
+        self, qmp: SourceMonitor, final: MigrationSnapshot
+    ) -> MigrationSnapshot:
+        """QEMU reports ``completed`` a moment before it fills in the total time and the
+        downtime: ask again (bounded) so that the result never shows a 0 it did not mean."""
+        with anyio.move_on_after(FINAL_FIGURES_SECONDS):
+            while not final.total_time_ms or final.downtime_ms is None:
+                await anyio.sleep(0.01)
+                try:
+                    answer = await query_migration(qmp, self.policy.query_timeout)
+                except KvmflowError as exc:  # the figures are nice to have; the move is not
+                    self.log.warning("final migration figures unavailable", error=str(exc))
+                    break
+                if isinstance(answer, MigrationSnapshot) and answer.status is final.status:
+                    final = answer
+        if not final.total_time_ms:  # still unset: say so rather than report a 0
+            final = dataclasses.replace(final, total_time_ms=None)
+        return final
 
     async def _finish(
         self, qmp: SourceMonitor, final: MigrationSnapshot, runtime: SavedRuntime
     ) -> MigrationResult:
-        try:
-            await self._resume_target_if_needed()
-        except (KvmflowError, TimeoutError) as exc:
-            with anyio.CancelScope(shield=True):
-                error = await self._target_never_took_over(qmp, exc)
-            raise error from exc
-        await self.target.save_runtime(self.instance.spec, runtime)
-        source_state = await self._end_source(qmp)
-        self.instance.hypervisor = self.target
-        event = InstanceEvent.MIGRATED if self.was_running else InstanceEvent.MIGRATED_PAUSED
-        self.instance.machine.fire(event, node=self.target.node.name)
-        elapsed = time.monotonic() - self.started_at
+        """The guest runs on the target: record it there and end the source copy. Every
+        step is tried within one deadline; a failed one is reported, never half-undone."""
+        problems: list[str] = []
+        source_state: str | None = None
+        with anyio.move_on_after(self.policy.cleanup_timeout, shield=True) as scope:
+            try:
+                await self.target_hv.save_runtime(self.instance.spec, runtime)
+            except KvmflowError as exc:
+                problems.append(f"the target's runtime was not saved: {exc}")
+            try:
+                source_state = await self._end_source(qmp)
+            except KvmflowError as exc:
+                problems.append(f"the source copy on {self.source.node.name} did not end: {exc}")
+        if scope.cancelled_caught:
+            problems.append(f"finishing did not complete within {self.policy.cleanup_timeout:g} s")
+        self.instance.hypervisor = self.target_hv
+        outcome = Outcome.MOVED_UNFINISHED if problems else Outcome.MOVED
+        self.instance.machine.fire(
+            INFO[outcome].event_for(self.was_running), node=self.target_hv.node.name
+        )
+        await self.phases.step(Step.FINISHED)
+        result = self._result(final, source_state)
+        if problems:
+            self.log.error("migration moved the guest but did not finish", problems=problems)
+            raise self._error(Outcome.MOVED_UNFINISHED, "; ".join(problems))
         self.log.info(
             "migration completed",
-            elapsed=round(elapsed, 3),
-            downtime_ms=final.downtime_ms,
+            elapsed=round(result.elapsed, 3),
+            downtime_ms=result.downtime_ms,
             total_time_ms=final.total_time_ms,
             transferred=final.transferred,
         )
+        return result
+
+    def _result(self, final: MigrationSnapshot, source_state: str | None) -> MigrationResult:
         return MigrationResult(
             self.name,
             self.source.node.name,
-            self.target.node.name,
+            self.target_hv.node.name,
             self.live,
-            elapsed,
+            time.monotonic() - self.started_at,
             final,
             progress_reports=self.reports,
             bad_answers=self.bad_answers,
             source_final_state=source_state,
-            decisions=list(self.engine.decisions),
-            postcopy=self.postcopy,
-            postcopy_recoveries=self.recoveries,
-            target_uri=self.uri,
+            decisions=list(self.policy_engine.decisions),
+            postcopy=any(c.after is Phase.POSTCOPY for c in self.phases.history),
+            postcopy_recoveries=self._actions.recoveries if self._actions else 0,
+            target_uri=self.target.uri,
+            paused_ms=self.paused_ms,
+            phases=tuple(self.phases.history),
         )
-
-    async def _target_monitor(self) -> QMPClient:
-        """The target's QMP connection, opened on first use and kept until the end."""
-        if self._target_qmp is None:
-            assert self._stack is not None
-            self._target_qmp = await self._stack.enter_async_context(
-                self.target.qmp(self.name, command_timeout=self.policy.query_timeout)
-            )
-        elif self._target_qmp.state is ConnectionState.LOST:
-            await self._target_qmp.reconnect()
-        return self._target_qmp
-
-    async def _resume_target_if_needed(self) -> None:
-        tq = await self._target_monitor()
-        with anyio.fail_after(self.policy.target_ready_timeout):
-            status = await query_status(tq)
-            while status.state is RunState.INMIGRATE:
-                await anyio.sleep(0.02)
-                status = await query_status(tq)
-        if self.was_running and not status.running:
-            try:
-                await tq.execute("cont")
-            except CommandError:
-                raise  # QEMU refused: the vCPUs did not start
-            except BaseException:
-                self.target_may_have_run = True  # sent, but no answer: they may have started
-                raise
-
-    async def _target_never_took_over(
-        self, qmp: SourceMonitor, cause: BaseException
-    ) -> MigrationError:
-        """The source sent everything but the target did not get the guest going (it died
-        loading the final device state, hung, or refused ``cont``). If the guest never ran
-        there, the source (in ``postmigrate``, its disks handed over) takes it back with
-        ``cont``, as libvirt does. If a ``cont`` reached the target without an answer, the
-        guest may run there: resuming the source could fork it, so both are left as they are."""
-        source, target = self.source.node.name, self.target.node.name
-        machine = self.instance.machine
-        if self.target_may_have_run:
-            self.log.error("target may have run the guest, then failed", cause=repr(cause))
-            return self._runs_nowhere_known(
-                f"the target on {target} may have run the guest, then failed ({cause}); the "
-                f"source on {source} is stopped after the migration and its state is older: "
-                "check the target, and resume the source only if the target never ran the guest"
-            )
-        self.log.warning("target never took over; resuming the source", cause=repr(cause))
-        await self._stop_target()
-        try:
-            if await self.target.is_running(self.name):
-                raise MigrationError(self.name, "the target could not be stopped", runs_on=None)
-            if self.was_running:
-                await qmp.execute("cont", timeout=10)
-        except KvmflowError as exc:
-            self.log.error("source could not take the guest back", error=str(exc))
-            return self._runs_nowhere_known(
-                f"the target on {target} never took over ({cause}) and the source on "
-                f"{source} could not take the guest back ({exc}): check both nodes"
-            )
-        if self.was_running:
-            machine.fire(InstanceEvent.MIGRATION_ABORTED)
-        else:
-            machine.fire(InstanceEvent.MIGRATION_ABORTED_PAUSED)
-        return MigrationError(
-            self.name,
-            f"the target on {target} never took over after the copy ({cause}); the source "
-            f"took the guest back",
-            runs_on=source,
-            bad_answers=self.bad_answers,
-        )
-
-    def _runs_nowhere_known(self, reason: str) -> MigrationError:
-        """The guest runs on no node kvmflow can vouch for: the operator must look."""
-        self.instance.machine.fire(InstanceEvent.CRASHED)
-        return MigrationError(self.name, reason, runs_on=None, bad_answers=self.bad_answers)
 
     async def _end_source(self, qmp: SourceMonitor) -> str | None:
         """Quit the source QEMU (it is in ``postmigrate``); return the state it was in."""
@@ -585,44 +429,98 @@ class _Migration:
         await self.source.stop(self.name, force=True)
         return state
 
-    # ---------------------------------------------------------------------- failure
+    async def _take_back(self, qmp: SourceMonitor, cause: BaseException) -> MigrationError:
+        """The source sent everything but the target did not get the guest going (it died
+        loading the final device state, hung, or refused ``cont``): the guest never ran
+        there, so the source (in ``postmigrate``, its disks handed over) takes it back with
+        ``cont``, as libvirt does, once the target is gone."""
+        self.log.warning("target never took over; resuming the source", cause=repr(cause))
+        await self.phases.step(Step.ABORT)
+        finding = Finding.SOURCE_KEPT
+        with anyio.move_on_after(self.policy.cleanup_timeout) as scope:
+            await self.target.stop()
+            try:
+                if await self.target.is_running():
+                    raise MigrationError(self.name, "the target could not be stopped", runs_on=None)
+                if self.was_running:
+                    await qmp.execute("cont", timeout=10)
+            except KvmflowError as exc:
+                self.log.error("source could not take the guest back", error=str(exc))
+                cause, finding = exc, Finding.UNDO_FAILED
+        if scope.cancelled_caught:
+            finding = Finding.UNDO_FAILED
+        await self.phases.step(Step.GIVE_UP if finding is Finding.UNDO_FAILED else Step.ABORT_DONE)
+        return await self._conclude(Phase.COMPLETED_ON_SOURCE, finding, cause)
 
-    async def _abort(self, qmp: SourceMonitor, cause: BaseException) -> MigrationResult | None:
-        """Undo everything; return the result if the migration completed anyway."""
-        if self.postcopy:
-            return await self._postcopy_exit(qmp, cause)
-        self.log.warning("migration aborting", cause=repr(cause))
+    # ------------------------------------------------------------------ failure
+
+    async def _after_failure(
+        self, qmp: SourceMonitor, exc: BaseException, runtime: SavedRuntime
+    ) -> MigrationResult:
+        """Clean up after ``exc`` according to the phase it hit; return the result if the
+        migration completed anyway, else raise (the original exception for a cancel or a
+        bug, a :class:`MigrationError` saying where the guest runs otherwise)."""
+        phase = self.phases.phase
+        with anyio.CancelScope(shield=True):
+            if phase is Phase.POSTCOPY:
+                moved, error = await self._postcopy_exit(qmp, exc, runtime)
+            else:
+                moved, error = await self._abort(qmp, exc, runtime)
+        if moved is not None:
+            # QEMU completed before the abort took effect: the instance moved. A cancel
+            # still propagates; any other failure turns into success.
+            if isinstance(exc, anyio.get_cancelled_exc_class()):
+                raise exc
+            return moved
+        assert error is not None
+        if isinstance(exc, KvmflowError):
+            raise error from exc
+        if not isinstance(exc, anyio.get_cancelled_exc_class()):
+            self.log.exception("migration failed on a bug", error=repr(exc))
+        raise exc
+
+    async def _abort(
+        self, qmp: SourceMonitor, cause: BaseException, runtime: SavedRuntime
+    ) -> tuple[MigrationResult | None, MigrationError | None]:
+        """Cancel the stream and unwind the undo stack within one deadline."""
+        phase = self.phases.phase
+        self.log.warning("migration aborting", phase=phase.value, cause=repr(cause))
+        await self.phases.step(Step.ABORT)
+        finding = Finding.SOURCE_KEPT
         completed: MigrationSnapshot | None = None
-        source_reachable = True
-        if isinstance(cause, ConnectionLostError) and self.migration_started:
-            contact = await self._reach_source_again(qmp)
-            if contact == "unknown":
-                self._lost_contact()
-                return None
-            source_reachable = contact == "reconnected"
-        try:
-            if self.migration_started and source_reachable:
+        with anyio.move_on_after(self.policy.cleanup_timeout) as scope:
+            reachable = True
+            if phase is Phase.STREAMING and isinstance(cause, ConnectionLostError):
+                contact = await self._reach_source_again(qmp)
+                if contact == "unknown":
+                    # The source may still stream and cannot be asked: the target is left
+                    # waiting (it runs nothing) so that no guest state is thrown away.
+                    self.undo.pop_all()
+                    await self.phases.step(Step.GIVE_UP)
+                    return None, await self._conclude(phase, Finding.CONTACT_LOST, cause)
+                reachable = contact == "reconnected"
+            if phase is Phase.STREAMING and reachable:
                 completed = await self._cancel_on_source(qmp)
             if completed is not None:
-                runtime = await self.source.load_runtime(self.name)
-                assert runtime is not None
-                return await self._finish(qmp, completed, runtime)
-            if self.source_paused_by_us:
-                await qmp.execute("cont", timeout=10)
-        except KvmflowError as exc:
-            self.log.warning("source could not be restored", error=str(exc))
-        finally:
-            if completed is None:
-                await self._stop_target()
-        self._source_alive = await self.source.is_running(self.name)
-        machine = self.instance.machine
-        if not self._source_alive:
-            machine.fire(InstanceEvent.CRASHED)
-        elif self.was_running:
-            machine.fire(InstanceEvent.MIGRATION_ABORTED)
+                self.undo.pop_all()
+            else:
+                await self.undo.aclose()
+                if await self.target.is_running():
+                    finding = Finding.UNDO_FAILED
+                elif not await self.source.is_running(self.name):
+                    finding = Finding.SOURCE_DIED
+        if scope.cancelled_caught:
+            finding = Finding.UNDO_FAILED
+        elif completed is not None:
+            try:
+                return await self._complete(qmp, completed, runtime), None
+            except MigrationError as error:
+                return None, error
+        if finding is Finding.UNDO_FAILED:
+            await self.phases.step(Step.GIVE_UP)
         else:
-            machine.fire(InstanceEvent.MIGRATION_ABORTED_PAUSED)
-        return None
+            await self.phases.step(Step.ABORT_DONE)
+        return None, await self._conclude(phase, finding, cause)
 
     async def _reach_source_again(self, qmp: SourceMonitor) -> str:
         """After the source monitor connection dropped (QEMU died, or only the path to it,
@@ -642,47 +540,9 @@ class _Migration:
                     return "reconnected"
         return "unknown"
 
-    def _lost_contact(self) -> None:
-        """The source may still be migrating and cannot be asked: the target is left
-        waiting (it holds nothing that runs) so that no guest state is thrown away."""
-        self.lost_contact = True
-        self.log.error(
-            "lost contact with the source node; target left waiting for the operator",
-            target=self.target.node.name,
-        )
-        self.instance.machine.fire(InstanceEvent.CRASHED)
-
-    async def _postcopy_exit(
-        self, qmp: SourceMonitor, cause: BaseException
-    ) -> MigrationResult | None:
-        """After the switch to post-copy the target holds the newest guest state: the
-        source is never resumed and the target never killed. A cancel waits for the
-        migration to finish instead; a failure leaves both QEMUs for the operator."""
-        if isinstance(cause, anyio.get_cancelled_exc_class()):
-            self.log.warning("cancel requested during post-copy; finishing the migration")
-            with anyio.move_on_after(self.policy.cancel_timeout):
-                try:
-                    final = await watch_migration(
-                        qmp, None, self.policy, on_snapshot=self._on_snapshot_plain
-                    )
-                    runtime = await self.source.load_runtime(self.name)
-                    assert runtime is not None
-                    return await self._finish(qmp, final, runtime)
-                except KvmflowError as exc:
-                    cause = exc
-        self.postcopy_failed = True
-        self.log.error(
-            "post-copy failed; the target holds the newest guest state and the "
-            "source must not be resumed",
-            cause=repr(cause),
-        )
-        self.instance.machine.fire(InstanceEvent.CRASHED)
-        return None
-
-    def _on_snapshot_plain(self, snapshot: MigrationSnapshot) -> None:
-        self._report(snapshot, ())
-
     async def _cancel_on_source(self, qmp: SourceMonitor) -> MigrationSnapshot | None:
+        """``migrate_cancel`` and wait for QEMU to confirm; the ``completed`` snapshot if
+        the migration finished first."""
         try:
             try:
                 await qmp.execute("migrate_cancel", timeout=10)
@@ -702,44 +562,81 @@ class _Migration:
                         return result
                     if result.status in (MigrationStatus.CANCELLED, MigrationStatus.FAILED):
                         return None
+                elif result.raw == "{}":  # `migrate` never reached QEMU: nothing to cancel
+                    return None
                 await anyio.sleep(0.05)
         self.log.warning(
             "QEMU did not confirm the cancel in time", timeout=self.policy.cancel_timeout
         )
         return None
 
-    async def _stop_target(self) -> None:
-        if not self.target_started:
-            return
-        try:
-            await self.target.stop(self.name, force=True)
-        except KvmflowError as exc:
-            self.log.error("target could not be cleaned", error=str(exc))
+    async def _postcopy_exit(
+        self, qmp: SourceMonitor, cause: BaseException, runtime: SavedRuntime
+    ) -> tuple[MigrationResult | None, MigrationError | None]:
+        """After the switch to post-copy the target holds the newest guest state: the
+        source is never resumed and the target never killed. A cancel waits for the
+        migration to finish instead; a failure leaves both QEMUs for the operator."""
+        if isinstance(cause, anyio.get_cancelled_exc_class()):
+            self.log.warning("cancel requested during post-copy; finishing the migration")
+            with anyio.move_on_after(self.policy.cancel_timeout):
+                try:
+                    final = await watch_migration(
+                        qmp, None, self.policy, on_snapshot=lambda s: self._report(s, ())
+                    )
+                    return await self._complete(qmp, final, runtime), None
+                except MigrationError as error:
+                    return None, error
+                except KvmflowError as exc:
+                    cause = exc
+        self.log.error(
+            "post-copy failed; the target holds the newest guest state and the "
+            "source must not be resumed",
+            cause=repr(cause),
+        )
+        await self.phases.step(Step.GIVE_UP)
+        return None, await self._conclude(Phase.POSTCOPY, Finding.LEFT_AS_IS, cause)
+
+    async def _give_up(self, cause: BaseException) -> MigrationError:
+        """Neither copy can be vouched for: leave both for the operator."""
+        phase = self.phases.phase
+        self.log.error("migration stranded; both QEMUs left as they are", cause=repr(cause))
+        await self.phases.step(Step.GIVE_UP)
+        return await self._conclude(phase, Finding.LEFT_AS_IS, cause)
+
+    async def _conclude(
+        self, phase: MigrationPhase, finding: Finding, cause: BaseException
+    ) -> MigrationError:
+        """Record the outcome of (phase, finding) on the instance; the error that says it."""
+        outcome = outcome_of(phase, finding)
+        info = INFO[outcome]
+        node = self.target_hv.node.name if info.side is Side.TARGET else None
+        if info.side is Side.TARGET:
+            self.instance.hypervisor = self.target_hv
+        self.instance.machine.fire(info.event_for(self.was_running), node=node)
+        self.log.warning("migration ended", outcome=outcome.value, phase=phase.value)
+        return self._error(outcome, _cause_text(cause))
+
+    def _error(self, outcome: Outcome, cause: str) -> MigrationError:
+        info = INFO[outcome]
+        runs_on = {
+            Side.SOURCE: self.source.node.name,
+            Side.TARGET: self.target_hv.node.name,
+            Side.UNKNOWN: None,
+        }[info.side]
+        reason = info.message.format(
+            source=self.source.node.name, target=self.target_hv.node.name, cause=cause
+        )
+        return MigrationError(
+            self.name, reason, runs_on=runs_on, bad_answers=self.bad_answers, outcome=outcome
+        )
 
 
-def _uri_host(address: str) -> str:
-    """``address`` as the host part of a ``tcp:`` URI (IPv6 literals in brackets)."""
-    return f"[{address}]" if ":" in address and not address.startswith("[") else address
+def _cause_text(cause: BaseException) -> str:
+    if isinstance(cause, MigrationError):
+        return cause.reason
+    if isinstance(cause, anyio.get_cancelled_exc_class()):
+        return "cancelled"
+    return str(cause) or type(cause).__name__
 
 
-def _listening_port(listening: object, wanted: int) -> int | None:
-    """The TCP port the target's ``query-migrate`` says it listens on: ``wanted``, or, when
-    ``wanted`` is 0 (any free port), the one it picked. None when it does not listen."""
-    addresses = listening.get("socket-address", []) if isinstance(listening, dict) else []
-    for address in addresses if isinstance(addresses, list) else []:
-        text = str(address.get("port")) if isinstance(address, dict) else ""
-        port = int(text) if text.isdigit() else 0
-        if port > 0 and wanted in (0, port):
-            return port
-    return None
-
-
-__all__ = [
-    "MigrationError",
-    "MigrationFailedError",
-    "MigrationProgress",
-    "MigrationResult",
-    "ProgressFeed",
-    "TooManyBadAnswersError",
-    "migrate",
-]
+__all__ = ["SourceMonitor", "migrate"]

@@ -23,6 +23,7 @@ GIB = 1024 * MIB
 class Action(enum.StrEnum):
     """What the policy may do to a migration that does not converge, in the order given."""
 
+    DOWNTIME_STEP = "downtime-step"  # the downtime schedule's next step (not a stall action)
     RAISE_DOWNTIME = "raise-downtime"  # double the allowed downtime, up to the ceiling
     AUTO_CONVERGE = "auto-converge"  # let QEMU throttle the guest's vCPUs
     POSTCOPY = "postcopy"  # switch to post-copy (needs postcopy_ram)
@@ -122,6 +123,7 @@ class MigrationPolicy:
     query_timeout: float = 10.0
     cancel_timeout: float = 30.0
     target_ready_timeout: float = 30.0
+    cleanup_timeout: float = 90.0  # all of an abort, or all of the finishing, at most
     postcopy_recovery_seconds: float = 60.0
     wake_on_events: bool = True  # False: poll only (events still enabled, e.g. for timing)
 
@@ -309,8 +311,9 @@ def _check(policy: MigrationPolicy) -> list[FieldProblem]:
         bad("seconds_per_gib", policy.seconds_per_gib, "positive seconds per GiB or None")
     for name in ("stall_actions", "deadline_actions"):
         for action in getattr(policy, name):
-            if not isinstance(action, Action):
-                bad(name, action, f"actions from {', '.join(a.value for a in Action)}")
+            if not isinstance(action, Action) or action is Action.DOWNTIME_STEP:
+                allowed = ", ".join(a.value for a in Action if a is not Action.DOWNTIME_STEP)
+                bad(name, action, f"actions from {allowed}")
     if policy.uses(Action.POSTCOPY) and not policy.capabilities.postcopy_ram:
         bad(
             "capabilities.postcopy_ram",
@@ -336,6 +339,7 @@ def _check(policy: MigrationPolicy) -> list[FieldProblem]:
         "query_timeout",
         "cancel_timeout",
         "target_ready_timeout",
+        "cleanup_timeout",
         "action_grace_seconds",
         "postcopy_recovery_seconds",
     ):
