@@ -139,12 +139,13 @@ def main() -> None:
         for _ in range(args.rounds):
             for name, case in cases.items():
                 samples[name].append(case())
-    result = {name: round(statistics.median(values), 1) for name, values in samples.items()}
-    for name, value in result.items():
+    medians = {name: round(statistics.median(values), 1) for name, values in samples.items()}
+    for name, value in medians.items():
         print(f"{name:>22}: {value:9.1f} us per query-status", file=sys.stderr)
-    result["ratio_vs_raw"] = round(result["kvmflow_asyncio"] / result["raw_same_bytes"], 3)
-    result["ratio_vs_raw_no_id"] = round(result["kvmflow_asyncio"] / result["raw_no_id"], 3)
-    result["ratio_trio_vs_raw"] = round(result["kvmflow_trio"] / result["raw_same_bytes"], 3)
+    result: dict[str, float | str] = dict(medians)
+    result["ratio_vs_raw"] = round(medians["kvmflow_asyncio"] / medians["raw_same_bytes"], 3)
+    result["ratio_vs_raw_no_id"] = round(medians["kvmflow_asyncio"] / medians["raw_no_id"], 3)
+    result["ratio_trio_vs_raw"] = round(medians["kvmflow_trio"] / medians["raw_same_bytes"], 3)
     result["unit"] = "us"
     print(json.dumps(result))
 

@@ -11,6 +11,7 @@ import pytest
 from kvmflow.errors import ValidationError
 from kvmflow.kvm import Disk, HvParams, InstanceSpec, Nic, RuntimePaths, build_argv
 from kvmflow.kvm.argv import execution_args
+from kvmflow.kvm.params import DiskCache, DiskType, KvmFlag, NicType, SecurityModel, UsbMouse
 
 PATHS = RuntimePaths("/run/kvf")
 
@@ -54,7 +55,9 @@ def test_no_spelling_that_qemu_7_2_rejects(old: str) -> None:
         "vm1",
         disks=(Disk("/dev/vg/d0"),),
         nics=(Nic("52:54:00:00:00:01"),),
-        hvparams=HvParams(acpi=False, use_localtime=True, kvm_flag="disabled", usb_mouse="mouse"),
+        hvparams=HvParams(
+            acpi=False, use_localtime=True, kvm_flag=KvmFlag.DISABLED, usb_mouse=UsbMouse.MOUSE
+        ),
     )
     argv = argv_for(spec)
     assert old not in argv
@@ -64,8 +67,8 @@ def test_no_spelling_that_qemu_7_2_rejects(old: str) -> None:
 def test_acpi_off_and_accelerators() -> None:
     assert ("-machine", "acpi=off") in pairs(argv_for(acpi=False))
     assert "-machine" not in argv_for()
-    assert ("-accel", "kvm") in pairs(argv_for(kvm_flag="enabled"))
-    assert ("-accel", "tcg") in pairs(argv_for(kvm_flag="disabled"))
+    assert ("-accel", "kvm") in pairs(argv_for(kvm_flag=KvmFlag.ENABLED))
+    assert ("-accel", "tcg") in pairs(argv_for(kvm_flag=KvmFlag.DISABLED))
     spec = InstanceSpec("vm1")
     assert ("-accel", "tcg") in pairs(build_argv(spec, PATHS, default_accelerator="tcg"))
 
@@ -87,7 +90,9 @@ def test_boot_order(order: str, device: str) -> None:
     ],
 )
 def test_disk_interfaces(disk_type: str, expected: str) -> None:
-    spec = InstanceSpec("vm1", disks=(Disk("/d/0"),), hvparams=HvParams(disk_type=disk_type))
+    spec = InstanceSpec(
+        "vm1", disks=(Disk("/d/0"),), hvparams=HvParams(disk_type=DiskType(disk_type))
+    )
     assert ("-drive", expected) in pairs(argv_for(spec))
 
 
@@ -95,7 +100,7 @@ def test_scsi_disks_use_a_virtio_scsi_controller_and_cache() -> None:
     spec = InstanceSpec(
         "vm1",
         disks=(Disk("/d/0"), Disk("/d/1")),
-        hvparams=HvParams(disk_type="scsi", disk_cache="none"),
+        hvparams=HvParams(disk_type=DiskType.SCSI, disk_cache=DiskCache.NONE),
     )
     p = pairs(argv_for(spec))
     assert ("-device", "virtio-scsi-pci,id=scsi0") in p
@@ -105,7 +110,9 @@ def test_scsi_disks_use_a_virtio_scsi_controller_and_cache() -> None:
 
 @pytest.mark.parametrize("cache", ["none", "writethrough", "writeback"])
 def test_disk_cache(cache: str) -> None:
-    spec = InstanceSpec("vm1", disks=(Disk("/d/0"),), hvparams=HvParams(disk_cache=cache))
+    spec = InstanceSpec(
+        "vm1", disks=(Disk("/d/0"),), hvparams=HvParams(disk_cache=DiskCache(cache))
+    )
     assert ("-drive", f"file=/d/0,format=raw,if=virtio,cache={cache}") in pairs(argv_for(spec))
 
 
@@ -216,7 +223,7 @@ def test_nics_as_netdev_tap(nic_type: str, model: str) -> None:
     spec = InstanceSpec(
         "vm1",
         nics=(Nic("52:54:00:00:00:01"), Nic("52:54:00:00:00:02")),
-        hvparams=HvParams(nic_type=nic_type),
+        hvparams=HvParams(nic_type=NicType(nic_type)),
     )
     p = pairs(argv_for(spec))
     assert ("-netdev", "tap,id=nic1,script=/run/kvf/nic/vm1-1.up,downscript=no") in p
@@ -232,9 +239,11 @@ def test_vhost_net() -> None:
 
 def test_execution_args() -> None:
     assert execution_args(InstanceSpec("vm1")) == []
-    user = InstanceSpec("vm1", hvparams=HvParams(security_model="user", security_domain="nobody"))
+    user = InstanceSpec(
+        "vm1", hvparams=HvParams(security_model=SecurityModel.USER, security_domain="nobody")
+    )
     assert execution_args(user) == ["-runas", "nobody"]
-    pool = InstanceSpec("vm1", hvparams=HvParams(security_model="pool"))
+    pool = InstanceSpec("vm1", hvparams=HvParams(security_model=SecurityModel.POOL))
     assert execution_args(pool, uid=5003, incoming="defer") == [
         "-runas",
         "5003:5003",

@@ -32,8 +32,10 @@ from kvmflow.kvm import (
     UidPoolExhaustedError,
     default_accelerator,
 )
+from kvmflow.kvm.params import BootOrder, DiskType, SecurityModel
 from kvmflow.monitor import RunState, query_status
 from kvmflow.node import LocalNode
+from kvmflow.node.base import CommandResult
 from tests.tls import make_x509_dir
 
 pytestmark = pytest.mark.anyio
@@ -140,7 +142,7 @@ async def test_start_failure_carries_qemus_message_and_leaves_nothing(
         "vm-d",
         memory_mib=32,
         disks=(Disk(str(image)),),
-        hvparams=HvParams(disk_type="pflash", security_model="pool"),
+        hvparams=HvParams(disk_type=DiskType.PFLASH, security_model=SecurityModel.POOL),
     )
     with pytest.raises(QemuStartError, match="firmware exceeds"):
         await hv.start(spec)
@@ -152,7 +154,7 @@ async def test_invalid_spec_is_refused_before_anything_is_written(
     hv: KvmHypervisor, runtime_root: Path
 ) -> None:
     with pytest.raises(ValidationError) as info:
-        await hv.start(small("vm-e", kernel_path="/nope", boot_order="cdrom"))
+        await hv.start(small("vm-e", kernel_path="/nope", boot_order=BootOrder.CDROM))
     assert {p.field for p in info.value.problems} == {"kernel_path", "root_path", "boot_order"}
     assert list(runtime_root.iterdir()) == []
 
@@ -203,7 +205,9 @@ async def test_non_empty_chroot_goes_to_quarantine(hv: KvmHypervisor, runtime_ro
 
 
 async def test_security_model_user_runs_as_that_user(hv: KvmHypervisor) -> None:
-    info = await hv.start(small("vm-i", security_model="user", security_domain="nobody"))
+    info = await hv.start(
+        small("vm-i", security_model=SecurityModel.USER, security_domain="nobody")
+    )
     assert psutil.Process(info.pid).uids().real == pwd.getpwnam("nobody").pw_uid
     await hv.stop("vm-i", force=True)
 
@@ -211,17 +215,19 @@ async def test_security_model_user_runs_as_that_user(hv: KvmHypervisor) -> None:
 async def test_uid_pool_gives_each_instance_its_own_uid(
     hv: KvmHypervisor, runtime_root: Path
 ) -> None:
-    a = await hv.start(small("vm-p1", security_model="pool"))
-    b = await hv.start(small("vm-p2", security_model="pool"))
+    a = await hv.start(small("vm-p1", security_model=SecurityModel.POOL))
+    b = await hv.start(small("vm-p2", security_model=SecurityModel.POOL))
     a_uid, b_uid = psutil.Process(a.pid).uids().real, psutil.Process(b.pid).uids().real
     assert {a_uid, b_uid} == {5000, 5001}
     with pytest.raises(UidPoolExhaustedError, match="5000-5001"):
-        await hv.start(small("vm-p3", security_model="pool"))
+        await hv.start(small("vm-p3", security_model=SecurityModel.POOL))
     assert not Path(hv.paths.pid_file("vm-p3")).exists()
     assert not Path(hv.paths.uid_file("vm-p3")).exists()
     await hv.stop("vm-p1", force=True)
     assert sorted(os.listdir(runtime_root / "uid-pool")) == [str(b_uid)]
-    c = await hv.start(small("vm-p3", security_model="pool"))  # the released uid is reused
+    c = await hv.start(
+        small("vm-p3", security_model=SecurityModel.POOL)
+    )  # the released uid is reused
     assert psutil.Process(c.pid).uids().real == a_uid
     await hv.stop("vm-p2", force=True)
     await hv.stop("vm-p3", force=True)
@@ -322,6 +328,7 @@ async def test_vnc_tls_with_x509_verification_really_handshakes(
     assert [(v["auth"], v["vencrypt"]) for v in servers] == [("vencrypt", "x509-vnc")]
     viewer = ssl.create_default_context(cafile=creds.ca_cert)
     viewer.load_cert_chain(creds.cert, creds.key)
+    assert spec.network_port is not None
     subtypes, challenge = await anyio.to_thread.run_sync(
         vnc_x509_handshake, spec.network_port, viewer
     )
@@ -390,3 +397,59 @@ async def test_node_info_and_console(hv: KvmHypervisor) -> None:
     assert command[-1] == f"UNIX-CONNECT:{hv.paths.serial_socket('vm-x')}"
     assert "escape=0x1d" in command[1]
     assert "no serial console" in str(hv.console(small("vm-x", serial_console=False)))
+
+
+async def test_a_qemu_whose_pid_file_vanished_is_still_found_and_stopped(
+    hv: KvmHypervisor, runtime_root: Path
+) -> None:
+    info = await hv.start(small("vm-orphan"))
+    os.remove(hv.paths.pid_file("vm-orphan"))  # the runtime directory lost under it
+    assert await hv.find_pid("vm-orphan") is None
+    assert await hv.find_pids("vm-orphan") == [info.pid]  # found by its command line
+    assert await hv.is_running("vm-orphan")
+    with pytest.raises(InstanceRunningError, match="already running"):
+        await hv.start(small("vm-orphan"))  # never a second copy
+    await hv.stop("vm-orphan", force=True)
+    assert not psutil.pid_exists(info.pid) or psutil.Process(info.pid).status() == "zombie"
+    assert not await hv.is_running("vm-orphan")
+
+
+class DiesAfterSavingItsRuntime(KvmHypervisor):
+    """QEMU dies between the saved runtime and the final check of the start."""
+
+    async def info(self, name: str) -> Any:
+        pid = await self.find_pid(name)
+        if pid is not None and await self.load_runtime(name) is not None:
+            os.kill(pid, 9)
+            while await self.node.process_cmdline(pid) is not None:
+                await anyio.sleep(0.02)
+        return await super().info(name)
+
+
+async def test_a_qemu_that_dies_right_after_starting_leaves_no_files(
+    runtime_root: Path,
+) -> None:
+    hv = DiesAfterSavingItsRuntime(LocalNode("local"), RuntimePaths(str(runtime_root)))
+    with pytest.raises(QemuStartError, match="died right after starting"):
+        await hv.start(small("vm-dies"))
+    assert leftovers(runtime_root) == []
+
+
+class KilledWhileStarting(LocalNode):
+    """A node on which QEMU is killed (SIGKILL) before it daemonizes: no word from it."""
+
+    async def run(self, argv: list[str], **kwargs: Any) -> Any:
+        if "-daemonize" in argv:
+            return CommandResult(tuple(argv), -9, b"", b"")
+        return await super().run(argv, **kwargs)
+
+
+async def test_a_qemu_killed_during_its_start_is_not_called_a_refusal(
+    runtime_root: Path,
+) -> None:
+    hv = KvmHypervisor(KilledWhileStarting("local"), RuntimePaths(str(runtime_root)))
+    with pytest.raises(QemuStartError) as info:
+        await hv.start(small("vm-killed"))
+    assert "refused" not in str(info.value)
+    assert "ended during its start on local (exit status -9) without a word" in str(info.value)
+    assert leftovers(runtime_root) == []

@@ -16,6 +16,7 @@ from kvmflow.instance import (
     InstanceState,
     mermaid_diagram,
 )
+from kvmflow.instance.machine import Transition
 
 pytestmark = pytest.mark.anyio
 
@@ -35,7 +36,7 @@ def test_illegal_event_names_state_and_event_and_changes_nothing() -> None:
     assert info.value.event is InstanceEvent.MIGRATE
     assert "'migrate' is not allowed in state 'defined'" in str(info.value)
     assert machine.state is InstanceState.DEFINED
-    assert machine.history == []
+    assert list(machine.history) == []
 
 
 def test_transitions_are_logged_with_instance_and_node() -> None:
@@ -56,20 +57,22 @@ def test_transitions_are_logged_with_instance_and_node() -> None:
 
 async def test_observers_wait_for_states_and_changes() -> None:
     machine = InstanceMachine("vm1", "node-a")
-    seen = []
+    changes: list[Transition] = []
+    reached: list[InstanceState] = []
 
     async def watcher() -> None:
-        seen.append(await machine.next_change(timeout=5))
-        seen.append(await machine.wait_for(InstanceState.RUNNING, timeout=5))
+        changes.append(await machine.next_change(timeout=5))
+        reached.append(await machine.wait_for(InstanceState.RUNNING, timeout=5))
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(watcher)
-        await anyio.sleep(0.01)
+        await anyio.wait_all_tasks_blocked()  # the watcher waits for the first change
         machine.fire(InstanceEvent.START)
-        await anyio.sleep(0.01)
+        await anyio.wait_all_tasks_blocked()  # ... and now for RUNNING
+        assert reached == []
         machine.fire(InstanceEvent.STARTED)
-    assert seen[0].after is InstanceState.STARTING
-    assert seen[1] is InstanceState.RUNNING
+    assert changes[0].after is InstanceState.STARTING
+    assert reached == [InstanceState.RUNNING]
     with pytest.raises(DeadlineError, match="to be stopped"):
         await machine.wait_for(InstanceState.STOPPED, timeout=0.05)
 
@@ -97,3 +100,29 @@ def test_readme_diagram_is_the_transition_table() -> None:
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert f"```mermaid\n{mermaid_diagram()}\n```" in readme
+
+
+def test_history_keeps_the_newest_transitions_only() -> None:
+    from kvmflow.instance.machine import HISTORY_LENGTH
+
+    machine = InstanceMachine("vm1", "node-a", InstanceState.RUNNING)
+    for _ in range(HISTORY_LENGTH * 3):
+        machine.fire(InstanceEvent.PAUSE)
+        machine.fire(InstanceEvent.RESUME)
+    assert len(machine.history) == HISTORY_LENGTH
+    assert machine.history[-1].event is InstanceEvent.RESUME
+
+
+def test_a_failed_stop_of_a_paused_instance_leaves_it_paused() -> None:
+    machine = InstanceMachine("vm1", "node-a", InstanceState.PAUSED)
+    machine.fire(InstanceEvent.STOP)
+    assert machine.fire(InstanceEvent.STOP_FAILED_PAUSED) is InstanceState.PAUSED
+
+
+def test_readme_phase_diagram_is_the_phase_table() -> None:
+    from pathlib import Path
+
+    from kvmflow.migration.phases import mermaid_diagram as phase_diagram
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert f"```mermaid\n{phase_diagram()}\n```" in readme

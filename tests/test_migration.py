@@ -18,6 +18,7 @@ from kvmflow.guest import dirty_guest_spec, wait_for_sweeps
 from kvmflow.guest import sweep_count as sweeps
 from kvmflow.instance import Instance, InstanceState
 from kvmflow.kvm import HvParams, InstanceInfo, InstanceSpec, KvmHypervisor
+from kvmflow.kvm.params import UsbMouse
 from kvmflow.kvm.runtime import SavedRuntime
 from kvmflow.migration import (
     MigrationError,
@@ -230,7 +231,7 @@ async def test_source_takes_the_guest_back_when_the_target_never_takes_over(
     source, plain_target = nodes
     target = TargetWithoutTablet(plain_target.node, plain_target.paths)
     spec = InstanceSpec(
-        "mig-back", memory_mib=64, hvparams=HvParams(migration_port=0, usb_mouse="tablet")
+        "mig-back", memory_mib=64, hvparams=HvParams(migration_port=0, usb_mouse=UsbMouse.TABLET)
     )
     instance = await started(spec, source)
     reports: list[MigrationProgress] = []

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import os
 import shutil
+from typing import Any
 
 import anyio
+import anyio.lowlevel
+import psutil
 import pytest
 
 from kvmflow.instance import Instance, InstanceState
@@ -22,6 +25,7 @@ from kvmflow.migration import (
     migrate,
 )
 from kvmflow.monitor import RunState, query_status
+from kvmflow.node import LocalNode
 
 pytestmark = pytest.mark.anyio
 
@@ -72,7 +76,7 @@ async def test_a_move_records_every_phase_and_the_listener_sees_each_first(
     async def listener(change: PhaseChange) -> None:
         # Write-ahead: the listener sees a step before it is taken.
         seen.append(change)
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
 
     result = await migrate(
         instance, target, target_address="127.0.0.1", policy=FAST, on_phase=listener
@@ -183,3 +187,38 @@ async def test_a_cancel_while_the_target_starts_leaves_nothing(
     assert await run_state(source, "ph-early") is RunState.RUNNING
     assert instance.machine.state is InstanceState.RUNNING
     assert instance.machine.node == "node-a"
+
+
+class LosesRuntimeDirOnStart(LocalNode):
+    """A node on which the runtime directory is removed just after QEMU daemonized."""
+
+    def __init__(self, name: str, root: str) -> None:
+        super().__init__(name)
+        self.root = root
+
+    async def run(self, argv: list[str], **kwargs: Any) -> Any:
+        result = await super().run(argv, **kwargs)
+        if "-daemonize" in argv:
+            shutil.rmtree(self.root, ignore_errors=True)
+        return result
+
+
+async def test_a_target_whose_runtime_dir_vanished_while_starting_is_not_orphaned(
+    nodes: tuple[KvmHypervisor, KvmHypervisor],
+) -> None:
+    source, plain_target = nodes
+    target = KvmHypervisor(
+        LosesRuntimeDirOnStart("node-b", plain_target.paths.root), plain_target.paths
+    )
+    instance = await started("ph-orphan", source)
+    with pytest.raises(MigrationError) as info:
+        await migrate(instance, target, target_address="127.0.0.1", policy=FAST)
+    assert info.value.runs_on == "node-a"
+    assert info.value.outcome is Outcome.ABORTED
+    # The target QEMU had no pid file any more; it was found by its command line and ended.
+    pid_file = plain_target.paths.pid_file("ph-orphan")
+    assert [
+        p.pid for p in psutil.process_iter(["cmdline"]) if pid_file in (p.info["cmdline"] or ())
+    ] == []
+    assert await run_state(source, "ph-orphan") is RunState.RUNNING
+    assert instance.machine.state is InstanceState.RUNNING

@@ -19,7 +19,17 @@ from kvmflow.kvm import (
     check_instance_name,
     validate_spec,
 )
-from kvmflow.kvm.params import is_ipv4, is_ipv6
+from kvmflow.kvm.params import (
+    BootOrder,
+    DiskCache,
+    DiskType,
+    KvmFlag,
+    NicType,
+    SecurityModel,
+    UsbMouse,
+    is_ipv4,
+    is_ipv6,
+)
 
 
 @pytest.fixture
@@ -104,18 +114,18 @@ def test_good_values_everywhere(files: dict[str, str]) -> None:
             vnc_x509_verify=True,
             vnc_password_file=files["password"],
             cdrom_image_path=files["cdrom.iso"],
-            boot_order="cdrom",
-            nic_type="e1000",
-            disk_type="scsi",
-            usb_mouse="tablet",
+            boot_order=BootOrder.CDROM,
+            nic_type=NicType.E1000,
+            disk_type=DiskType.SCSI,
+            usb_mouse=UsbMouse.TABLET,
             migration_port=8102,
             migration_bandwidth=100,
             migration_downtime=50,
             use_localtime=True,
-            disk_cache="writeback",
-            security_model="user",
+            disk_cache=DiskCache.WRITEBACK,
+            security_model=SecurityModel.USER,
             security_domain="nobody",
-            kvm_flag="enabled",
+            kvm_flag=KvmFlag.ENABLED,
             vhost_net=True,
             use_chroot=True,
         ),
@@ -185,10 +195,10 @@ def test_x509(files: dict[str, str]) -> None:
 
 
 def test_cdrom_boot_needs_iso(files: dict[str, str]) -> None:
-    assert problems_of(spec_with(boot_order="cdrom"))["boot_order"].allowed == (
+    assert problems_of(spec_with(boot_order=BootOrder.CDROM))["boot_order"].allowed == (
         "needs cdrom_image_path"
     )
-    validate_spec(spec_with(boot_order="cdrom", cdrom_image_path=files["cdrom.iso"]))
+    validate_spec(spec_with(boot_order=BootOrder.CDROM, cdrom_image_path=files["cdrom.iso"]))
 
 
 @pytest.mark.parametrize(
@@ -266,10 +276,10 @@ def test_migration_port_zero_means_any_free_port() -> None:
 
 
 def test_security_models() -> None:
-    validate_spec(spec_with(security_model="user", security_domain="nobody"))
-    assert "security_domain" in problems_of(spec_with(security_model="user"))
+    validate_spec(spec_with(security_model=SecurityModel.USER, security_domain="nobody"))
+    assert "security_domain" in problems_of(spec_with(security_model=SecurityModel.USER))
     assert (
-        problems_of(spec_with(security_model="user", security_domain="no-such-user-x"))[
+        problems_of(spec_with(security_model=SecurityModel.USER, security_domain="no-such-user-x"))[
             "security_domain"
         ].allowed
         == "must name an existing user"
@@ -317,7 +327,7 @@ def test_disks_nics_tags_and_sizes(files: dict[str, str]) -> None:
 
 def test_validation_writes_nothing(files: dict[str, str]) -> None:
     before = sorted(os.listdir(files["dir"]))
-    problems_of(spec_with(kernel_path="/nonexistent", boot_order="cdrom", acpi=True))
+    problems_of(spec_with(kernel_path="/nonexistent", boot_order=BootOrder.CDROM, acpi=True))
     assert sorted(os.listdir(files["dir"])) == before
 
 
@@ -328,7 +338,7 @@ def test_spec_round_trips_through_dict(files: dict[str, str]) -> None:
         disks=(Disk(files["disk.img"]),),
         nics=(Nic("52:54:00:00:00:01", "192.0.2.1", NicMode.ROUTED),),
         tags=("a",),
-        hvparams=HvParams(usb_mouse="tablet", kvm_flag="disabled"),
+        hvparams=HvParams(usb_mouse=UsbMouse.TABLET, kvm_flag=KvmFlag.DISABLED),
     )
     assert InstanceSpec.from_dict(spec.to_dict()) == spec
     with pytest.raises(ValidationError, match="malformed"):

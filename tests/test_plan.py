@@ -6,11 +6,18 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import anyio
+import anyio.lowlevel
 import pytest
 
-from kvmflow.engine.plan import parse_plan
+from kvmflow.engine import Engine, NodeEntry
+from kvmflow.engine.plan import parse_plan, run_plan
 from kvmflow.errors import ValidationError
+from kvmflow.instance import Instance
+from kvmflow.kvm import InstanceInfo, InstanceSpec, KvmHypervisor, RuntimePaths
+from kvmflow.node import LocalNode
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -121,3 +128,48 @@ def test_plan_runs_and_a_second_run_redoes_nothing(config: Path, tmp_path: Path)
     listed = json.loads(kvmflow("-c", str(config), "list", "--json").stdout)
     assert [(r["instance"], r["node"]) for r in listed] == [("p1", "beta")]
     kvmflow("-c", str(config), "stop", "p1", "--force")
+
+
+class StartCancels(KvmHypervisor):
+    """A node whose start of ``victim`` is where the controller gets interrupted."""
+
+    victim = ""
+    scope: anyio.CancelScope | None = None
+
+    async def start(self, spec: InstanceSpec, **kwargs: Any) -> InstanceInfo:
+        if spec.name == self.victim and self.scope is not None:
+            self.scope.cancel()
+            await anyio.lowlevel.checkpoint()  # the cancel lands here, before QEMU is started
+        return await super().start(spec, **kwargs)
+
+
+@pytest.mark.anyio
+async def test_an_interrupted_plan_run_has_journaled_every_finished_step(
+    runtime_root: Path, tmp_path: Path
+) -> None:
+    node = StartCancels(LocalNode("alpha"), RuntimePaths(str(runtime_root / "alpha")))
+    spec = {name: InstanceSpec(name, memory_mib=64) for name in ("j1", "j2")}
+    steps = parse_plan(
+        {"step": [{"action": "start", "instance": "j1"}, {"action": "start", "instance": "j2"}]},
+        instances=set(spec),
+        nodes={"alpha"},
+    )
+    journal = tmp_path / "plan.done.json"
+    async with Engine([NodeEntry(node, "127.0.0.1")]) as engine:
+        for name in spec:
+            engine.add_instance(Instance(spec[name], node))
+        node.victim = "j2"
+        with anyio.CancelScope() as scope:
+            node.scope = scope
+            await run_plan(engine, steps, journal)
+        assert scope.cancelled_caught
+        assert json.loads(journal.read_text())["done"] == [0]  # j1's start, written at once
+        assert not await node.is_running("j2")
+        node.scope = None
+        report = await run_plan(engine, steps, journal)  # the next run does only j2
+        assert [(o.step.instance, o.outcome) for o in report.outcomes] == [
+            ("j1", "skipped"),
+            ("j2", "done"),
+        ]
+        for name in spec:
+            await engine.instance(name).stop(force=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -32,7 +33,7 @@ from kvmflow.monitor import QMPClient, RunState, query_status
 
 pytestmark = pytest.mark.anyio
 
-HARD = {
+HARD: dict[str, Any] = {
     "bandwidth_mib": 20,
     "downtime_ms": 50,
     "poll_interval": 0.25,
@@ -41,7 +42,7 @@ HARD = {
 }
 
 # Switch to post-copy when the stall rule (or the prediction) says it will not converge.
-POSTCOPY = {
+POSTCOPY: dict[str, Any] = {
     "stall": StallRule(2, 0.1),
     "stall_actions": (Action.POSTCOPY,),
     "capabilities": Capabilities(postcopy_ram=True),

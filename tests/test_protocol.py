@@ -41,10 +41,11 @@ def ready_protocol(**options: int) -> QMPProtocol:
 
 def test_greeting_and_negotiation() -> None:
     protocol = QMPProtocol()
-    assert protocol.phase is Phase.AWAITING_GREETING
+    phases = [protocol.phase]
     messages = protocol.feed(GREETING)
+    phases.append(protocol.phase)
+    assert phases == [Phase.AWAITING_GREETING, Phase.NEGOTIATING]
     assert messages == [Greeting(QemuVersion(7, 2, 22, "Debian 1:7.2+dfsg-7"), ("oob",))]
-    assert protocol.phase is Phase.NEGOTIATING
     assert str(messages[0].version) == "7.2.22"  # type: ignore[union-attr]
     protocol.start_negotiation()
     protocol.feed(b'{"return": {}, "id": 1}\r\n')

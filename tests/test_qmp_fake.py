@@ -17,6 +17,7 @@ from kvmflow.errors import (
     MisuseError,
 )
 from kvmflow.monitor import ConnectionState, EndOfSubscription, QMPClient
+from kvmflow.monitor.qmp import MAX_EARLY_EVENTS
 from kvmflow.testing import Close, Emit, Error, FakeQMPServer, Hang, RawLine, Return
 
 pytestmark = pytest.mark.anyio
@@ -59,6 +60,33 @@ async def test_reply_with_unknown_id_fails_the_oldest_command(fake: FakeQMPServe
         with pytest.raises(MalformedReplyError, match="id 9999, which no command has"):
             await qmp.execute("query-migrate", timeout=5)
         assert (await qmp.execute("query-status"))["running"] is True
+
+
+async def test_a_late_duplicate_answer_is_dropped_not_pinned_on_the_next_command(
+    fake: FakeQMPServer,
+) -> None:
+    # The first command is answered twice (the second copy arrives late); the next command
+    # must get its own answer, not a MalformedReplyError for the stray one.
+    # Ids: qmp_capabilities 1, query-name 2, query-uuid 3.
+    fake.script("query-name", Return({"name": "a"}))
+    late_copy = b'{"return": {"name": "a"}, "id": 2}\r\n'
+    fake.script("query-uuid", RawLine(late_copy + b'{"return": {"UUID": "u"}, "id": 3}'))
+    async with QMPClient(fake.path) as qmp:
+        assert await qmp.execute("query-name") == {"name": "a"}
+        assert await qmp.execute("query-uuid", timeout=5) == {"UUID": "u"}
+        assert (await qmp.execute("query-status"))["running"] is True
+
+
+async def test_events_flooding_the_negotiation_are_bounded(fake: FakeQMPServer) -> None:
+    flood = [{"event": "EARLY", "data": {"n": n}} for n in range(MAX_EARLY_EVENTS + 500)]
+    async with QMPClient(fake.path) as qmp:
+        with qmp.subscribe("EARLY", max_buffered=10 * MAX_EARLY_EVENTS) as early:
+            fake.script("qmp_capabilities", Emit(flood))
+            await qmp.reconnect()  # the subscription is there before this handshake
+            kept = early.drain()
+    assert len(kept) == MAX_EARLY_EVENTS  # the newest ones, in order
+    assert [e.data["n"] for e in kept[:2]] == [500, 501]
+    assert kept[-1].data["n"] == MAX_EARLY_EVENTS + 499
 
 
 async def test_reply_without_id_goes_to_the_oldest_command(fake: FakeQMPServer) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.anyio
 
 async def test_greeting_version_and_status(qemu: ScratchQemu) -> None:
     async with QMPClient(qemu.qmp_path) as qmp:
-        assert qmp.state is ConnectionState.READY
+        states = [qmp.state]
         assert qmp.greeting is not None
         version = await query_version(qmp)
         assert (version.major, version.minor) == (
@@ -39,7 +40,8 @@ async def test_greeting_version_and_status(qemu: ScratchQemu) -> None:
         assert status.running is False
         accel = await query_kvm(qmp)
         assert accel.name == qemu.accelerator
-    assert qmp.state is ConnectionState.CLOSED
+    states.append(qmp.state)
+    assert states == [ConnectionState.READY, ConnectionState.CLOSED]
 
 
 async def test_error_reply_is_a_command_error(qemu: ScratchQemu) -> None:
@@ -55,7 +57,7 @@ async def test_error_reply_is_a_command_error(qemu: ScratchQemu) -> None:
 
 
 async def test_200_concurrent_callers_each_get_their_own_answer(qemu: ScratchQemu) -> None:
-    checks = {
+    checks: dict[str, Callable[[Any], bool]] = {
         "query-status": lambda r: r["status"] == "prelaunch",
         "query-name": lambda r: r == {"name": "kvmflow-scratch"},
         "query-kvm": lambda r: set(r) == {"enabled", "present"},

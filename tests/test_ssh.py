@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -40,7 +41,7 @@ def anyio_backend() -> str:
 
 def ssh_node(fleet: SSHFleet, index: int, **changes: object) -> SSHNode:
     host = fleet.hosts[index]
-    values: dict[str, object] = {
+    values: dict[str, Any] = {
         "host": host.host,
         "port": host.port,
         "client_keys": (str(fleet.client_key),),
@@ -51,7 +52,7 @@ def ssh_node(fleet: SSHFleet, index: int, **changes: object) -> SSHNode:
     return SSHNode(
         f"node-{'ab'[index]}",
         SSHTarget(**values),
-        reconnect_attempts=2,  # type: ignore[arg-type]
+        reconnect_attempts=2,
         backoff=0.05,
     )
 

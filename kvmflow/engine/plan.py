@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,21 +187,29 @@ async def run_plan(
     """Run the steps in order (consecutive migrations together); skip what is done."""
     report = PlanReport()
     record = Journal(journal, steps)
+
+    def note(outcome: StepOutcome) -> None:
+        """Report a step's outcome; a finished step is journaled at once, so that an
+        interrupted run redoes only what did not finish."""
+        report.outcomes.append(outcome)
+        if outcome.outcome in ("done", "skipped") and outcome.step.index not in record.done:
+            record.record(outcome.step.index)
+
     pending = []
     for step in steps:
         if step.index in record.done:
             report.outcomes.append(StepOutcome(step, "skipped", "done in an earlier run"))
         else:
             pending.append(step)
-    await _run_steps(engine, pending, report)
-    for outcome in report.outcomes:
-        if outcome.outcome in ("done", "skipped"):
-            record.record(outcome.step.index)
+    await _run_steps(engine, pending, note)
     report.outcomes.sort(key=lambda outcome: outcome.step.index)
     return report
 
 
-async def _run_steps(engine: Engine, steps: list[PlanStep], report: PlanReport) -> None:
+Note = Callable[[StepOutcome], None]
+
+
+async def _run_steps(engine: Engine, steps: list[PlanStep], note: Note) -> None:
     index = 0
     while index < len(steps):
         step = steps[index]
@@ -209,7 +218,7 @@ async def _run_steps(engine: Engine, steps: list[PlanStep], report: PlanReport) 
             while index < len(steps) and steps[index].action == "migrate":
                 batch.append(steps[index])
                 index += 1
-            await _migrations(engine, batch, report)
+            await _migrations(engine, batch, note)
             continue
         index += 1
         instance = engine.instance(step.instance)
@@ -217,24 +226,24 @@ async def _run_steps(engine: Engine, steps: list[PlanStep], report: PlanReport) 
         try:
             if step.action == "start":
                 if running:
-                    report.outcomes.append(StepOutcome(step, "skipped", "already running"))
+                    note(StepOutcome(step, "skipped", "already running"))
                     continue
                 await instance.start()
             else:
                 if not running:
-                    report.outcomes.append(StepOutcome(step, "skipped", "not running"))
+                    note(StepOutcome(step, "skipped", "not running"))
                     continue
                 await instance.stop(force=step.force)
-            report.outcomes.append(StepOutcome(step, "done"))
+            note(StepOutcome(step, "done"))
         except KvmflowError as exc:
-            report.outcomes.append(StepOutcome(step, "failed", str(exc)))
+            note(StepOutcome(step, "failed", str(exc)))
 
 
-async def _migrations(engine: Engine, batch: list[PlanStep], report: PlanReport) -> None:
+async def _migrations(engine: Engine, batch: list[PlanStep], note: Note) -> None:
     tickets = []
     for step in batch:
         if engine.where(step.instance) == step.target:
-            report.outcomes.append(StepOutcome(step, "skipped", f"already on {step.target}"))
+            note(StepOutcome(step, "skipped", f"already on {step.target}"))
             continue
         try:
             assert step.target is not None
@@ -247,10 +256,10 @@ async def _migrations(engine: Engine, batch: list[PlanStep], report: PlanReport)
                 )
             )
         except KvmflowError as exc:
-            report.outcomes.append(StepOutcome(step, "failed", str(exc)))
+            note(StepOutcome(step, "failed", str(exc)))
     for step, ticket in tickets:
         try:
             await ticket.wait()
-            report.outcomes.append(StepOutcome(step, "done"))
+            note(StepOutcome(step, "done"))
         except KvmflowError as exc:
-            report.outcomes.append(StepOutcome(step, "failed", str(exc)))
+            note(StepOutcome(step, "failed", str(exc)))

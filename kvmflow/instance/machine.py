@@ -9,6 +9,7 @@ world that changed under it. Callers that want queueing wrap their own retry aro
 from __future__ import annotations
 
 import contextlib
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -17,6 +18,9 @@ import structlog
 
 from kvmflow.errors import DeadlineError, MisuseError
 from kvmflow.instance.states import InstanceEvent, InstanceState, next_state
+
+#: Transitions kept per instance (the newest): a long-lived controller must stay flat.
+HISTORY_LENGTH = 100
 
 
 class IllegalTransitionError(MisuseError):
@@ -56,7 +60,7 @@ class InstanceMachine:
         self.node = node
         self.state = state
         self.operation: str | None = None
-        self.history: list[Transition] = []
+        self.history: deque[Transition] = deque(maxlen=HISTORY_LENGTH)
         # Created when someone waits, so that machines can be built outside an event loop.
         self._changed: anyio.Event | None = None
         self._log = structlog.get_logger("kvmflow.instance").bind(instance=name)

@@ -36,9 +36,10 @@ class InstanceEvent(enum.StrEnum):
     MIGRATION_ABORTED_PAUSED = "migration-aborted-paused"  # ... still paused there
     STOP = "stop"
     STOPPED = "stopped"
-    STOP_FAILED = "stop-failed"
+    STOP_FAILED = "stop-failed"  # the process survived; the guest runs on
+    STOP_FAILED_PAUSED = "stop-failed-paused"  # ... and stays paused, as it was
     CRASHED = "crashed"
-    RECOVER = "recover"  # an operator looked and says it is stopped
+    RECOVER = "recover"  # checked: no process is left, the instance is stopped
 
 
 S, E = InstanceState, InstanceEvent
@@ -61,6 +62,7 @@ TRANSITIONS: dict[tuple[InstanceState, InstanceEvent], InstanceState] = {
     (S.PAUSED, E.STOP): S.STOPPING,
     (S.STOPPING, E.STOPPED): S.STOPPED,
     (S.STOPPING, E.STOP_FAILED): S.RUNNING,
+    (S.STOPPING, E.STOP_FAILED_PAUSED): S.PAUSED,
     (S.RUNNING, E.CRASHED): S.FAILED,
     (S.PAUSED, E.CRASHED): S.FAILED,
     (S.MIGRATING, E.CRASHED): S.FAILED,

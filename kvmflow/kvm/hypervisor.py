@@ -117,8 +117,22 @@ class KvmHypervisor:
             return None
         return pid
 
+    async def find_pids(self, name: str) -> list[int]:
+        """Every live QEMU of ``name`` under this node's runtime root: the pid file's, or,
+        when the pid file is gone (a removed runtime directory), the processes started with
+        that pid file path and ``-name <name>``, so that none is left behind unseen."""
+        pid = await self.find_pid(name)
+        if pid is not None:
+            return [pid]
+        found = []
+        for candidate in await self.node.find_processes(self.paths.pid_file(name)):
+            cmdline = await self.node.process_cmdline(candidate)
+            if cmdline is not None and cmdline_names_instance(cmdline, name):
+                found.append(candidate)
+        return found
+
     async def is_running(self, name: str) -> bool:
-        return await self.find_pid(name) is not None
+        return bool(await self.find_pids(name))
 
     async def info(self, name: str) -> InstanceInfo | None:
         """Name, pid, memory and vCPUs of a running instance, or ``None``."""
@@ -212,6 +226,13 @@ class KvmHypervisor:
             self._log.info("starting instance", instance=name, incoming=incoming)
             result = await self.node.run(argv, timeout=self.start_timeout)
             if not result.ok:
+                if not (result.stderr or result.stdout).strip():
+                    # QEMU says why it refuses; silence means it was killed or died first.
+                    raise QemuStartError(
+                        f"QEMU for {name} ended during its start on {self.node.name} "
+                        f"(exit status {result.returncode}) without a word: it was killed "
+                        "or died before it could report why"
+                    )
                 raise QemuStartError(
                     f"QEMU refused to start {name} on {self.node.name}: {result.error_text()}"
                 )
@@ -229,6 +250,9 @@ class KvmHypervisor:
                     self.paths,
                     SavedRuntime(tuple(base_argv), spec, uid, self.paths.root),
                 )
+            info = await self.info(name)
+            if info is None:
+                raise QemuStartError(f"instance {name} died right after starting")
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self._undo_start(name, uid, killed=started)
@@ -236,9 +260,6 @@ class KvmHypervisor:
         finally:
             with anyio.CancelScope(shield=True):
                 await self._remove_nic_scripts(nic_spec)
-        info = await self.info(name)
-        if info is None:
-            raise QemuStartError(f"instance {name} died right after starting")
         return info
 
     async def save_runtime(self, spec: InstanceSpec, source: SavedRuntime) -> None:
@@ -278,8 +299,7 @@ class KvmHypervisor:
         self._log.info("vnc password set", instance=spec.name)
 
     async def _undo_start(self, name: str, uid: int | None, *, killed: bool) -> None:
-        pid = await self.find_pid(name)
-        if pid is not None:
+        for pid in await self.find_pids(name):
             await self._kill_and_wait(name, pid)
         await self._remove_files(name)
         if uid is not None and self.uid_pool is not None:
@@ -305,12 +325,10 @@ class KvmHypervisor:
         caller's open ``qmp`` client when it holds the monitor (a monitor serves one client).
         """
         pid = await self.find_pid(name)
-        if pid is not None:
-            if acpi and not force:
-                await self._powerdown(name, pid, timeout, qmp)
-            pid = await self.find_pid(name)
-            if pid is not None:
-                await self._kill_and_wait(name, pid)
+        if pid is not None and acpi and not force:
+            await self._powerdown(name, pid, timeout, qmp)
+        for pid in await self.find_pids(name):
+            await self._kill_and_wait(name, pid)
         await self._clean_up_after(name)  # the process is known to be gone here
 
     async def _powerdown(self, name: str, pid: int, timeout: float, qmp: QMPClient | None) -> None:

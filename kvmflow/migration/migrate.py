@@ -25,9 +25,8 @@ runs, or the instance is ``failed`` and the error says why kvmflow cannot vouch 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
-from typing import Literal, Protocol
+from typing import Literal
 
 import anyio
 import structlog
@@ -42,7 +41,7 @@ from kvmflow.migration.actions import PolicyActions
 from kvmflow.migration.decide import Decision, PolicyEngine
 from kvmflow.migration.errors import MigrationError
 from kvmflow.migration.hmp_monitor import HmpMigrationMonitor
-from kvmflow.migration.outcome import INFO, Finding, Outcome, Side, outcome_of
+from kvmflow.migration.outcome import INFO, Finding, Outcome, Side, outcome_error, outcome_of
 from kvmflow.migration.phases import (
     MigrationPhase,
     PhaseEvent,
@@ -51,12 +50,12 @@ from kvmflow.migration.phases import (
 )
 from kvmflow.migration.policy import MigrationPolicy
 from kvmflow.migration.results import MigrationProgress, MigrationResult, ProgressCallback
+from kvmflow.migration.source import MigrationSource, SourceMonitor
 from kvmflow.migration.status import BadAnswer, MigrationSnapshot, MigrationStatus
 from kvmflow.migration.target import ContUnanswered, MigrationTarget
-from kvmflow.migration.watch import query_migration, watch_migration
-from kvmflow.monitor.events import EventSubscription
+from kvmflow.migration.watch import watch_migration
 from kvmflow.monitor.hmp import HMPClient
-from kvmflow.monitor.queries import CommandRunner, RunState, query_status
+from kvmflow.monitor.queries import RunState, query_status
 
 _log = structlog.get_logger("kvmflow.migration")
 
@@ -66,17 +65,6 @@ _POSTCOPY_STATUSES = (
     MigrationStatus.POSTCOPY_PAUSED,
     MigrationStatus.POSTCOPY_RECOVER,
 )
-#: How long to ask again for the final figures QEMU fills in just after ``completed``.
-FINAL_FIGURES_SECONDS = 2.0
-
-
-class SourceMonitor(CommandRunner, Protocol):
-    """What the migration needs of the source's monitor: commands, events (possibly none)
-    and a way to reconnect. A :class:`QMPClient` is one; :class:`HmpMigrationMonitor` too."""
-
-    def subscribe(self, *names: str, max_buffered: int = 1000) -> EventSubscription: ...
-
-    async def reconnect(self) -> None: ...
 
 
 async def migrate(
@@ -153,9 +141,9 @@ class _Migration:
         self.phases = PhaseTracker(self.name, self.source.node.name, target.node.name, on_phase)
         self.undo = contextlib.AsyncExitStack()  # undo steps, dropped at the switch-over
         self.was_running = True
-        self.paused_at: float | None = None  # when we stopped the source's vCPUs
         self.paused_ms: int | None = None
         self._target: MigrationTarget | None = None
+        self._source: MigrationSource | None = None
         self._actions: PolicyActions | None = None
         self.log = _log.bind(
             instance=self.name, source=self.source.node.name, target=target.node.name
@@ -165,6 +153,11 @@ class _Migration:
     def target(self) -> MigrationTarget:
         assert self._target is not None
         return self._target
+
+    @property
+    def src(self) -> MigrationSource:
+        assert self._source is not None
+        return self._source
 
     @property
     def source_uri(self) -> str:
@@ -211,6 +204,7 @@ class _Migration:
         # The resources stack (the target's monitor connection) closes on every path; the
         # undo stack is unwound by an abort or dropped at the switch-over.
         async with contextlib.AsyncExitStack() as resources:
+            self._source = MigrationSource(qmp, self.source, self.name, self.policy)
             self._target = MigrationTarget(
                 self.target_hv, self.name, self.address, self.port, self.policy, resources
             )
@@ -218,7 +212,7 @@ class _Migration:
                 qmp,
                 self.target,
                 self.policy,
-                pause_source=lambda: self._pause_source(qmp),
+                pause_source=self._pause_source,
                 switched_to_postcopy=self._enter_postcopy,
             )
             status = await query_status(qmp)
@@ -254,7 +248,7 @@ class _Migration:
             await qmp.execute("migrate-set-capabilities", {"capabilities": capabilities})
         await qmp.execute("migrate-set-parameters", self.policy.qemu_parameters())
         if not self.live:
-            await self._pause_source(qmp)
+            await self._pause_source()
         with qmp.subscribe("MIGRATION", max_buffered=64) as events:
             await self.phases.step(Step.STREAM)  # before `migrate`: from here it may stream
             await qmp.execute("migrate", {"uri": self.source_uri})
@@ -266,20 +260,12 @@ class _Migration:
                 on_bad_answer=self._note_bad_answer,
             )
 
-    async def _pause_source(self, qmp: SourceMonitor) -> None:
+    async def _pause_source(self) -> None:
         """Stop the source's vCPUs (non-live, or the policy's pause); undone by ``cont``."""
-        if not self.was_running or self.paused_at is not None:
+        if not self.was_running or self.src.paused_at is not None:
             return
-        await qmp.execute("stop")
-        self.paused_at = time.monotonic()
-
-        async def resume() -> None:
-            try:
-                await qmp.execute("cont", timeout=10)
-            except KvmflowError as exc:
-                self.log.error("source could not be resumed", error=str(exc))
-
-        self.undo.push_async_callback(resume)
+        await self.src.pause()
+        self.undo.push_async_callback(self.src.resume)
 
     async def _enter_postcopy(self) -> None:
         """From the switch to post-copy on, the target holds the newest guest state."""
@@ -326,7 +312,7 @@ class _Migration:
         """The source sent everything: get the target going (or take the guest back), then
         finish. Shielded: a cancel from here on waits for the end instead of tearing it."""
         with anyio.CancelScope(shield=True):
-            final = await self._final_figures(qmp, final)
+            final = await self.src.final_figures(final)
             await self.phases.step(Step.SOURCE_COMPLETED)
             if self.phases.phase is Phase.COMPLETED_ON_SOURCE:
                 try:
@@ -337,30 +323,11 @@ class _Migration:
                 except (KvmflowError, TimeoutError) as exc:
                     raise await self._take_back(qmp, exc) from exc
                 await self.phases.step(Step.TARGET_TOOK_OVER)
-            if self.paused_at is not None:
-                self.paused_ms = round((time.monotonic() - self.paused_at) * 1000)
+            if self.src.paused_at is not None:
+                self.paused_ms = round((time.monotonic() - self.src.paused_at) * 1000)
             self.undo.pop_all()  # the target took over: nothing is undone any more
             result = await self._finish(qmp, final, runtime)
         return result  # noqa: RET504 (outside the scope: mypy sees a scope that may swallow)
-
-    async def _final_figures(
-        self, qmp: SourceMonitor, final: MigrationSnapshot
-    ) -> MigrationSnapshot:
-        """QEMU reports ``completed`` a moment before it fills in the total time and the
-        downtime: ask again (bounded) so that the result never shows a 0 it did not mean."""
-        with anyio.move_on_after(FINAL_FIGURES_SECONDS):
-            while not final.total_time_ms or final.downtime_ms is None:
-                await anyio.sleep(0.01)
-                try:
-                    answer = await query_migration(qmp, self.policy.query_timeout)
-                except KvmflowError as exc:  # the figures are nice to have; the move is not
-                    self.log.warning("final migration figures unavailable", error=str(exc))
-                    break
-                if isinstance(answer, MigrationSnapshot) and answer.status is final.status:
-                    final = answer
-        if not final.total_time_ms:  # still unset: say so rather than report a 0
-            final = dataclasses.replace(final, total_time_ms=None)
-        return final
 
     async def _finish(
         self, qmp: SourceMonitor, final: MigrationSnapshot, runtime: SavedRuntime
@@ -375,7 +342,7 @@ class _Migration:
             except KvmflowError as exc:
                 problems.append(f"the target's runtime was not saved: {exc}")
             try:
-                source_state = await self._end_source(qmp)
+                source_state = await self.src.end()
             except KvmflowError as exc:
                 problems.append(f"the source copy on {self.source.node.name} did not end: {exc}")
         if scope.cancelled_caught:
@@ -417,17 +384,6 @@ class _Migration:
             paused_ms=self.paused_ms,
             phases=tuple(self.phases.history),
         )
-
-    async def _end_source(self, qmp: SourceMonitor) -> str | None:
-        """Quit the source QEMU (it is in ``postmigrate``); return the state it was in."""
-        state: str | None = None
-        try:
-            state = (await query_status(qmp, timeout=10)).state.value
-            await qmp.execute("quit", timeout=10)
-        except KvmflowError as exc:
-            self.log.warning("source did not quit cleanly; killing", error=str(exc))
-        await self.source.stop(self.name, force=True)
-        return state
 
     async def _take_back(self, qmp: SourceMonitor, cause: BaseException) -> MigrationError:
         """The source sent everything but the target did not get the guest going (it died
@@ -491,7 +447,7 @@ class _Migration:
         with anyio.move_on_after(self.policy.cleanup_timeout) as scope:
             reachable = True
             if phase is Phase.STREAMING and isinstance(cause, ConnectionLostError):
-                contact = await self._reach_source_again(qmp)
+                contact = await self.src.reach_again()
                 if contact == "unknown":
                     # The source may still stream and cannot be asked: the target is left
                     # waiting (it runs nothing) so that no guest state is thrown away.
@@ -500,14 +456,14 @@ class _Migration:
                     return None, await self._conclude(phase, Finding.CONTACT_LOST, cause)
                 reachable = contact == "reconnected"
             if phase is Phase.STREAMING and reachable:
-                completed = await self._cancel_on_source(qmp)
+                completed = await self.src.cancel()
             if completed is not None:
                 self.undo.pop_all()
             else:
                 await self.undo.aclose()
                 if await self.target.is_running():
                     finding = Finding.UNDO_FAILED
-                elif not await self.source.is_running(self.name):
+                elif not await self.src.is_running():
                     finding = Finding.SOURCE_DIED
         if scope.cancelled_caught:
             finding = Finding.UNDO_FAILED
@@ -521,54 +477,6 @@ class _Migration:
         else:
             await self.phases.step(Step.ABORT_DONE)
         return None, await self._conclude(phase, finding, cause)
-
-    async def _reach_source_again(self, qmp: SourceMonitor) -> str:
-        """After the source monitor connection dropped (QEMU died, or only the path to it,
-        such as an SSH session): ``dead``, ``reconnected``, or ``unknown`` if the source
-        node cannot be asked within the cancel timeout."""
-        with anyio.move_on_after(self.policy.cancel_timeout):
-            while True:
-                try:
-                    if not await self.source.is_running(self.name):
-                        return "dead"
-                    await qmp.reconnect()
-                except KvmflowError as exc:
-                    self.log.warning("source not reachable yet", error=str(exc))
-                    await anyio.sleep(0.5)
-                else:
-                    self.log.info("source monitor reconnected")
-                    return "reconnected"
-        return "unknown"
-
-    async def _cancel_on_source(self, qmp: SourceMonitor) -> MigrationSnapshot | None:
-        """``migrate_cancel`` and wait for QEMU to confirm; the ``completed`` snapshot if
-        the migration finished first."""
-        try:
-            try:
-                await qmp.execute("migrate_cancel", timeout=10)
-            except ConnectionLostError:
-                # An HMP connection is closed when a command is cut short; reopen it.
-                await qmp.reconnect()
-                await qmp.execute("migrate_cancel", timeout=10)
-        except KvmflowError as exc:
-            self.log.warning("migrate_cancel failed", error=str(exc))
-            return None
-        with anyio.move_on_after(self.policy.cancel_timeout):
-            while True:
-                result = await query_migration(qmp, self.policy.query_timeout)
-                if isinstance(result, MigrationSnapshot):
-                    if result.status is MigrationStatus.COMPLETED:
-                        self.log.warning("migration completed before the cancel took effect")
-                        return result
-                    if result.status in (MigrationStatus.CANCELLED, MigrationStatus.FAILED):
-                        return None
-                elif result.raw == "{}":  # `migrate` never reached QEMU: nothing to cancel
-                    return None
-                await anyio.sleep(0.05)
-        self.log.warning(
-            "QEMU did not confirm the cancel in time", timeout=self.policy.cancel_timeout
-        )
-        return None
 
     async def _postcopy_exit(
         self, qmp: SourceMonitor, cause: BaseException, runtime: SavedRuntime
@@ -614,29 +522,17 @@ class _Migration:
             self.instance.hypervisor = self.target_hv
         self.instance.machine.fire(info.event_for(self.was_running), node=node)
         self.log.warning("migration ended", outcome=outcome.value, phase=phase.value)
-        return self._error(outcome, _cause_text(cause))
+        return self._error(outcome, cause)
 
-    def _error(self, outcome: Outcome, cause: str) -> MigrationError:
-        info = INFO[outcome]
-        runs_on = {
-            Side.SOURCE: self.source.node.name,
-            Side.TARGET: self.target_hv.node.name,
-            Side.UNKNOWN: None,
-        }[info.side]
-        reason = info.message.format(
-            source=self.source.node.name, target=self.target_hv.node.name, cause=cause
+    def _error(self, outcome: Outcome, cause: BaseException | str) -> MigrationError:
+        return outcome_error(
+            outcome,
+            self.name,
+            self.source.node.name,
+            self.target_hv.node.name,
+            cause,
+            self.bad_answers,
         )
-        return MigrationError(
-            self.name, reason, runs_on=runs_on, bad_answers=self.bad_answers, outcome=outcome
-        )
-
-
-def _cause_text(cause: BaseException) -> str:
-    if isinstance(cause, MigrationError):
-        return cause.reason
-    if isinstance(cause, anyio.get_cancelled_exc_class()):
-        return "cancelled"
-    return str(cause) or type(cause).__name__
 
 
 __all__ = ["SourceMonitor", "migrate"]

@@ -13,7 +13,9 @@ import enum
 from dataclasses import dataclass
 
 from kvmflow.instance.states import InstanceEvent
+from kvmflow.migration.errors import MigrationError
 from kvmflow.migration.phases import MigrationPhase
+from kvmflow.migration.status import BadAnswer
 
 
 class Finding(enum.StrEnum):
@@ -128,3 +130,30 @@ OUTCOMES: dict[tuple[MigrationPhase, Finding], Outcome] = {
 def outcome_of(phase: MigrationPhase, finding: Finding) -> Outcome:
     """The outcome of a failure that hit ``phase`` and left ``finding``."""
     return OUTCOMES[(phase, finding)]
+
+
+def outcome_error(
+    outcome: Outcome,
+    instance: str,
+    source: str,
+    target: str,
+    cause: BaseException | str,
+    bad_answers: list[BadAnswer] | None = None,
+) -> MigrationError:
+    """The error that tells the caller how the migration of ``instance`` ended and why."""
+    info = INFO[outcome]
+    runs_on = {Side.SOURCE: source, Side.TARGET: target, Side.UNKNOWN: None}[info.side]
+    reason = info.message.format(source=source, target=target, cause=_cause_text(cause))
+    return MigrationError(
+        instance, reason, runs_on=runs_on, bad_answers=bad_answers, outcome=outcome
+    )
+
+
+def _cause_text(cause: BaseException | str) -> str:
+    if isinstance(cause, str):
+        return cause
+    if isinstance(cause, MigrationError):
+        return cause.reason
+    if not isinstance(cause, Exception):  # asyncio's and trio's cancellations, an interrupt
+        return "cancelled" if "Cancel" in type(cause).__name__ else type(cause).__name__
+    return str(cause) or type(cause).__name__

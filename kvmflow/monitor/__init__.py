@@ -3,7 +3,7 @@
 from kvmflow.monitor.events import EndOfSubscription, EventSubscription
 from kvmflow.monitor.hmp import HMPClient, hmp_via_qmp
 from kvmflow.monitor.protocol import Event, Greeting, QemuVersion, QMPProtocol
-from kvmflow.monitor.qmp import ConnectionState, QMPClient, open_qmp
+from kvmflow.monitor.qmp import ConnectionState, QMPClient
 from kvmflow.monitor.queries import (
     Accelerator,
     RunState,
@@ -31,7 +31,6 @@ __all__ = [
     "StreamFactoryConnector",
     "UnixSocketConnector",
     "hmp_via_qmp",
-    "open_qmp",
     "query_kvm",
     "query_status",
     "query_version",

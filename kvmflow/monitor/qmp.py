@@ -5,7 +5,7 @@ monitor and multiplexes every caller over it: commands are written back to back 
 to their replies by id (QEMU answers in order). A reader task, owned by the client's task
 group, routes replies to callers and events to bounded subscriptions.
 
-Use it as ``async with QMPClient(path) as qmp:`` (or :func:`open_qmp`).
+Use it as ``async with QMPClient(path) as qmp:``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import enum
 import heapq
 import math
 import socket
+from collections import deque
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Final
@@ -46,6 +47,8 @@ from kvmflow.monitor.protocol import (
 from kvmflow.monitor.transport import MonitorAddress, as_connector
 
 _READ_SIZE: Final = 65536
+#: Events kept from before the negotiation finished (the oldest go first beyond that).
+MAX_EARLY_EVENTS: Final = 1000
 
 
 class ConnectionState(enum.Enum):
@@ -299,8 +302,11 @@ class QMPClient:
         self._log.debug("qmp connected", qemu=str(self.greeting.version if self.greeting else "?"))
 
     async def _handshake(self, stream: anyio.abc.ByteStream, protocol: QMPProtocol) -> list[Event]:
-        """Read the greeting, negotiate capabilities; return events that came meanwhile."""
-        early_events: list[Event] = []
+        """Read the greeting, negotiate capabilities; return events that came meanwhile
+        (at most :data:`MAX_EARLY_EVENTS`, the newest: a monitor flooding events before the
+        negotiation must not grow memory)."""
+        early_events: deque[Event] = deque(maxlen=MAX_EARLY_EVENTS)
+        dropped = 0
         while protocol.phase is not Phase.READY:
             try:
                 data = await stream.receive(_READ_SIZE)
@@ -321,8 +327,11 @@ class QMPClient:
                 if isinstance(message, Greeting):
                     await stream.send(protocol.start_negotiation())
                 elif isinstance(message, Event):
+                    dropped += len(early_events) == MAX_EARLY_EVENTS
                     early_events.append(message)
-        return early_events
+        if dropped:
+            self._log.warning("events before the negotiation dropped", dropped=dropped)
+        return list(early_events)
 
     # ------------------------------------------------------------------- commands
 
@@ -530,6 +539,11 @@ class QMPClient:
         elif not pending:
             self._log.warning("monitor answer with no command pending", answer=repr(message))
             return
+        elif type(message_id) is int and message_id < next(iter(pending)):
+            # Ids only grow and QEMU answers in order: an id below every pending one was
+            # answered already. Pinning it on a waiting command would fail that command.
+            self._log.warning("late duplicate monitor answer dropped", answer=repr(message))
+            return
         else:
             # QEMU answers in order, so an answer that names no known command belongs to
             # the oldest one outstanding.
@@ -597,8 +611,3 @@ def _eof_reason(protocol: QMPProtocol) -> str:
 
 def _raw_of(message: Message) -> bytes:
     return repr(message).encode()
-
-
-def open_qmp(address: MonitorAddress, **options: Any) -> QMPClient:
-    """``async with open_qmp(path) as qmp:`` -- the same as ``QMPClient(path, **options)``."""
-    return QMPClient(address, **options)

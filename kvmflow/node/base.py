@@ -104,6 +104,11 @@ class Node(Protocol):
         """The command line of a live process, or ``None`` if there is none (or a zombie)."""
         ...
 
+    async def find_processes(self, argument: str) -> list[int]:
+        """Pids of live processes that have ``argument`` as one of their command-line
+        arguments (to find a process whose pid file is gone)."""
+        ...
+
     async def signal_process(self, pid: int, sig: signal.Signals) -> bool:
         """Send a signal; return False if the process does not exist."""
         ...

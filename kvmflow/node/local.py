@@ -141,6 +141,17 @@ class LocalNode:
         except psutil.AccessDenied as exc:
             raise NodeError(f"not allowed to inspect process {pid}", node=self.name) from exc
 
+    async def find_processes(self, argument: str) -> list[int]:
+        def scan() -> list[int]:
+            found = []
+            for process in psutil.process_iter(["cmdline", "status"]):
+                info = process.info
+                if info["status"] != psutil.STATUS_ZOMBIE and argument in (info["cmdline"] or ()):
+                    found.append(process.pid)
+            return found
+
+        return await anyio.to_thread.run_sync(scan)
+
     async def signal_process(self, pid: int, sig: signal.Signals) -> bool:
         try:
             os.kill(pid, sig)

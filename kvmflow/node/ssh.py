@@ -319,6 +319,22 @@ class SSHNode:
             return None
         return [part.decode(errors="replace") for part in raw.rstrip(b"\0").split(b"\0")]
 
+    async def find_processes(self, argument: str) -> list[int]:
+        # grep finds the candidates (the argument is passed as a positional parameter, never
+        # parsed by the shell); each is then checked argument by argument.
+        script = 'grep -lsF -e "$1" /proc/[0-9]*/cmdline || true'
+        result = await self.run(["sh", "-c", script, "sh", argument])
+        if not result.ok:
+            raise NodeError(f"cannot list processes: {result.error_text()}", node=self._name)
+        found = []
+        for line in result.stdout.decode(errors="replace").split():
+            pid_text = line.removeprefix("/proc/").removesuffix("/cmdline")
+            if pid_text.isdigit():
+                cmdline = await self.process_cmdline(int(pid_text))
+                if cmdline is not None and argument in cmdline:
+                    found.append(int(pid_text))
+        return found
+
     async def signal_process(self, pid: int, sig: signal.Signals) -> bool:
         result = await self.run(["kill", f"-{sig.name.removeprefix('SIG')}", str(int(pid))])
         if result.ok:

@@ -83,6 +83,9 @@ class Fleet:
         if op == "cmdline":
             qemu = self.qemus.get(request["pid"])
             return qemu.argv if qemu is not None and qemu.alive else None
+        if op == "find":
+            argument = request["argument"]
+            return [q.pid for q in self.qemus.values() if q.alive and argument in q.argv]
         if op == "kill":
             qemu = self.qemus.get(request["pid"])
             if qemu is None or not qemu.alive:
@@ -415,6 +418,9 @@ class FakeNode:
     async def process_cmdline(self, pid: int) -> list[str] | None:
         result = await self._call(op="cmdline", pid=pid)
         return list(result) if result is not None else None
+
+    async def find_processes(self, argument: str) -> list[int]:
+        return [int(pid) for pid in await self._call(op="find", argument=argument)]
 
     async def signal_process(self, pid: int, sig: signal.Signals) -> bool:
         return bool(await self._call(op="kill", pid=pid))
