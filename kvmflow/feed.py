@@ -16,6 +16,7 @@ from typing import Generic, TypeVar
 
 import anyio
 
+from kvmflow._fastpath import resolve, running_asyncio_loop
 from kvmflow.errors import DeadlineError, KvmflowError, MisuseError
 
 T = TypeVar("T")
@@ -77,7 +78,7 @@ class BoundedFeed(Generic[T]):
 
     async def _sleep(self, timeout: float | None) -> None:
         """Wait for the next push (or close), at most ``timeout`` seconds if given."""
-        loop = _running_asyncio_loop()
+        loop = running_asyncio_loop()
         if loop is None:
             event = anyio.Event()
             self._waiters.append(event)
@@ -91,7 +92,7 @@ class BoundedFeed(Generic[T]):
         self._waiters.append(future)
         # A loop timer, not a cancel scope: a watcher that wakes twice a second per
         # migration would otherwise pay for a cancellation every time.
-        timer = loop.call_later(timeout, _resolve, future) if timeout is not None else None
+        timer = loop.call_later(timeout, resolve, future) if timeout is not None else None
         try:
             await future
         finally:
@@ -175,15 +176,3 @@ class BoundedFeed(Generic[T]):
             return await self.receive()
         except EndOfSubscription:
             raise StopAsyncIteration from None
-
-
-def _running_asyncio_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)

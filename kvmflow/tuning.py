@@ -21,9 +21,9 @@ def tune_gc_for_fleet(
 
     Every in-flight migration holds about 400 tracked objects (tasks, coroutines, cancel
     scopes, streams). A full collection scans them all: with 1,000 migrations in flight it
-    stopped the loop for about 200 ms, and those pauses alone set the p99 of noticing a
-    completion (``benchmarks/fleet.py``). kvmflow makes little cyclic garbage (peak memory
-    grew 2% with the collector off), so this collects what is garbage now, freezes what
+    stopped the loop long enough to set the p99 of noticing a completion (figures in the
+    README, from ``benchmarks/fleet.py``). kvmflow makes little cyclic garbage, so this
+    collects what is garbage now, freezes what
     lives now (imports, the registry) out of all later scans, collects the youngest
     generation after ``young_threshold`` allocations instead of 700, and runs a full
     collection only after ``full_every`` middle ones instead of 10. Call it once set-up is

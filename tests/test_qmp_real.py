@@ -160,7 +160,7 @@ async def test_timed_out_command_leaves_connection_usable(qemu: ScratchQemu) -> 
         # The late replies of both abandoned commands are dropped, not handed to us.
         assert (await query_status(qmp)).state is RunState.PRELAUNCH
         assert await qmp.execute("query-name") == {"name": "kvmflow-scratch"}
-        assert qmp._pending == {}
+        assert qmp._pending.by_id == {}
 
 
 async def test_reconnect_fails_old_pending_and_works_after(qemu: ScratchQemu) -> None:

@@ -114,7 +114,7 @@ async def wait_for_sweeps(
     hypervisor: KvmHypervisor, name: str, minimum: int = 2, timeout: float = 60.0
 ) -> None:
     """Wait until the guest has booted and dirtied its memory ``minimum`` times (SeaBIOS
-    takes about 3 s to reach the kernel under nested KVM)."""
+    takes seconds to reach the kernel under nested KVM)."""
     with anyio.fail_after(timeout):
         # The guest's memory can only be polled; it signals nothing.
         while await sweep_count(hypervisor, name) < minimum:  # noqa: ASYNC110

@@ -3,7 +3,7 @@
 This is kvmflow's view of an instance (where it runs, what is being done to it); QEMU's own
 run state, the migration status and the monitor connection state are separate enums
 (:class:`~kvmflow.monitor.queries.RunState`, :class:`~kvmflow.migration.status.
-MigrationStatus`, :class:`~kvmflow.monitor.qmp.ConnectionState`). The README's state
+MigrationStatus`, :class:`~kvmflow.monitor.connection.ConnectionState`). The README's state
 diagram is drawn from :data:`TRANSITIONS` by :func:`mermaid_diagram`.
 """
 

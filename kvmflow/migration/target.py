@@ -19,7 +19,8 @@ from kvmflow.kvm.params import InstanceSpec
 from kvmflow.kvm.runtime import SavedRuntime
 from kvmflow.migration.errors import MigrationError
 from kvmflow.migration.policy import MigrationPolicy
-from kvmflow.monitor.qmp import ConnectionState, QMPClient
+from kvmflow.monitor.connection import ConnectionState
+from kvmflow.monitor.qmp import QMPClient
 from kvmflow.monitor.queries import RunState, query_status
 
 _log = structlog.get_logger("kvmflow.migration")

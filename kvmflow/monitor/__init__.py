@@ -1,9 +1,10 @@
 """Talking to QEMU monitors: sans-IO QMP protocol, async QMP and HMP clients."""
 
+from kvmflow.monitor.connection import ConnectionState
 from kvmflow.monitor.events import EndOfSubscription, EventSubscription
 from kvmflow.monitor.hmp import HMPClient, hmp_via_qmp
 from kvmflow.monitor.protocol import Event, Greeting, QemuVersion, QMPProtocol
-from kvmflow.monitor.qmp import ConnectionState, QMPClient
+from kvmflow.monitor.qmp import QMPClient
 from kvmflow.monitor.queries import (
     Accelerator,
     RunState,

@@ -24,7 +24,7 @@ from kvmflow.errors import (
     MalformedReplyError,
     MisuseError,
 )
-from kvmflow.monitor.qmp import ConnectionState
+from kvmflow.monitor.connection import ConnectionState
 from kvmflow.monitor.transport import MonitorAddress, as_connector
 
 if TYPE_CHECKING:

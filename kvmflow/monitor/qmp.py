@@ -10,13 +10,7 @@ Use it as ``async with QMPClient(path) as qmp:``.
 
 from __future__ import annotations
 
-import asyncio
-import enum
-import heapq
-import math
-import socket
 from collections import deque
-from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Final
 
@@ -24,6 +18,7 @@ import anyio
 import anyio.abc
 import structlog
 
+from kvmflow._fastpath import running_asyncio_loop
 from kvmflow._taskgroups import exit_task_group
 from kvmflow.errors import (
     CommandError,
@@ -32,6 +27,8 @@ from kvmflow.errors import (
     MalformedReplyError,
     MisuseError,
 )
+from kvmflow.monitor.calls import Call, Deadlines, PendingCalls
+from kvmflow.monitor.connection import READ_SIZE, ConnectionState, MonitorConnection
 from kvmflow.monitor.events import EventSubscription
 from kvmflow.monitor.protocol import (
     DEFAULT_MAX_LINE_BYTES,
@@ -46,122 +43,8 @@ from kvmflow.monitor.protocol import (
 )
 from kvmflow.monitor.transport import MonitorAddress, as_connector
 
-_READ_SIZE: Final = 65536
 #: Events kept from before the negotiation finished (the oldest go first beyond that).
 MAX_EARLY_EVENTS: Final = 1000
-
-
-class ConnectionState(enum.Enum):
-    """Life of one monitor connection (separate from QEMU's run state)."""
-
-    IDLE = "idle"
-    CONNECTING = "connecting"
-    READY = "ready"
-    LOST = "lost"
-    CLOSED = "closed"
-
-
-class _Call:
-    """One command in flight: what was sent and, once answered, its outcome.
-
-    On asyncio the caller waits on a bare loop future (the cheapest wake-up there is; a busy
-    controller makes thousands of calls a second); elsewhere on the backend's Event.
-    """
-
-    __slots__ = ("_event", "_future", "arguments", "command", "completed", "error", "value")
-
-    def __init__(
-        self,
-        command: str,
-        arguments: dict[str, Any] | None,
-        loop: asyncio.AbstractEventLoop | None,
-        event_class: type[anyio.Event],
-    ) -> None:
-        self.command = command
-        self.arguments = arguments
-        self.completed = False
-        self.value: Any = None
-        self.error: Exception | None = None
-        self._future = loop.create_future() if loop is not None else None
-        self._event = event_class() if loop is None else None
-
-    def succeed(self, value: Any) -> None:
-        self.value = value
-        self._complete()
-
-    def fail(self, error: Exception) -> None:
-        self.error = error
-        self._complete()
-
-    def _complete(self) -> None:
-        self.completed = True
-        future = self._future
-        if future is not None:
-            if not future.done():  # a caller that gave up cancelled it
-                future.set_result(None)
-        else:
-            assert self._event is not None
-            self._event.set()
-
-    async def wait(self) -> None:
-        if self._future is not None:
-            await self._future
-        else:
-            assert self._event is not None
-            await self._event.wait()
-
-
-class _Connection:
-    """One open byte stream with its protocol state and the scope of its reader task.
-
-    QEMU answers in about 175 us, so each event-loop pass a round trip spends matters. When
-    the stream is a real socket, commands are written straight to it; on asyncio the socket
-    stays registered with the loop and every readable wake-up is decoded right in the
-    loop's callback (as an asyncio protocol would), so a reply reaches its caller in one
-    pass. Elsewhere (trio, SSH channels) a reader task awaits the stream.
-    """
-
-    __slots__ = ("loop", "protocol", "reader_scope", "registered_fd", "sock", "stream")
-
-    def __init__(self, stream: anyio.abc.ByteStream, protocol: QMPProtocol) -> None:
-        self.stream = stream
-        self.protocol = protocol
-        self.sock: socket.socket | None = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
-        # Shielded: a caller's cancel scope around ``async with QMPClient`` must not stop
-        # the reader, or the shielded cleanup that follows a cancellation (migrate_cancel,
-        # cont) would find the connection dead. Only the client itself cancels this scope.
-        self.reader_scope = anyio.CancelScope(shield=True)
-        self.loop = _running_asyncio_loop() if self.sock is not None else None
-        self.registered_fd: int | None = None
-
-    async def receive(self) -> bytes:
-        """Next chunk of bytes; ``b""`` at end of stream."""
-        sock = self.sock
-        if sock is None:
-            try:
-                return await self.stream.receive(_READ_SIZE)
-            except anyio.EndOfStream:
-                return b""
-        while True:
-            try:
-                return sock.recv(_READ_SIZE)
-            except BlockingIOError:
-                await anyio.wait_readable(sock)
-            except InterruptedError:
-                continue
-
-    def stop_reading(self) -> None:
-        """Unregister the socket from the loop now, before it can be closed and reused."""
-        fd, self.registered_fd = self.registered_fd, None
-        if fd is not None and self.loop is not None:
-            self.loop.remove_reader(fd)
-
-
-def _running_asyncio_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
 
 
 class QMPClient:
@@ -192,21 +75,15 @@ class QMPClient:
         self.state = ConnectionState.IDLE
         self.greeting: Greeting | None = None
         self._log = structlog.get_logger("kvmflow.monitor").bind(monitor=self.name)
-        self._connection: _Connection | None = None
-        # Commands in flight by id, oldest first; ``None`` marks one whose caller gave up,
-        # so that its late reply is recognised and dropped.
-        self._pending: dict[int, _Call | None] = {}
-        self._quit_ids: set[int] = set()
+        self._connection: MonitorConnection | None = None
+        self._pending = PendingCalls(self.name)
+        self._deadlines = Deadlines(self.name, self._pending.abandon)
         self._subscriptions: list[EventSubscription] = []
         self._task_group: anyio.abc.TaskGroup | None = None
         self._send_lock: anyio.Lock | None = None
         self._lost_reason = "not connected"
-        self._deadlines: list[tuple[float, int, _Call, float]] = []
-        self._deadline_wakeup: anyio.Event | None = None
-        self._watcher_target = math.inf  # when the deadline watcher wakes up next
         self._event_class: type[anyio.Event] = anyio.Event
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._clock: Callable[[], float] = anyio.current_time
+        self._loop = running_asyncio_loop()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -217,13 +94,13 @@ class QMPClient:
         # The backend's own Event class and clock, looked up once: on a busy controller
         # the per-command backend lookup is measurable.
         self._event_class = type(anyio.Event())
-        loop = _running_asyncio_loop()
+        loop = running_asyncio_loop()
         self._loop = loop
-        self._clock = loop.time if loop is not None else anyio.current_time
+        self._deadlines.clock = loop.time if loop is not None else anyio.current_time
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
         self._task_group = task_group
-        task_group.start_soon(self._watch_deadlines, name=f"qmp-deadlines {self.name}")
+        task_group.start_soon(self._deadlines.watch, name=f"qmp-deadlines {self.name}")
         try:
             await self._open()
         except BaseException:
@@ -291,7 +168,7 @@ class QMPClient:
         except BaseException:
             self.state = ConnectionState.LOST
             raise
-        connection = _Connection(stream, protocol)
+        connection = MonitorConnection(stream, protocol)
         self._connection = connection
         self.greeting = protocol.greeting
         self.state = ConnectionState.READY
@@ -309,7 +186,7 @@ class QMPClient:
         dropped = 0
         while protocol.phase is not Phase.READY:
             try:
-                data = await stream.receive(_READ_SIZE)
+                data = await stream.receive(READ_SIZE)
             except (anyio.EndOfStream, anyio.BrokenResourceError, OSError) as exc:
                 stage = "greeting" if protocol.greeting is None else "capabilities negotiation"
                 raise ConnectionLostError(
@@ -356,52 +233,23 @@ class QMPClient:
                 monitor=self.name,
             )
         call_id, line = connection.protocol.encode_command(command, arguments)
-        call = _Call(command, arguments, self._loop, self._event_class)
-        self._pending[call_id] = call
-        if command == "quit":
-            self._quit_ids.add(call_id)
+        call = Call(command, arguments, self._loop, self._event_class)
+        self._pending.add(call_id, call)
         if timeout is None:
             timeout = self.command_timeout
         if timeout is not None:
-            self._add_deadline(call_id, call, timeout)
+            self._deadlines.add(call_id, call, timeout)
         try:
             await self._send(connection, line)
             await call.wait()
         finally:
-            if not call.completed and call_id in self._pending:
-                self._pending[call_id] = None
+            if not call.completed:
+                self._pending.abandon(call_id)
         if call.error is not None:
             raise call.error
         return call.value
 
-    def _add_deadline(self, call_id: int, call: _Call, timeout: float) -> None:
-        """Arm a per-command deadline. One watcher task serves all of them from a heap, so
-        that a command costs no cancel scope of its own (the common case, an answer well
-        before the deadline, then costs one heap push)."""
-        deadline = self._clock() + timeout
-        heapq.heappush(self._deadlines, (deadline, call_id, call, timeout))
-        if deadline < self._watcher_target and self._deadline_wakeup is not None:
-            self._watcher_target = deadline
-            self._deadline_wakeup.set()
-
-    async def _watch_deadlines(self) -> None:
-        heap = self._deadlines
-        while True:
-            now = anyio.current_time()
-            while heap and (heap[0][0] <= now or heap[0][2].completed):
-                _, call_id, call, timeout = heapq.heappop(heap)
-                if not call.completed:
-                    if call_id in self._pending:
-                        self._pending[call_id] = None  # its late reply will be dropped
-                    call.fail(
-                        DeadlineError(f"QMP command {call.command!r}", timeout, where=self.name)
-                    )
-            self._deadline_wakeup = anyio.Event()
-            self._watcher_target = heap[0][0] if heap else math.inf
-            with anyio.move_on_after(heap[0][0] - now if heap else None):
-                await self._deadline_wakeup.wait()
-
-    async def _send(self, connection: _Connection, line: bytes) -> None:
+    async def _send(self, connection: MonitorConnection, line: bytes) -> None:
         lock = self._send_lock
         assert lock is not None
         sock = connection.sock
@@ -426,7 +274,7 @@ class QMPClient:
         async with lock:
             await self._send_rest(connection, line)
 
-    async def _send_rest(self, connection: _Connection, data: bytes) -> None:
+    async def _send_rest(self, connection: MonitorConnection, data: bytes) -> None:
         # A half-written line would corrupt the stream for every caller, so the write is
         # shielded from cancellation and bounded by its own deadline instead.
         with anyio.CancelScope(shield=True) as scope:
@@ -440,7 +288,9 @@ class QMPClient:
             await anyio.aclose_forcefully(connection.stream)
             raise DeadlineError("writing a QMP command", self.send_timeout, where=self.name)
 
-    def _write_failed(self, connection: _Connection, exc: BaseException) -> ConnectionLostError:
+    def _write_failed(
+        self, connection: MonitorConnection, exc: BaseException
+    ) -> ConnectionLostError:
         reason = f"cannot write to the monitor: {exc or type(exc).__name__}"
         self._connection_lost(connection, reason)
         return ConnectionLostError(reason, monitor=self.name)
@@ -456,16 +306,13 @@ class QMPClient:
 
     # --------------------------------------------------------------------- reader
 
-    async def _read_loop(self, connection: _Connection) -> None:
+    async def _read_loop(self, connection: MonitorConnection) -> None:
         if self._connection is not connection:
             return  # closed before the reader got its first turn
         reason = "the monitor closed the connection"
         try:
             with connection.reader_scope:
-                if connection.loop is not None:
-                    reason = await self._read_in_loop_callback(connection)
-                else:
-                    reason = await self._read_in_task(connection)
+                reason = await connection.read(self._dispatch, self._reader_failed)
         except Exception as exc:  # a bug here must not leave callers waiting forever
             reason = f"the reader failed: {exc!r}"
             self._log.exception("qmp reader failed")
@@ -475,54 +322,8 @@ class QMPClient:
             with anyio.CancelScope(shield=True):
                 await anyio.aclose_forcefully(connection.stream)
 
-    async def _read_in_task(self, connection: _Connection) -> str:
-        protocol = connection.protocol
-        while True:
-            try:
-                data = await connection.receive()
-            except anyio.ClosedResourceError:
-                return "the client closed the connection"
-            except (anyio.BrokenResourceError, OSError) as exc:
-                return f"the connection broke: {exc or type(exc).__name__}"
-            if not data:
-                return _eof_reason(protocol)
-            for message in protocol.feed(data):
-                self._dispatch(message)
-
-    async def _read_in_loop_callback(self, connection: _Connection) -> str:
-        sock, loop, protocol = connection.sock, connection.loop, connection.protocol
-        assert sock is not None
-        assert loop is not None
-        finished = anyio.Event()
-        outcome: list[str] = []
-
-        def finish(reason: str) -> None:
-            connection.stop_reading()
-            outcome.append(reason)
-            finished.set()
-
-        def on_readable() -> None:
-            try:
-                data = sock.recv(_READ_SIZE)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                finish(f"the connection broke: {exc}")
-                return
-            if not data:
-                finish(_eof_reason(protocol))
-                return
-            try:
-                for message in protocol.feed(data):
-                    self._dispatch(message)
-            except Exception as exc:  # same guarantee as the task reader
-                self._log.exception("qmp reader failed")
-                finish(f"the reader failed: {exc!r}")
-
-        connection.registered_fd = sock.fileno()
-        loop.add_reader(connection.registered_fd, on_readable)
-        await finished.wait()
-        return outcome[0]
+    def _reader_failed(self) -> None:
+        self._log.exception("qmp reader failed")
 
     def _dispatch(self, message: Message) -> None:
         if isinstance(message, Event):
@@ -532,29 +333,10 @@ class QMPClient:
         if isinstance(message, Greeting):
             self._log.warning("unexpected QMP greeting on an open connection")
             return
-        pending = self._pending
-        message_id = message.id
-        if type(message_id) is int and message_id in pending:
-            call = pending.pop(message_id)
-        elif not pending:
-            self._log.warning("monitor answer with no command pending", answer=repr(message))
+        call, message, dropped = self._pending.match(message)
+        if dropped is not None:
+            self._log.warning(dropped, answer=repr(message))
             return
-        elif type(message_id) is int and message_id < next(iter(pending)):
-            # Ids only grow and QEMU answers in order: an id below every pending one was
-            # answered already. Pinning it on a waiting command would fail that command.
-            self._log.warning("late duplicate monitor answer dropped", answer=repr(message))
-            return
-        else:
-            # QEMU answers in order, so an answer that names no known command belongs to
-            # the oldest one outstanding.
-            oldest = next(iter(pending))
-            call = pending.pop(oldest)
-            if message_id is not None and call is not None:
-                message = Garbage(
-                    f"answer carries id {message_id!r}, which no command has",
-                    _raw_of(message),
-                    message_id,
-                )
         if call is None:
             return  # its caller gave up; the late answer is dropped
         if type(message) is Reply:
@@ -573,7 +355,7 @@ class QMPClient:
             assert isinstance(message, Garbage)
             call.fail(message.error(self.name))
 
-    def _connection_lost(self, connection: _Connection, reason: str) -> None:
+    def _connection_lost(self, connection: MonitorConnection, reason: str) -> None:
         """Fail what was pending on ``connection``; idempotent, ignores stale connections."""
         if self._connection is not connection:
             return
@@ -583,31 +365,6 @@ class QMPClient:
         if self.state is not ConnectionState.CLOSED:
             self.state = ConnectionState.LOST
         self._lost_reason = reason
-        pending, self._pending = self._pending, {}
-        quit_ids, self._quit_ids = self._quit_ids, set()
-        for call_id, call in pending.items():
-            if call is None:
-                continue
-            if call_id in quit_ids:
-                call.succeed({})  # QEMU may close the socket before answering ``quit``
-            else:
-                call.fail(
-                    ConnectionLostError(
-                        f"{call.command!r} got no answer: {reason}", monitor=self.name
-                    )
-                )
-        failed = sum(1 for call in pending.values() if call is not None)
+        failed = self._pending.fail_all(reason)
         log = self._log.debug if self.state is ConnectionState.CLOSED else self._log.info
         log("qmp connection ended", reason=reason, failed_commands=failed)
-
-
-def _eof_reason(protocol: QMPProtocol) -> str:
-    leftover = protocol.feed_eof()
-    reason = "the monitor closed the connection"
-    if leftover:
-        reason += f" in the middle of an answer: {leftover[:200]!r}"
-    return reason
-
-
-def _raw_of(message: Message) -> bytes:
-    return repr(message).encode()
