@@ -17,7 +17,7 @@ from kvmflow.engine import (
     MigrationStarted,
     NodeEntry,
 )
-from kvmflow.errors import MisuseError
+from kvmflow.errors import MisuseError, ValidationError
 from kvmflow.guest import dirty_guest_spec, wait_for_sweeps
 from kvmflow.instance import Instance
 from kvmflow.kvm import HvParams, InstanceSpec, KvmHypervisor, RuntimePaths, default_accelerator
@@ -229,5 +229,6 @@ async def test_submission_errors(entries: list[NodeEntry]) -> None:
             engine.submit_migration("sub-1", "node-z")
         with pytest.raises(MisuseError, match="already runs on node-a"):
             engine.submit_migration("sub-1", "node-a")
-        with pytest.raises(MisuseError, match="limits must be at least 1"):
-            Limits(0, 2)
+        with pytest.raises(ValidationError, match=r"max_outbound=0: at least 1") as bad:
+            Limits(0, 2, max_total=-1)
+        assert [p.field for p in bad.value.problems] == ["max_outbound", "max_total"]

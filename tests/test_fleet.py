@@ -14,7 +14,7 @@ import anyio
 import pytest
 
 from kvmflow.engine import Engine, Limits, MigrationCancelled, MigrationFailed, NodeEntry
-from kvmflow.engine.engine import MigrationTicket
+from kvmflow.engine.tickets import MigrationTicket
 from kvmflow.instance import Instance, InstanceState
 from kvmflow.kvm import HvParams, InstanceInfo, InstanceSpec, KvmHypervisor, RuntimePaths
 from kvmflow.migration import MigrationError, MigrationPolicy

@@ -13,11 +13,11 @@ import anyio.lowlevel
 import pytest
 
 from kvmflow.engine import Engine, NodeEntry
-from kvmflow.engine.plan import parse_plan, run_plan
 from kvmflow.errors import ValidationError
 from kvmflow.instance import Instance
 from kvmflow.kvm import InstanceInfo, InstanceSpec, KvmHypervisor, RuntimePaths
 from kvmflow.node import LocalNode
+from kvmflow.plans import parse_plan, run_plan
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

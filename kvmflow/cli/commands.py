@@ -375,7 +375,7 @@ async def attach_all(ctx: Context, engine: Engine) -> None:
 async def cmd_plan(ctx: Context, path: str, *, run: bool, progress: bool) -> int:
     from pathlib import Path
 
-    from kvmflow.engine.plan import journal_path, load_plan, run_plan
+    from kvmflow.plans import journal_path, load_plan, run_plan
 
     steps = load_plan(Path(path), instances=set(ctx.config.instances), nodes=set(ctx.config.nodes))
     if not run:

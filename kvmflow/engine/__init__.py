@@ -1,14 +1,7 @@
 """The multi-node engine: registry, limits, bandwidth budgets, events, evacuation."""
 
-from kvmflow.engine.engine import (
-    Engine,
-    EvacuationPlan,
-    EvacuationSummary,
-    EventFeed,
-    Limits,
-    MigrationTicket,
-    NodeEntry,
-)
+from kvmflow.engine.engine import Engine, EventFeed, NodeEntry
+from kvmflow.engine.evacuation import EvacuationPlan, EvacuationSummary
 from kvmflow.engine.events import (
     BandwidthRebalanced,
     EngineEvent,
@@ -21,6 +14,7 @@ from kvmflow.engine.events import (
     PolicyActionTaken,
     Statistics,
 )
+from kvmflow.engine.tickets import Limits, MigrationTicket, TicketState
 
 __all__ = [
     "BandwidthRebalanced",
@@ -40,4 +34,5 @@ __all__ = [
     "NodeEntry",
     "PolicyActionTaken",
     "Statistics",
+    "TicketState",
 ]

@@ -19,7 +19,7 @@ import contextlib
 import itertools
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 
 import anyio
@@ -27,6 +27,7 @@ import anyio.abc
 import structlog
 
 from kvmflow._taskgroups import exit_task_group
+from kvmflow.engine.evacuation import Capacity, EvacuationPlan, EvacuationSummary, plan_moves
 from kvmflow.engine.events import (
     BandwidthRebalanced,
     EngineEvent,
@@ -39,6 +40,8 @@ from kvmflow.engine.events import (
     PolicyActionTaken,
     Statistics,
 )
+from kvmflow.engine.scheduling import link_share, pick_next
+from kvmflow.engine.tickets import Limits, MigrationTicket, TicketState
 from kvmflow.errors import KvmflowError, MisuseError
 from kvmflow.feed import BoundedFeed
 from kvmflow.instance.instance import Instance
@@ -46,8 +49,7 @@ from kvmflow.kvm.hypervisor import KvmHypervisor
 from kvmflow.migration.errors import MigrationError
 from kvmflow.migration.migrate import migrate
 from kvmflow.migration.policy import MIB, MigrationPolicy
-from kvmflow.migration.results import MigrationProgress, MigrationResult
-from kvmflow.monitor.qmp import QMPClient
+from kvmflow.migration.results import MigrationProgress
 
 _log = structlog.get_logger("kvmflow.engine")
 
@@ -63,23 +65,6 @@ class NodeEntry:
     @property
     def name(self) -> str:
         return self.hypervisor.node.name
-
-
-@dataclass(frozen=True)
-class Limits:
-    """How many migrations may run at once (KubeVirt and oVirt use 2 out, 2 in)."""
-
-    max_outbound: int = 2
-    max_inbound: int = 2
-    max_total: int | None = None
-
-    def __post_init__(self) -> None:
-        if (
-            self.max_outbound < 1
-            or self.max_inbound < 1
-            or (self.max_total is not None and self.max_total < 1)
-        ):
-            raise MisuseError(f"migration limits must be at least 1, got {self}")
 
 
 class EventFeed(BoundedFeed[EngineEvent]):
@@ -99,83 +84,6 @@ class EventFeed(BoundedFeed[EngineEvent]):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-class MigrationTicket:
-    """One submitted migration: queued, then active, then done."""
-
-    def __init__(
-        self,
-        engine: Engine,
-        ticket_id: int,
-        instance: Instance,
-        target: str,
-        priority: int,
-        policy: MigrationPolicy | None,
-        live: bool,
-    ) -> None:
-        self.engine = engine
-        self.id = ticket_id
-        self.instance = instance
-        self.source = instance.node_name
-        self.target = target
-        self.priority = priority
-        self.policy = policy
-        self.live = live
-        self.state = "queued"
-        self.result: MigrationResult | None = None
-        self.error: BaseException | None = None
-        self.scope: anyio.CancelScope | None = None
-        self.qmp: QMPClient | None = None
-        self.bandwidth_mib: int | None = None
-        self.watching = False  # past its set-up: progress is being reported
-        self._done = anyio.Event()
-
-    def __repr__(self) -> str:
-        return (
-            f"MigrationTicket({self.id}, {self.instance.name}: {self.source} -> "
-            f"{self.target}, {self.state})"
-        )
-
-    def cancel(self) -> None:
-        """Cancel: a queued migration never starts; an active one is cancelled cleanly."""
-        self.engine._cancel(self)
-
-    async def wait(self) -> MigrationResult:
-        """Wait for the end; return the result or raise why it did not happen."""
-        await self._done.wait()
-        if self.result is not None:
-            return self.result
-        assert self.error is not None
-        raise self.error
-
-    def _finish(self, state: str) -> None:
-        self.state = state
-        self._done.set()
-
-
-@dataclass
-class EvacuationPlan:
-    """Which instance goes where, and why some cannot go anywhere."""
-
-    source: str
-    moves: list[tuple[str, str, int]] = field(default_factory=list)  # instance, target, MiB
-    unplaceable: list[tuple[str, str]] = field(default_factory=list)  # instance, reason
-    capacity: dict[str, dict[str, int]] = field(default_factory=dict)
-
-
-@dataclass
-class EvacuationSummary:
-    """What an evacuation did."""
-
-    plan: EvacuationPlan
-    moved: list[tuple[str, str]] = field(default_factory=list)
-    failed: list[tuple[str, str]] = field(default_factory=list)
-    dry_run: bool = False
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed and not self.plan.unplaceable
 
 
 class Engine:
@@ -222,7 +130,7 @@ class Engine:
         task_group, self._task_group = self._task_group, None
         assert task_group is not None
         for ticket in list(self._tickets.values()):
-            if ticket.state in ("queued", "active"):
+            if not ticket.done:
                 self._cancel(ticket)
         task_group.cancel_scope.cancel()
         try:
@@ -282,11 +190,11 @@ class Engine:
         inbound: Counter[str] = Counter()
         active = queued = 0
         for ticket in self._tickets.values():
-            if ticket.state == "active":
+            if ticket.state is TicketState.ACTIVE:
                 active += 1
                 outbound[ticket.source] += 1
                 inbound[ticket.target] += 1
-            elif ticket.state == "queued":
+            elif ticket.state is TicketState.QUEUED:
                 queued += 1
         return Statistics(
             active,
@@ -318,11 +226,13 @@ class Engine:
         if instance.node_name == target:
             raise MisuseError(f"instance {name} already runs on {target}")
         for ticket in self._tickets.values():
-            if ticket.instance is instance and ticket.state in ("queued", "active"):
+            if ticket.instance is instance and not ticket.done:
                 raise MisuseError(
                     f"instance {name} already has migration {ticket.id} ({ticket.state})"
                 )
-        ticket = MigrationTicket(self, next(self._ids), instance, target, priority, policy, live)
+        ticket = MigrationTicket(
+            next(self._ids), instance, target, priority, policy, live, self._cancel
+        )
         self._tickets[ticket.id] = ticket
         self._emit(MigrationQueued(ticket.id, name, ticket.source, target, priority))
         self._wake()
@@ -333,12 +243,12 @@ class Engine:
             self._wakeup.set()
 
     def _cancel(self, ticket: MigrationTicket) -> None:
-        if ticket.state == "queued":
+        if ticket.state is TicketState.QUEUED:
             ticket.error = MigrationError(
                 ticket.instance.name, "cancelled before it started", runs_on=ticket.source
             )
             self._counts["cancelled"] += 1
-            ticket._finish("cancelled")
+            ticket.move_to(TicketState.CANCELLED)
             del self._tickets[ticket.id]
             self._emit(
                 MigrationCancelled(
@@ -346,29 +256,8 @@ class Engine:
                 )
             )
             self._wake()
-        elif ticket.state == "active" and ticket.scope is not None:
+        elif ticket.state is TicketState.ACTIVE and ticket.scope is not None:
             ticket.scope.cancel()
-
-    def _eligible(
-        self,
-        ticket: MigrationTicket,
-        out: Counter[str],
-        into: Counter[str],
-        total: int,
-        listening: set[tuple[str, int]],
-    ) -> bool:
-        limits = self.limits
-        return (
-            out[ticket.source] < limits.max_outbound
-            and into[ticket.target] < limits.max_inbound
-            and (limits.max_total is None or total < limits.max_total)
-            and ticket.instance.machine.operation is None
-            and self._listener_free(ticket, listening)
-        )
-
-    def _listener_free(self, ticket: MigrationTicket, listening: set[tuple[str, int]]) -> bool:
-        listener = self._fixed_listener(ticket)
-        return listener is None or listener not in listening
 
     def _fixed_listener(self, ticket: MigrationTicket) -> tuple[str, int] | None:
         """The address and fixed port the ticket's target will listen on; None for port 0
@@ -385,44 +274,22 @@ class Engine:
             self._start_eligible()
 
     def _start_eligible(self) -> None:
-        while True:
-            out: Counter[str] = Counter()
-            into: Counter[str] = Counter()
-            listening: set[tuple[str, int]] = set()
-            total = 0
-            for ticket in self._tickets.values():
-                if ticket.state == "active":
-                    out[ticket.source] += 1
-                    into[ticket.target] += 1
-                    if (listener := self._fixed_listener(ticket)) is not None:
-                        listening.add(listener)
-                    total += 1
-            candidates = [
-                t
-                for t in self._tickets.values()
-                if t.state == "queued" and self._eligible(t, out, into, total, listening)
-            ]
-            if not candidates:
-                return
-            # Priority first, then the source node served least so far, then first come.
-            chosen = max(candidates, key=lambda t: (t.priority, -self._served[t.source], -t.id))
+        tickets = self._tickets.values()
+        while chosen := pick_next(tickets, self.limits, self._served, self._fixed_listener):
             self._served[chosen.source] += 1
-            chosen.state = "active"
+            chosen.move_to(TicketState.ACTIVE)
             chosen.scope = anyio.CancelScope()
             assert self._task_group is not None
             self._task_group.start_soon(self._run, chosen, name=f"migrate {chosen.instance.name}")
 
     def _share_mib(self, source: str, active: int) -> int | None:
-        budget = self.nodes[source].link_budget_mib
-        if budget is None:
-            return None
-        return max(1, budget // max(active, 1))
+        return link_share(self.nodes[source].link_budget_mib, active)
 
     def _active_on(self, source: str) -> list[MigrationTicket]:
         return [
             t
             for t in self._tickets.values()
-            if t.state == "active" and t.source == source and t.qmp is not None
+            if t.state is TicketState.ACTIVE and t.source == source and t.qmp is not None
         ]
 
     async def _rebalance(self, source: str) -> None:
@@ -526,21 +393,21 @@ class Engine:
         if ticket.result is not None:
             self._counts["completed"] += 1
             self._bytes_moved += ticket.result.final.transferred
-            ticket._finish("completed")
+            ticket.move_to(TicketState.COMPLETED)
             self._emit(
                 MigrationCompleted(ticket.id, name, ticket.source, ticket.target, ticket.result)
             )
         elif ticket.error is None:  # cancelled while active
             ticket.error = MigrationError(name, "cancelled", runs_on=ticket.instance.node_name)
             self._counts["cancelled"] += 1
-            ticket._finish("cancelled")
+            ticket.move_to(TicketState.CANCELLED)
             self._emit(
                 MigrationCancelled(ticket.id, name, ticket.source, ticket.target, started=True)
             )
         else:
             runs_on = getattr(ticket.error, "runs_on", None)
             self._counts["failed"] += 1
-            ticket._finish("failed")
+            ticket.move_to(TicketState.FAILED)
             self._emit(
                 MigrationFailed(
                     ticket.id, name, ticket.source, ticket.target, str(ticket.error), runs_on
@@ -556,34 +423,14 @@ class Engine:
         """Assign every instance of ``source`` to a target by free memory and load; change
         nothing."""
         self.node(source)
-        plan = EvacuationPlan(source)
-        free: dict[str, int] = {}
-        load: Counter[str] = Counter()
+        capacity: dict[str, Capacity] = {}
         for name in targets:
             if name == source:
                 raise MisuseError(f"cannot evacuate {source} onto itself")
             info = await self.node(name).hypervisor.node_info()
-            free[name] = info.memory_free_mib
-            load[name] = len(self.on_node(name))
-            plan.capacity[name] = {"free_mib": info.memory_free_mib, "instances": load[name]}
-        for instance in sorted(self.on_node(source), key=lambda i: -i.spec.memory_mib):
-            need = instance.spec.memory_mib
-            fitting = [t for t in targets if free[t] >= need]
-            if not fitting:
-                plan.unplaceable.append(
-                    (
-                        instance.name,
-                        f"needs {need} MiB; no target has it "
-                        f"free ({', '.join(f'{t}: {free[t]}' for t in targets)})",
-                    )
-                )
-                continue
-            # The least loaded target first, then the one with the most memory left.
-            best = min(fitting, key=lambda t: (load[t], -free[t]))
-            free[best] -= need
-            load[best] += 1
-            plan.moves.append((instance.name, best, need))
-        return plan
+            capacity[name] = Capacity(info.memory_free_mib, len(self.on_node(name)))
+        needs = {i.name: i.spec.memory_mib for i in self.on_node(source)}
+        return plan_moves(source, needs, capacity)
 
     async def evacuate(
         self,

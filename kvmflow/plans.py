@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvmflow.engine.engine import Engine
+from kvmflow.engine import Engine
 from kvmflow.errors import FieldProblem, KvmflowError, ValidationError
 
 ACTIONS = {

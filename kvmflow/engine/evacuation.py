@@ -1,0 +1,66 @@
+"""Evacuating a node: where each instance goes, decided from capacities alone.
+
+:func:`plan_moves` is a pure function of what each target has free and carries now, so it
+is tested with numbers alone; the engine gathers those figures from the nodes and runs the
+moves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class EvacuationPlan:
+    """Which instance goes where, and why some cannot go anywhere."""
+
+    source: str
+    moves: list[tuple[str, str, int]] = field(default_factory=list)  # instance, target, MiB
+    unplaceable: list[tuple[str, str]] = field(default_factory=list)  # instance, reason
+    capacity: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+@dataclass
+class EvacuationSummary:
+    """What an evacuation did."""
+
+    plan: EvacuationPlan
+    moved: list[tuple[str, str]] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    dry_run: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.plan.unplaceable
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What one target has: free memory (MiB) and how many instances it carries now."""
+
+    free_mib: int
+    instances: int
+
+
+def plan_moves(
+    source: str, instances: dict[str, int], capacity: dict[str, Capacity]
+) -> EvacuationPlan:
+    """Assign each instance (name -> MiB it needs) to a target, largest first: the least
+    loaded target that has the memory, then the one with the most memory left."""
+    plan = EvacuationPlan(source)
+    plan.capacity = {
+        t: {"free_mib": c.free_mib, "instances": c.instances} for t, c in capacity.items()
+    }
+    free = {target: c.free_mib for target, c in capacity.items()}
+    load = {target: c.instances for target, c in capacity.items()}
+    for name, need in sorted(instances.items(), key=lambda item: -item[1]):
+        fitting = [t for t in capacity if free[t] >= need]
+        if not fitting:
+            have = ", ".join(f"{t}: {free[t]}" for t in capacity)
+            plan.unplaceable.append((name, f"needs {need} MiB; no target has it free ({have})"))
+            continue
+        best = min(fitting, key=lambda t: (load[t], -free[t]))
+        free[best] -= need
+        load[best] += 1
+        plan.moves.append((name, best, need))
+    return plan
