@@ -11,7 +11,7 @@ import pytest
 from kvmflow.errors import ValidationError
 from kvmflow.kvm import Disk, HvParams, InstanceSpec, Nic, RuntimePaths, build_argv
 from kvmflow.kvm.argv import execution_args
-from kvmflow.kvm.params import DiskCache, DiskType, KvmFlag, NicType, SecurityModel, UsbMouse
+from kvmflow.kvm.hvparams import DiskCache, DiskType, KvmFlag, NicType, SecurityModel, UsbMouse
 
 PATHS = RuntimePaths("/run/kvf")
 

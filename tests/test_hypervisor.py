@@ -32,7 +32,7 @@ from kvmflow.kvm import (
     UidPoolExhaustedError,
     default_accelerator,
 )
-from kvmflow.kvm.params import BootOrder, DiskType, SecurityModel
+from kvmflow.kvm.hvparams import BootOrder, DiskType, SecurityModel
 from kvmflow.monitor import RunState, query_status
 from kvmflow.node import LocalNode
 from kvmflow.node.base import CommandResult

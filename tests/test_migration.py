@@ -18,7 +18,7 @@ from kvmflow.guest import dirty_guest_spec, wait_for_sweeps
 from kvmflow.guest import sweep_count as sweeps
 from kvmflow.instance import Instance, InstanceState
 from kvmflow.kvm import HvParams, InstanceInfo, InstanceSpec, KvmHypervisor
-from kvmflow.kvm.params import UsbMouse
+from kvmflow.kvm.hvparams import UsbMouse
 from kvmflow.kvm.runtime import SavedRuntime
 from kvmflow.migration import (
     MigrationError,

@@ -19,7 +19,7 @@ from kvmflow.kvm import (
     check_instance_name,
     validate_spec,
 )
-from kvmflow.kvm.params import (
+from kvmflow.kvm.hvparams import (
     BootOrder,
     DiskCache,
     DiskType,
@@ -27,9 +27,9 @@ from kvmflow.kvm.params import (
     NicType,
     SecurityModel,
     UsbMouse,
-    is_ipv4,
-    is_ipv6,
 )
+from kvmflow.kvm.validation import is_ipv4, is_ipv6, validate_spec_on
+from kvmflow.node import LocalNode
 
 
 @pytest.fixture
@@ -343,3 +343,39 @@ def test_spec_round_trips_through_dict(files: dict[str, str]) -> None:
     assert InstanceSpec.from_dict(spec.to_dict()) == spec
     with pytest.raises(ValidationError, match="malformed"):
         InstanceSpec.from_dict({"memory_mib": 5})
+
+
+class NodeWithItsOwnKernel(LocalNode):
+    """A node that has files this machine has not (as a remote node would)."""
+
+    async def path_kind(self, path: str) -> str | None:
+        if path == "/srv/node-only/vmlinuz":
+            return "file"
+        return await super().path_kind(path)
+
+    async def user_exists(self, name: str) -> bool:
+        return name == "qemu-node-user" or await super().user_exists(name)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_environment_is_checked_on_the_node_the_instance_goes_to(
+    anyio_backend: str,
+) -> None:
+    spec = spec_with(
+        kernel_path="/srv/node-only/vmlinuz",
+        root_path="/dev/vda1",
+        security_model=SecurityModel.USER,
+        security_domain="qemu-node-user",
+    )
+    with pytest.raises(ValidationError) as here:
+        validate_spec(spec)  # this machine has neither the kernel nor the user
+    assert {p.field for p in here.value.problems} == {"kernel_path", "security_domain"}
+    await validate_spec_on(spec, NodeWithItsOwnKernel("remote"))  # the node has both
+    with pytest.raises(ValidationError) as there:
+        await validate_spec_on(spec.with_hvparams(initrd_path="/srv/none"), LocalNode("x"))
+    assert {p.field for p in there.value.problems} == {
+        "kernel_path",
+        "initrd_path",
+        "security_domain",
+    }

@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -79,9 +80,18 @@ async def test_files_commands_and_processes(ssh_hosts: SSHFleet, tmp_path: Path)
         await node.rename(path, path + ".moved")
         assert await node.remove(path + ".moved") is True
         assert await node.remove(path + ".moved") is False
-        sleeper = subprocess.Popen(["sleep", "30"])
+        assert await node.path_kind(str(tmp_path / "d")) == "directory"
+        assert await node.path_kind(str(tmp_path / "f.txt.x")) == "file"
+        assert await node.path_kind("/dev/null") == "other"
+        assert await node.path_kind(str(tmp_path / "nothing $(id)")) is None
+        assert await node.user_exists("nobody") is True
+        assert await node.user_exists("no-such-user;id") is False
+        argv = [sys.executable, "-c", "import time; time.sleep(30)", "marker-arg $(id)"]
+        sleeper = subprocess.Popen(argv)
         try:
-            assert await node.process_cmdline(sleeper.pid) == ["sleep", "30"]
+            assert await node.process_cmdline(sleeper.pid) == argv
+            assert await node.find_processes("marker-arg $(id)") == [sleeper.pid]
+            assert await node.find_processes("marker-arg") == []  # whole arguments only
             assert await node.signal_process(sleeper.pid, signal.SIGTERM) is True
             sleeper.wait(5)
             assert await node.process_cmdline(sleeper.pid) is None

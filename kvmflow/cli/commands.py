@@ -19,7 +19,7 @@ from kvmflow.engine import Engine, Limits, NodeEntry
 from kvmflow.errors import FieldProblem, MisuseError, ValidationError
 from kvmflow.instance import Instance, InstanceState
 from kvmflow.kvm import KvmHypervisor, RuntimePaths, default_accelerator
-from kvmflow.kvm.params import InstanceSpec
+from kvmflow.kvm.spec import InstanceSpec
 from kvmflow.migration import MigrationPolicy
 from kvmflow.monitor import hmp_via_qmp
 from kvmflow.node import LocalNode

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from kvmflow.errors import FieldProblem, ValidationError
-from kvmflow.kvm.params import InstanceSpec
 from kvmflow.kvm.runtime import DEFAULT_ROOT, RuntimePaths
+from kvmflow.kvm.spec import InstanceSpec
 
 NODE_KEYS = {"runtime_root", "migration_address", "link_budget_mib"}
 

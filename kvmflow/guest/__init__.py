@@ -19,8 +19,9 @@ from pathlib import Path
 import anyio
 
 from kvmflow.errors import KvmflowError, MalformedReplyError
+from kvmflow.kvm.hvparams import HvParams
 from kvmflow.kvm.hypervisor import KvmHypervisor
-from kvmflow.kvm.params import HvParams, InstanceSpec
+from kvmflow.kvm.spec import InstanceSpec
 from kvmflow.monitor.hmp import HMPClient
 
 #: Physical address where the guest counts completed sweeps (HMP ``xp /1wx 0x7000``).

@@ -8,7 +8,7 @@ from kvmflow.errors import KvmflowError, MisuseError
 from kvmflow.instance.machine import InstanceMachine
 from kvmflow.instance.states import InstanceEvent, InstanceState
 from kvmflow.kvm.hypervisor import InstanceInfo, InstanceRunningError, KvmHypervisor
-from kvmflow.kvm.params import InstanceSpec
+from kvmflow.kvm.spec import InstanceSpec
 from kvmflow.monitor.queries import RunState, query_status
 
 

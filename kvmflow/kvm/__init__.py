@@ -2,6 +2,16 @@
 
 from kvmflow.kvm.argv import build_argv, execution_args
 from kvmflow.kvm.console import console_command
+from kvmflow.kvm.hvparams import (
+    BootOrder,
+    DiskCache,
+    DiskType,
+    HvParams,
+    KvmFlag,
+    NicType,
+    SecurityModel,
+    UsbMouse,
+)
 from kvmflow.kvm.hypervisor import (
     InstanceInfo,
     InstanceNotRunningError,
@@ -10,23 +20,6 @@ from kvmflow.kvm.hypervisor import (
     StopError,
 )
 from kvmflow.kvm.nicscript import render_up_script
-from kvmflow.kvm.params import (
-    BootOrder,
-    Disk,
-    DiskCache,
-    DiskMode,
-    DiskType,
-    HvParams,
-    InstanceSpec,
-    KvmFlag,
-    Nic,
-    NicMode,
-    NicType,
-    SecurityModel,
-    UsbMouse,
-    check_instance_name,
-    validate_spec,
-)
 from kvmflow.kvm.runtime import RuntimePaths, SavedRuntime
 from kvmflow.kvm.scratch import (
     QemuStartError,
@@ -36,7 +29,9 @@ from kvmflow.kvm.scratch import (
     scratch_qemu,
     start_scratch_qemu,
 )
+from kvmflow.kvm.spec import Disk, DiskMode, InstanceSpec, Nic, NicMode, check_instance_name
 from kvmflow.kvm.uidpool import UidPool, UidPoolExhaustedError, parse_uid_ranges
+from kvmflow.kvm.validation import validate_spec, validate_spec_on
 
 __all__ = [
     "BootOrder",
@@ -74,4 +69,5 @@ __all__ = [
     "scratch_qemu",
     "start_scratch_qemu",
     "validate_spec",
+    "validate_spec_on",
 ]

@@ -24,19 +24,10 @@ ancestor                           kvmflow
 from __future__ import annotations
 
 from kvmflow.errors import FieldProblem, ValidationError
-from kvmflow.kvm.params import (
-    VNC_BASE_PORT,
-    BootOrder,
-    DiskCache,
-    DiskType,
-    InstanceSpec,
-    KvmFlag,
-    NicType,
-    SecurityModel,
-    is_ipv4,
-    is_ipv6,
-)
+from kvmflow.kvm.hvparams import BootOrder, DiskCache, DiskType, KvmFlag, NicType, SecurityModel
 from kvmflow.kvm.runtime import RuntimePaths
+from kvmflow.kvm.spec import VNC_BASE_PORT, InstanceSpec
+from kvmflow.kvm.validation import is_ipv4, is_ipv6
 
 QEMU_BINARY = "qemu-system-x86_64"
 

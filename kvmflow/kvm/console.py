@@ -6,8 +6,8 @@ import shutil
 import subprocess
 from functools import lru_cache
 
-from kvmflow.kvm.params import InstanceSpec
 from kvmflow.kvm.runtime import RuntimePaths
+from kvmflow.kvm.spec import InstanceSpec
 
 #: Ctrl-] ends the session, as with telnet.
 ESCAPE_CODE = "0x1d"

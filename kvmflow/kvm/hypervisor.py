@@ -20,11 +20,13 @@ import structlog
 from kvmflow.errors import KvmflowError, MisuseError
 from kvmflow.kvm.argv import QEMU_BINARY, build_argv, execution_args
 from kvmflow.kvm.console import console_command
+from kvmflow.kvm.hvparams import SecurityModel
 from kvmflow.kvm.nicscript import SITE_SCRIPT, render_up_script
-from kvmflow.kvm.params import InstanceSpec, SecurityModel, validate_spec
 from kvmflow.kvm.runtime import RuntimePaths, SavedRuntime, load_runtime, save_runtime
 from kvmflow.kvm.scratch import QemuStartError
+from kvmflow.kvm.spec import InstanceSpec
 from kvmflow.kvm.uidpool import UidPool
+from kvmflow.kvm.validation import validate_spec_on
 from kvmflow.monitor.qmp import QMPClient
 from kvmflow.node.base import Node, NodeInfo
 
@@ -185,7 +187,7 @@ class KvmHypervisor:
         ``incoming`` QEMU waits for a migration stream and the runtime is saved only when
         the migration is finalized (:meth:`save_runtime`).
         """
-        validate_spec(spec)
+        await validate_spec_on(spec, self.node)  # files and users as that node has them
         if runtime is not None and runtime.spec.name != spec.name:
             raise MisuseError(f"runtime of {runtime.spec.name} cannot start {spec.name}")
         name = spec.name

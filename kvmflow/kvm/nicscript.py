@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import shlex
 
-from kvmflow.kvm.params import InstanceSpec, Nic, NicMode, is_ipv6
+from kvmflow.kvm.spec import InstanceSpec, Nic, NicMode
+from kvmflow.kvm.validation import is_ipv6
 
 SITE_SCRIPT = "/etc/kvmflow/kvm-vif-bridge"
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvmflow.errors import FieldProblem, ValidationError
-from kvmflow.kvm.params import InstanceSpec, check_instance_name
+from kvmflow.kvm.spec import InstanceSpec, check_instance_name
 from kvmflow.node.base import Node
 
 DEFAULT_ROOT = "/run/kvmflow"

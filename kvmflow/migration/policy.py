@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kvmflow.errors import FieldProblem, ValidationError
-from kvmflow.kvm.params import HvParams
+from kvmflow.kvm.hvparams import HvParams
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB

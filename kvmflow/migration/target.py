@@ -15,8 +15,8 @@ import structlog
 
 from kvmflow.errors import CommandError, KvmflowError
 from kvmflow.kvm.hypervisor import KvmHypervisor
-from kvmflow.kvm.params import InstanceSpec
 from kvmflow.kvm.runtime import SavedRuntime
+from kvmflow.kvm.spec import InstanceSpec
 from kvmflow.migration.errors import MigrationError
 from kvmflow.migration.policy import MigrationPolicy
 from kvmflow.monitor.connection import ConnectionState

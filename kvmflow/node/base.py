@@ -88,6 +88,15 @@ class Node(Protocol):
         """Create a directory and its parents; enforce ``mode`` on the last one."""
         ...
 
+    async def path_kind(self, path: str) -> str | None:
+        """``file``, ``directory`` or ``other`` (a device, a socket) for what ``path`` names,
+        following symbolic links; ``None`` if nothing is there."""
+        ...
+
+    async def user_exists(self, name: str) -> bool:
+        """Whether the node knows a user of that name."""
+        ...
+
     async def list_dir(self, path: str) -> list[str]:
         """Names in a directory (empty if it does not exist)."""
         ...

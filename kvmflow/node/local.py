@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import shutil
 import signal
 import socket
+import stat
 import tempfile
 
 import anyio
@@ -103,6 +105,22 @@ class LocalNode:
             await anyio.to_thread.run_sync(make)
         except OSError as exc:
             raise NodeError(f"cannot create {path}: {exc.strerror}", node=self.name) from exc
+
+    async def path_kind(self, path: str) -> str | None:
+        try:
+            mode = (await anyio.to_thread.run_sync(os.stat, path)).st_mode
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise NodeError(f"cannot inspect {path}: {exc.strerror}", node=self.name) from exc
+        return "file" if stat.S_ISREG(mode) else "directory" if stat.S_ISDIR(mode) else "other"
+
+    async def user_exists(self, name: str) -> bool:
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            return False
+        return True
 
     async def list_dir(self, path: str) -> list[str]:
         try:

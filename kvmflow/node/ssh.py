@@ -280,6 +280,29 @@ class SSHNode:
         except (asyncssh.SFTPError, OSError) as exc:
             raise NodeError(f"cannot create {path}: {exc}", node=self._name) from exc
 
+    async def path_kind(self, path: str) -> str | None:
+        result = await self.run(["stat", "-L", "-c", "%F", "--", path])
+        if not result.ok:
+            if b"No such file" in result.stderr or b"cannot statx" in result.stderr:
+                return None
+            raise NodeError(f"cannot inspect {path}: {result.error_text()}", node=self._name)
+        kind = result.stdout.decode(errors="replace").strip()
+        return (
+            "file"
+            if kind.startswith("regular")
+            else "directory"
+            if kind == "directory"
+            else "other"
+        )
+
+    async def user_exists(self, name: str) -> bool:
+        result = await self.run(["getent", "passwd", "--", name])
+        if result.returncode == 2:  # getent: the key was not found
+            return False
+        if not result.ok:
+            raise NodeError(f"cannot look up user {name}: {result.error_text()}", node=self._name)
+        return True
+
     async def list_dir(self, path: str) -> list[str]:
         sftp = await self.sftp()
         try:

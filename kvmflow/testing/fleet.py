@@ -26,6 +26,7 @@ import anyio.abc
 
 from kvmflow.monitor.transport import Connector, UnixSocketConnector
 from kvmflow.node.base import CommandResult, NodeError, NodeInfo
+from kvmflow.node.local import LocalNode
 
 GREETING = (
     b'{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, '
@@ -403,6 +404,17 @@ class FakeNode:
 
     async def make_dirs(self, path: str, mode: int = 0o700) -> None:
         os.makedirs(path, exist_ok=True)  # sockets of the fleet live here
+
+    async def path_kind(self, path: str) -> str | None:
+        """The fake's files are in memory; paths outside them are this machine's."""
+        if path in self.files:
+            return "file"
+        if any(name.startswith(path.rstrip("/") + "/") for name in self.files):
+            return "directory"
+        return await LocalNode(self.name).path_kind(path)
+
+    async def user_exists(self, name: str) -> bool:
+        return await LocalNode(self.name).user_exists(name)
 
     async def list_dir(self, path: str) -> list[str]:
         prefix = path.rstrip("/") + "/"

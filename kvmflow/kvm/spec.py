@@ -1,0 +1,121 @@
+"""What an instance is: its name, memory, vCPUs, VNC port, disks, NICs, tags and
+:class:`~kvmflow.kvm.hvparams.HvParams`.
+
+Instance names are checked when a spec is built, so that no name can escape a runtime
+directory or reach a shell.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from kvmflow.errors import FieldProblem, ValidationError
+from kvmflow.kvm.hvparams import HvParams
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+NAME_RULE = (
+    "1 to 63 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit "
+    "(no slashes, spaces or shell characters)"
+)
+MAC_PATTERN = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+VNC_BASE_PORT = 5900
+
+
+class DiskMode(enum.StrEnum):
+    READ_WRITE = "rw"
+    READ_ONLY = "ro"
+
+
+class NicMode(enum.StrEnum):
+    BRIDGED = "bridged"
+    ROUTED = "routed"
+
+
+@dataclass(frozen=True)
+class Disk:
+    """A block device backing file or device node, read-write (read-only is refused)."""
+
+    path: str
+    mode: DiskMode = DiskMode.READ_WRITE
+
+
+@dataclass(frozen=True)
+class Nic:
+    """A network interface: MAC, optional IP, bridged or routed, and its link (bridge or
+    routing table)."""
+
+    mac: str
+    ip: str | None = None
+    mode: NicMode = NicMode.BRIDGED
+    link: str | None = None
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    """Everything that describes one instance. The name is checked on construction."""
+
+    name: str
+    memory_mib: int = 128
+    vcpus: int = 1
+    network_port: int | None = None
+    disks: tuple[Disk, ...] = ()
+    nics: tuple[Nic, ...] = ()
+    tags: tuple[str, ...] = ()
+    hvparams: HvParams = field(default_factory=HvParams)
+
+    def __post_init__(self) -> None:
+        check_instance_name(self.name)
+
+    def with_hvparams(self, **changes: Any) -> InstanceSpec:
+        """A copy with some hypervisor parameters changed."""
+        return replace(self, hvparams=replace(self.hvparams, **changes))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values (the runtime file stores this)."""
+        return {
+            "name": self.name,
+            "memory_mib": self.memory_mib,
+            "vcpus": self.vcpus,
+            "network_port": self.network_port,
+            "disks": [{"path": d.path, "mode": d.mode.value} for d in self.disks],
+            "nics": [
+                {"mac": n.mac, "ip": n.ip, "mode": n.mode.value, "link": n.link} for n in self.nics
+            ],
+            "tags": list(self.tags),
+            "hvparams": self.hvparams.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> InstanceSpec:
+        """Inverse of :meth:`to_dict`; shape errors become a :class:`ValidationError`."""
+        try:
+            return cls(
+                name=values["name"],
+                memory_mib=int(values.get("memory_mib", 128)),
+                vcpus=int(values.get("vcpus", 1)),
+                network_port=values.get("network_port"),
+                disks=tuple(
+                    Disk(d["path"], DiskMode(d.get("mode", "rw"))) for d in values.get("disks", ())
+                ),
+                nics=tuple(
+                    Nic(n["mac"], n.get("ip"), NicMode(n.get("mode", "bridged")), n.get("link"))
+                    for n in values.get("nics", ())
+                ),
+                tags=tuple(values.get("tags", ())),
+                hvparams=HvParams.from_dict(values.get("hvparams", {})),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValidationError(
+                [FieldProblem("instance", dict(values), f"malformed: {exc}")]
+            ) from exc
+
+
+def check_instance_name(name: object) -> str:
+    """Return the name if it is safe for paths and shells, else raise ValidationError."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise ValidationError([FieldProblem("name", name, NAME_RULE)])
+    return name
