@@ -28,9 +28,9 @@ import anyio
 import structlog
 
 from kvmflow.instance import Instance
-from kvmflow.kvm import HvParams, InstanceSpec, KvmHypervisor, RuntimePaths, default_accelerator
+from kvmflow.kvm import HvParams, InstanceSpec, KvmHypervisor
 from kvmflow.migration import MigrationPolicy, MigrationProgress, MigrationStatus, migrate
-from kvmflow.node import LocalNode
+from kvmflow.testing import local_hypervisors
 
 
 async def one_migration(
@@ -75,13 +75,7 @@ async def one_migration(
 async def run(rounds: int) -> dict[str, float]:
     root = Path(tempfile.mkdtemp(prefix="kvfb-"))
     try:
-        accel = default_accelerator()
-        source = KvmHypervisor(
-            LocalNode("a"), RuntimePaths(str(root / "a")), default_accelerator=accel
-        )
-        target = KvmHypervisor(
-            LocalNode("b"), RuntimePaths(str(root / "b")), default_accelerator=accel
-        )
+        source, target = local_hypervisors(root, "a", "b")
         events_policy = MigrationPolicy.fixed(bandwidth_mib=1000, poll_interval=0.5)
         polling_policy = MigrationPolicy.fixed(
             bandwidth_mib=1000, poll_interval=2.0, wake_on_events=False

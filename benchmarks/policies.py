@@ -26,10 +26,10 @@ import structlog
 
 from kvmflow.guest import build_dirty_guest, dirty_guest_spec, wait_for_sweeps
 from kvmflow.instance import Instance
-from kvmflow.kvm import HvParams, KvmHypervisor, RuntimePaths, default_accelerator
+from kvmflow.kvm import HvParams, KvmHypervisor
 from kvmflow.migration import MigrationError, MigrationPolicy, migrate
 from kvmflow.migration.policy import Action, Capabilities, StallRule
-from kvmflow.node import LocalNode
+from kvmflow.testing import local_hypervisors
 
 BASE: dict[str, Any] = {
     "bandwidth_mib": 20,
@@ -115,9 +115,7 @@ async def measure(
 async def run(limit: float) -> dict[str, dict[str, Any]]:
     guest = build_dirty_guest()
     root = Path(tempfile.mkdtemp(prefix="kvfp-"))
-    accel = default_accelerator()
-    source = KvmHypervisor(LocalNode("a"), RuntimePaths(str(root / "a")), default_accelerator=accel)
-    target = KvmHypervisor(LocalNode("b"), RuntimePaths(str(root / "b")), default_accelerator=accel)
+    source, target = local_hypervisors(root, "a", "b")
     results: dict[str, dict[str, Any]] = {}
     try:
         for case, (mib, pause) in CASES.items():

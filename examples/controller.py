@@ -14,24 +14,15 @@ from pathlib import Path
 
 import anyio
 
-from kvmflow.engine import Engine, MigrationCompleted, NodeEntry
+from kvmflow.engine import Engine, MigrationCompleted
 from kvmflow.instance import Instance
-from kvmflow.kvm import HvParams, InstanceSpec, KvmHypervisor, RuntimePaths, default_accelerator
+from kvmflow.kvm import HvParams, InstanceSpec
 from kvmflow.migration import MigrationPolicy
-from kvmflow.node import LocalNode
+from kvmflow.testing import local_nodes
 
 
 async def controller(root: Path) -> list[str]:
-    accel = default_accelerator()
-    nodes = [
-        NodeEntry(
-            KvmHypervisor(
-                LocalNode(name), RuntimePaths(str(root / name)), default_accelerator=accel
-            ),
-            "127.0.0.1",
-        )
-        for name in ("node-a", "node-b")
-    ]
+    nodes = local_nodes(root, "node-a", "node-b")
     policy = MigrationPolicy.fixed(bandwidth_mib=500, poll_interval=0.1)
     moved: list[str] = []
     async with Engine(nodes, default_policy=policy) as engine:

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import anyio
 
-from kvmflow.engine import Engine, Limits, NodeEntry
+from kvmflow.engine import Engine, Limits
 from kvmflow.instance import Instance
-from kvmflow.kvm import HvParams, InstanceSpec, KvmHypervisor, RuntimePaths, default_accelerator
+from kvmflow.kvm import HvParams, InstanceSpec
 from kvmflow.migration import MigrationPolicy
 from kvmflow.migration.policy import Action, StallRule, pass_schedule
-from kvmflow.node import LocalNode
+from kvmflow.testing import local_nodes
 
 POLICY = MigrationPolicy(
     downtime_ms=100,
@@ -34,17 +34,7 @@ POLICY = MigrationPolicy(
 
 
 async def evacuate(root: Path) -> bool:
-    accel = default_accelerator()
-    nodes = [
-        NodeEntry(
-            KvmHypervisor(
-                LocalNode(name), RuntimePaths(str(root / name)), default_accelerator=accel
-            ),
-            "127.0.0.1",
-            link_budget_mib=400 if name == "node-a" else None,
-        )
-        for name in ("node-a", "node-b", "node-c")
-    ]
+    nodes = local_nodes(root, "node-a", "node-b", "node-c", link_budgets_mib={"node-a": 400})
     async with Engine(
         nodes, limits=Limits(max_outbound=2, max_inbound=2), default_policy=POLICY
     ) as engine:

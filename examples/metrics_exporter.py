@@ -21,13 +21,12 @@ from kvmflow.engine import (
     MigrationFailed,
     MigrationProgressed,
     MigrationStarted,
-    NodeEntry,
     PolicyActionTaken,
 )
 from kvmflow.instance import Instance
-from kvmflow.kvm import HvParams, InstanceSpec, KvmHypervisor, RuntimePaths, default_accelerator
+from kvmflow.kvm import HvParams, InstanceSpec
 from kvmflow.migration import MigrationPolicy
-from kvmflow.node import LocalNode
+from kvmflow.testing import local_nodes
 
 
 class Metrics:
@@ -63,16 +62,7 @@ class Metrics:
 
 
 async def run(root: Path) -> str:
-    accel = default_accelerator()
-    nodes = [
-        NodeEntry(
-            KvmHypervisor(
-                LocalNode(name), RuntimePaths(str(root / name)), default_accelerator=accel
-            ),
-            "127.0.0.1",
-        )
-        for name in ("node-a", "node-b")
-    ]
+    nodes = local_nodes(root, "node-a", "node-b")
     metrics = Metrics()
     policy = MigrationPolicy.fixed(bandwidth_mib=200, poll_interval=0.05)
     async with Engine(nodes, default_policy=policy) as engine:

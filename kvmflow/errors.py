@@ -1,15 +1,23 @@
-"""One exception tree for the whole package.
+"""One exception tree for the whole package, every class in this module.
 
 Every error kvmflow raises derives from :class:`KvmflowError` and is split by fault: our
-caller's misuse, the peer's error reply, a malformed answer, a transport failure, or a
-deadline. Errors carry structured fields so that callers can act on them without parsing
-messages. Foreign exceptions are translated at the boundary (``raise X from exc``);
-cancellation never is.
+caller's misuse, the peer's error reply, a malformed answer, a transport failure, a node
+that cannot do what was asked, a QEMU that would not start, a deadline, or a migration
+that did not happen. Errors carry structured fields so that callers can act on them
+without parsing messages. Foreign exceptions are translated at the boundary (``raise X
+from exc``); cancellation never is. The README's tree is :func:`error_tree`'s output.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import enum
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kvmflow.instance.states import InstanceEvent, InstanceState
+    from kvmflow.migration.outcome import Outcome
+    from kvmflow.migration.phases import MigrationPhase, PhaseEvent
+    from kvmflow.migration.status import BadAnswer
 
 
 class KvmflowError(Exception):
@@ -109,3 +117,187 @@ class DeadlineError(KvmflowError, TimeoutError):
         self.where = where
         at = f" [{where}]" if where else ""
         super().__init__(f"{operation} did not finish within {seconds:g} s{at}")
+
+
+# ------------------------------------------------------------------------ misuse, by layer
+
+
+class ConfigError(ValidationError):
+    """The configuration file is missing or wrong; every problem names its entry."""
+
+
+class RuntimeFileError(ValidationError):
+    """A saved runtime file exists but cannot be used."""
+
+
+class InstanceBusyError(MisuseError):
+    """Another operation already drives this instance."""
+
+
+class InstanceRunningError(MisuseError):
+    """The instance is running, and the operation needs it stopped."""
+
+
+class InstanceNotRunningError(MisuseError):
+    """The instance is not running, and the operation needs it running."""
+
+
+class IllegalTransitionError(MisuseError):
+    """An event that the instance's transition table does not allow in its state."""
+
+    def __init__(self, instance: str, state: InstanceState, event: InstanceEvent) -> None:
+        self.instance = instance
+        self.state = state
+        self.event = event
+        super().__init__(
+            f"instance {instance}: event {event.value!r} is not allowed in state {state.value!r}"
+        )
+
+
+class IllegalPhaseTransitionError(MisuseError):
+    """A step that the migration phase table does not allow (a kvmflow bug)."""
+
+    def __init__(self, instance: str, phase: MigrationPhase, event: PhaseEvent) -> None:
+        self.instance = instance
+        self.phase = phase
+        self.event = event
+        super().__init__(
+            f"migration of {instance}: step {event.value!r} is not allowed in phase {phase.value!r}"
+        )
+
+
+class EndOfSubscription(KvmflowError):
+    """A feed was closed and everything in it has been read."""
+
+
+# ---------------------------------------------------------------------- nodes and QEMU
+
+
+class NodeError(KvmflowError):
+    """A node could not do what was asked (command failed to run, file unreadable, ...)."""
+
+    def __init__(self, message: str, *, node: str | None = None) -> None:
+        self.node = node
+        super().__init__(f"{message} [node {node}]" if node else message)
+
+
+class SSHFailure(enum.StrEnum):
+    """Why an SSH connection could not be made."""
+
+    UNREACHABLE = "unreachable"
+    HOST_KEY = "host-key"  # unknown or changed host key
+    AUTH = "auth"  # our key was refused
+
+
+class SSHConnectError(NodeError):
+    """The node could not be reached or would not let us in; ``kind`` says why."""
+
+    def __init__(self, message: str, *, node: str, kind: SSHFailure) -> None:
+        self.kind = kind
+        super().__init__(message, node=node)
+
+
+class QemuStartError(KvmflowError):
+    """QEMU exited instead of starting; the message carries what it printed."""
+
+
+class StopError(KvmflowError):
+    """The instance's process would not go away."""
+
+
+class UidPoolExhaustedError(KvmflowError):
+    """Every uid of the pool is taken."""
+
+
+class GuestBuildError(KvmflowError):
+    """The test guest could not be compiled (gcc or ld missing or failing)."""
+
+
+# ------------------------------------------------------------------------- migrations
+
+
+class MigrationError(KvmflowError):
+    """A migration did not happen, or did not finish: ``.runs_on``, ``.outcome``.
+
+    ``runs_on`` names the node the instance runs on now (``None`` if it runs nowhere
+    kvmflow can vouch for, for example because the source QEMU died); ``outcome`` says how
+    it ended (``None`` when nothing was started)."""
+
+    def __init__(
+        self,
+        instance: str,
+        reason: str,
+        *,
+        runs_on: str | None,
+        bad_answers: list[BadAnswer] | None = None,
+        outcome: Outcome | None = None,
+    ) -> None:
+        self.instance = instance
+        self.reason = reason
+        self.runs_on = runs_on
+        self.bad_answers = bad_answers or []
+        self.outcome = outcome
+        where = f"it runs on {runs_on}" if runs_on else "it runs nowhere now"
+        super().__init__(f"migration of {instance} failed: {reason}; {where}")
+
+
+class TooManyBadAnswersError(KvmflowError):
+    """``query-migrate`` gave unusable answers too many times in a row."""
+
+    def __init__(self, answers: list[BadAnswer]) -> None:
+        self.answers = answers
+        details = "; ".join(f"{a.reason}: {a.raw[:120]}" for a in answers)
+        super().__init__(f"too many bad answers ({len(answers)} in a row): {details}")
+
+
+class MigrationFailedError(KvmflowError):
+    """QEMU reported the migration failed or cancelled."""
+
+    def __init__(self, status: str, error: str | None) -> None:
+        self.status = status
+        self.error = error
+        super().__init__(f"QEMU reports migration {status}" + (f": {error}" if error else ""))
+
+
+class PolicyAbortError(KvmflowError):
+    """The policy chose to abort the migration (stall, deadline or prediction)."""
+
+    def __init__(self, trigger: str, evidence: str) -> None:
+        self.trigger = trigger
+        self.evidence = evidence
+        super().__init__(f"aborted by the policy ({trigger}): {evidence}")
+
+
+class PostcopyRecoveryError(KvmflowError):
+    """A broken post-copy migration could not be resumed in time."""
+
+    def __init__(self, seconds: float, last_error: str) -> None:
+        self.seconds = seconds
+        self.last_error = last_error
+        super().__init__(
+            f"post-copy recovery did not succeed within {seconds:g} s (last error: {last_error})"
+        )
+
+
+class ContUnanswered(KvmflowError):
+    """``cont`` reached a migration target but its answer was lost: the guest may run."""
+
+
+def error_tree() -> str:
+    """The exception tree as text, each class with the first line of its docstring."""
+    lines = ["KvmflowError"]
+
+    def walk(cls: type[BaseException], prefix: str) -> None:
+        children = sorted(
+            (c for c in cls.__subclasses__() if c.__module__ == __name__),
+            key=lambda c: c.__name__,
+        )
+        for index, child in enumerate(children):
+            last = index == len(children) - 1
+            summary = (child.__doc__ or "").strip().splitlines()[0]
+            label = f"{prefix}{'└── ' if last else '├── '}{child.__name__}"
+            lines.append(f"{label:<36} {summary}")
+            walk(child, prefix + ("    " if last else "│   "))
+
+    walk(KvmflowError, "")
+    return "\n".join(line.rstrip() for line in lines)

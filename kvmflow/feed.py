@@ -17,13 +17,9 @@ from typing import Generic, TypeVar
 import anyio
 
 from kvmflow._fastpath import resolve, running_asyncio_loop
-from kvmflow.errors import DeadlineError, KvmflowError, MisuseError
+from kvmflow.errors import DeadlineError, EndOfSubscription, MisuseError
 
 T = TypeVar("T")
-
-
-class EndOfSubscription(KvmflowError):
-    """The feed was closed and everything in it has been read."""
 
 
 @dataclass(frozen=True)

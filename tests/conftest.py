@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from kvmflow.kvm import ScratchQemu, start_scratch_qemu
+from kvmflow.kvm import KvmHypervisor, ScratchQemu, start_scratch_qemu
+from kvmflow.testing import local_hypervisors
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -39,6 +42,23 @@ def qemu(sockdir: Path) -> Iterator[ScratchQemu]:
         instance.stop()
 
 
+def qemus_under(root: Path) -> list[list[str]]:
+    """The command lines of live QEMUs whose command line mentions ``root``."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["name", "cmdline", "status"]):
+        cmdline = process.info.get("cmdline") or []
+        if (
+            cmdline
+            and "qemu-system" in cmdline[0]
+            and process.info.get("status") != psutil.STATUS_ZOMBIE
+            and any(str(root) in a for a in cmdline)
+        ):
+            found.append(cmdline)
+    return found
+
+
 def kill_qemus_under(root: Path) -> list[int]:
     """Kill every QEMU whose command line mentions ``root`` (daemonized ones included)."""
     import psutil
@@ -47,12 +67,19 @@ def kill_qemus_under(root: Path) -> list[int]:
     for process in psutil.process_iter(["name", "cmdline"]):
         cmdline = process.info.get("cmdline") or []
         if cmdline and "qemu-system" in cmdline[0] and any(str(root) in a for a in cmdline):
-            try:
+            with contextlib.suppress(psutil.Error):
                 process.kill()
-                process.wait(5)
-            except psutil.Error:
-                pass
             killed.append(process.pid)
+    # A daemonized QEMU's parent is init, which reaps it when it gets to it: a zombie is gone.
+    deadline = time.monotonic() + 10
+    for pid in killed:
+        while time.monotonic() < deadline:
+            try:
+                if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                    break
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.02)
     return killed
 
 
@@ -102,17 +129,7 @@ def ssh_hosts() -> Iterator[object]:
 
 
 @pytest.fixture
-def nodes(runtime_root: Path) -> tuple[object, object]:
+def nodes(runtime_root: Path) -> tuple[KvmHypervisor, KvmHypervisor]:
     """Two local "nodes" (each its own runtime root under ``runtime_root``): node-a, node-b."""
-    from kvmflow.kvm import KvmHypervisor, RuntimePaths, default_accelerator
-    from kvmflow.node import LocalNode
-
-    accel = default_accelerator()
-    return (
-        KvmHypervisor(
-            LocalNode("node-a"), RuntimePaths(str(runtime_root / "a")), default_accelerator=accel
-        ),
-        KvmHypervisor(
-            LocalNode("node-b"), RuntimePaths(str(runtime_root / "b")), default_accelerator=accel
-        ),
-    )
+    source, target = local_hypervisors(runtime_root, "node-a", "node-b")
+    return source, target

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,11 +23,14 @@ from kvmflow.migration.decide import Decision, Estimate
 from kvmflow.migration.policy import Action
 from kvmflow.migration.results import MigrationProgress
 from kvmflow.migration.status import MigrationSnapshot, MigrationStatus
+from tests.conftest import qemus_under
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def kvmflow(*args: str, config: Path | None = None) -> subprocess.CompletedProcess[str]:
+def kvmflow(
+    *args: str, config: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     prefix = ["-c", str(config)] if config else []
     return subprocess.run(
         [sys.executable, "-m", "kvmflow.cli.main", *prefix, *args],
@@ -34,6 +38,7 @@ def kvmflow(*args: str, config: Path | None = None) -> subprocess.CompletedProce
         text=True,
         timeout=120,
         check=False,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -154,17 +159,17 @@ def test_help_and_example_config() -> None:
     assert {row["node"] for row in json.loads(example.stdout)} == {"alpha", "beta"}
 
 
-def test_demo_with_two_guests() -> None:
-    demo = kvmflow("demo", "--guests", "2", "--json")
+def test_demo_with_two_guests(sockdir: Path) -> None:
+    # The demo's temporary root goes under this test's own TMPDIR, so that only QEMUs of
+    # this demo are looked for (a parallel job's are none of its business).
+    demo = kvmflow("demo", "--guests", "2", "--json", env={"TMPDIR": str(sockdir)})
     assert demo.returncode == 0, demo.stderr
     report = json.loads(demo.stdout)
     assert report["accelerator"] in ("kvm", "tcg")
     assert [m["outcome"] for m in report["migrations"]] == ["completed", "completed"]
     assert [m["load"] for m in report["migrations"]] == ["idle", "light"]
-    assert (
-        subprocess.run(["pgrep", "-f", "kvmflow-demo-"], capture_output=True, check=False).stdout
-        == b""
-    )
+    assert qemus_under(sockdir) == []
+    assert list(sockdir.iterdir()) == []  # the demo removed its root
 
 
 def test_progress_bars_render_on_a_terminal() -> None:
@@ -219,8 +224,7 @@ def test_node_flag_and_completion(sockdir: Path) -> None:
     assert "kvmflow" in script.stdout
 
 
-def test_demo_interrupted_leaves_nothing_behind() -> None:
-    import os
+def test_demo_interrupted_leaves_nothing_behind(sockdir: Path) -> None:
     import signal
     import time
 
@@ -229,16 +233,15 @@ def test_demo_interrupted_leaves_nothing_behind() -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, "TMPDIR": str(sockdir)},
     )
     try:
+        # The moment: a migration target is up (a QEMU of this demo waiting with -incoming).
         deadline = time.monotonic() + 60
-        while not subprocess.run(
-            ["pgrep", "-f", "kvmflow-demo-"], capture_output=True, check=False
-        ).stdout:
-            assert time.monotonic() < deadline, "the demo never started a guest"
+        while not any("-incoming" in cmdline for cmdline in qemus_under(sockdir)):
+            assert time.monotonic() < deadline, "the demo never started a migration"
             assert process.poll() is None, process.communicate()
-            time.sleep(0.1)
-        time.sleep(1.0)
+            time.sleep(0.02)
         os.kill(process.pid, signal.SIGINT)
         _, stderr = process.communicate(timeout=60)
     finally:
@@ -247,7 +250,4 @@ def test_demo_interrupted_leaves_nothing_behind() -> None:
             process.wait()
     assert process.returncode == 130, stderr
     assert "interrupted" in stderr
-    assert (
-        subprocess.run(["pgrep", "-f", "kvmflow-demo-"], capture_output=True, check=False).stdout
-        == b""
-    )
+    assert qemus_under(sockdir) == []

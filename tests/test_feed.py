@@ -5,8 +5,8 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from kvmflow.errors import DeadlineError, MisuseError
-from kvmflow.feed import BoundedFeed, EndOfSubscription
+from kvmflow.errors import DeadlineError, EndOfSubscription, MisuseError
+from kvmflow.feed import BoundedFeed
 
 pytestmark = pytest.mark.anyio
 

@@ -24,11 +24,6 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 def fleet(sockdir: Path) -> Iterator[str]:
     control = str(sockdir / "fleet.sock")
     process = subprocess.Popen([sys.executable, "-m", "kvmflow.testing.fleet", control])
@@ -117,7 +112,7 @@ async def test_a_bug_in_one_migration_fails_its_ticket_and_the_engine_goes_on(
             result = await engine.submit_migration("fine1", "dst").wait()
             assert result.target == "dst"
     for entry in (src, dst):
-        await entry.hypervisor.node.aclose()  # type: ignore[attr-defined]
+        await entry.hypervisor.node.aclose()
 
 
 async def test_two_thousand_migrations_leave_the_engine_flat(fleet: str, sockdir: Path) -> None:
@@ -146,4 +141,4 @@ async def test_two_thousand_migrations_leave_the_engine_flat(fleet: str, sockdir
         stats = engine.statistics()
         assert (stats.completed, stats.active, stats.queued) == (2000, 0, 0)
     for entry in (a, b):
-        await entry.hypervisor.node.aclose()  # type: ignore[attr-defined]
+        await entry.hypervisor.node.aclose()

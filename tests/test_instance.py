@@ -8,10 +8,9 @@ import signal
 import anyio
 import pytest
 
-from kvmflow.errors import MisuseError
+from kvmflow.errors import InstanceRunningError, MisuseError
 from kvmflow.instance import Instance, InstanceEvent, InstanceState
 from kvmflow.kvm import InstanceSpec, KvmHypervisor
-from kvmflow.kvm.hypervisor import InstanceRunningError
 from kvmflow.monitor import RunState, query_status
 
 pytestmark = pytest.mark.anyio

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from kvmflow.errors import IllegalPhaseTransitionError
 from kvmflow.instance import InstanceEvent
 from kvmflow.migration.errors import MigrationError
 from kvmflow.migration.outcome import INFO, OUTCOMES, Finding, Outcome, Side, outcome_error
@@ -11,7 +12,6 @@ from kvmflow.migration.phases import (
     TERMINAL,
     TRANSITIONS,
     UNDOABLE,
-    IllegalPhaseTransitionError,
     MigrationPhase,
     PhaseChange,
     PhaseEvent,

@@ -135,7 +135,7 @@ async def test_killed_qemu_fails_every_pending_command(qemu: ScratchQemu) -> Non
         async with anyio.create_task_group() as tg:
             for _ in range(5):
                 tg.start_soon(pending_call)
-            await anyio.sleep(0.2)
+            await anyio.wait_all_tasks_blocked()  # all five sent, all waiting for QEMU
             assert failures == []
             os.kill(qemu.pid, signal.SIGKILL)
             with anyio.fail_after(5):
@@ -177,7 +177,7 @@ async def test_reconnect_fails_old_pending_and_works_after(qemu: ScratchQemu) ->
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(stuck)
-            await anyio.sleep(0.1)
+            await anyio.wait_all_tasks_blocked()  # the command is sent and waits
             os.kill(qemu.pid, signal.SIGCONT)
             await qmp.reconnect()
         assert len(lost) == 1

@@ -15,6 +15,7 @@ import anyio
 import pytest
 
 from kvmflow.engine import Engine, Limits, MigrationCompleted, MigrationStarted, NodeEntry
+from kvmflow.errors import SSHConnectError, SSHFailure
 from kvmflow.guest import wait_for_sweeps
 from kvmflow.instance import Instance, InstanceState
 from kvmflow.kvm import (
@@ -27,7 +28,7 @@ from kvmflow.kvm import (
 )
 from kvmflow.migration import MigrationError, MigrationPolicy, MigrationProgress, migrate
 from kvmflow.monitor import QMPClient, RunState, query_status
-from kvmflow.node import SSHConnectError, SSHNode, SSHTarget
+from kvmflow.node import SSHNode, SSHTarget
 from kvmflow.testing.sshd import SSHFleet
 
 pytestmark = pytest.mark.anyio
@@ -109,18 +110,18 @@ async def test_connection_errors_are_clear(ssh_hosts: SSHFleet, tmp_path: Path) 
     empty.write_text("")
     with pytest.raises(SSHConnectError) as info:
         await ssh_node(ssh_hosts, 0, known_hosts=str(empty)).run(["true"])
-    assert info.value.kind == "host-key"
+    assert info.value.kind is SSHFailure.HOST_KEY
     assert "ssh-keyscan" in str(info.value)
     with pytest.raises(SSHConnectError) as info:
         await ssh_node(ssh_hosts, 0, client_keys=(str(ssh_hosts.other_key),)).run(["true"])
-    assert info.value.kind == "auth"
+    assert info.value.kind is SSHFailure.AUTH
     assert "refused our key" in str(info.value)
     with socket.socket() as closed:
         closed.bind(("127.0.0.2", 0))
         dead_port = closed.getsockname()[1]
     with pytest.raises(SSHConnectError) as info:
         await ssh_node(ssh_hosts, 0, port=dead_port).run(["true"])
-    assert info.value.kind == "unreachable"
+    assert info.value.kind is SSHFailure.UNREACHABLE
 
 
 async def test_qmp_over_ssh_stream_local_forwarding(ssh_hosts: SSHFleet, qemu: ScratchQemu) -> None:
@@ -155,7 +156,8 @@ def ssh_entries(fleet: SSHFleet, root: Path) -> list[NodeEntry]:
 async def test_evacuate_six_guests_over_ssh(ssh_hosts: SSHFleet, runtime_root: Path) -> None:
     entries = ssh_entries(ssh_hosts, runtime_root)
     try:
-        async with Engine(entries, limits=Limits(2, 2), default_policy=FAST) as engine:
+        engine = Engine(entries, limits=Limits(2, 2), default_policy=FAST, close_nodes=True)
+        async with engine:
             events = engine.events()
             for n in range(6):
                 spec = InstanceSpec(f"ssh-{n}", memory_mib=64, hvparams=HvParams(migration_port=0))
@@ -177,6 +179,9 @@ async def test_evacuate_six_guests_over_ssh(ssh_hosts: SSHFleet, runtime_root: P
             elif isinstance(event, MigrationCompleted):
                 running -= 1
         assert peak == 2
+        # The engine owned its nodes: their SSH connections ended with it.
+        nodes = [entry.hypervisor.node for entry in entries]
+        assert [node.connected for node in nodes if isinstance(node, SSHNode)] == [False, False]
     finally:
         for entry in entries:
             assert isinstance(entry.hypervisor.node, SSHNode)

@@ -13,10 +13,10 @@ import anyio
 from rich.console import Console
 from rich.table import Table
 
-from kvmflow.cli.config import Config, ConfigError
+from kvmflow.cli.config import Config
 from kvmflow.cli.progress import MigrationBars
 from kvmflow.engine import Engine, Limits, NodeEntry
-from kvmflow.errors import FieldProblem, MisuseError, ValidationError
+from kvmflow.errors import ConfigError, FieldProblem, MisuseError, ValidationError
 from kvmflow.instance import Instance, InstanceState
 from kvmflow.kvm import KvmHypervisor, RuntimePaths, default_accelerator
 from kvmflow.kvm.spec import InstanceSpec
@@ -69,7 +69,7 @@ class Context:
             NodeEntry(self.hypervisors[name], node.migration_address, node.link_budget_mib)
             for name, node in self.config.nodes.items()
         ]
-        return Engine(entries, limits=limits, default_policy=policy)
+        return Engine(entries, limits=limits, default_policy=policy, close_nodes=True)
 
     def emit(self, data: Any, table: Table | None = None, text: str | None = None) -> None:
         if self.as_json:

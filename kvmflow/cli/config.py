@@ -27,15 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvmflow.errors import FieldProblem, ValidationError
+from kvmflow.errors import ConfigError, FieldProblem, ValidationError
 from kvmflow.kvm.runtime import DEFAULT_ROOT, RuntimePaths
 from kvmflow.kvm.spec import InstanceSpec
 
 NODE_KEYS = {"runtime_root", "migration_address", "link_budget_mib"}
-
-
-class ConfigError(ValidationError):
-    """The configuration file is missing or wrong; every problem names its entry."""
 
 
 @dataclass(frozen=True)

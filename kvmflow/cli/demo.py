@@ -18,13 +18,13 @@ from pathlib import Path
 import anyio
 from rich.console import Console
 
-from kvmflow.engine import Engine, Limits, NodeEntry
+from kvmflow.engine import Engine, Limits
 from kvmflow.errors import KvmflowError
 from kvmflow.guest import build_dirty_guest, dirty_guest_spec, wait_for_sweeps
 from kvmflow.instance import Instance
-from kvmflow.kvm import KvmHypervisor, RuntimePaths, default_accelerator
+from kvmflow.kvm import default_accelerator
 from kvmflow.migration import MigrationPolicy
-from kvmflow.node import LocalNode
+from kvmflow.testing.nodes import local_nodes
 
 from .progress import MigrationBars, human_bytes
 
@@ -59,20 +59,7 @@ async def run_demo(
     """Run the whole demo and clean up; returns the summary rows."""
     accelerator = default_accelerator()
     root = Path(tempfile.mkdtemp(prefix="kvmflow-demo-"))
-    nodes = [
-        NodeEntry(
-            KvmHypervisor(
-                LocalNode("node-a"), RuntimePaths(str(root / "a")), default_accelerator=accelerator
-            ),
-            "127.0.0.2",
-        ),
-        NodeEntry(
-            KvmHypervisor(
-                LocalNode("node-b"), RuntimePaths(str(root / "b")), default_accelerator=accelerator
-            ),
-            "127.0.0.3",
-        ),
-    ]
+    nodes = local_nodes(root, "node-a", "node-b", addresses=("127.0.0.2", "127.0.0.3"))
     say = console.print if show_progress else (lambda *a, **k: None)
     say(
         f"[bold]kvmflow demo[/]: {guests} guests, node-a (127.0.0.2) -> node-b (127.0.0.3), "

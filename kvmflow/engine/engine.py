@@ -87,7 +87,11 @@ class EventFeed(BoundedFeed[EngineEvent]):
 
 
 class Engine:
-    """Nodes, instances and migrations under limits. See the module docstring."""
+    """Nodes, instances and migrations under limits. See the module docstring.
+
+    ``close_nodes=True`` makes the engine the owner of its nodes: leaving its ``async with``
+    block closes them (their SSH connections), as the CLI wants; by default whoever made
+    the nodes closes them."""
 
     def __init__(
         self,
@@ -96,6 +100,7 @@ class Engine:
         limits: Limits | None = None,
         default_policy: MigrationPolicy | None = None,
         event_buffer: int = 10_000,
+        close_nodes: bool = False,
     ) -> None:
         entries = nodes.values() if isinstance(nodes, dict) else nodes
         self.nodes = {entry.name: entry for entry in entries}
@@ -111,6 +116,7 @@ class Engine:
         self._task_group: anyio.abc.TaskGroup | None = None
         self._counts = Counter[str]()
         self._bytes_moved = 0
+        self._close_nodes = close_nodes  # the engine owns its nodes: it closes them on exit
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -138,6 +144,10 @@ class Engine:
         finally:
             for feed in list(self._feeds):
                 feed.close()
+            if self._close_nodes:
+                with anyio.CancelScope(shield=True):
+                    for entry in self.nodes.values():
+                        await entry.hypervisor.node.aclose()
 
     # ------------------------------------------------------------------- registry
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import anyio
 
-from kvmflow.errors import KvmflowError, MalformedReplyError
+from kvmflow.errors import GuestBuildError, MalformedReplyError
 from kvmflow.kvm.hvparams import HvParams
 from kvmflow.kvm.hypervisor import KvmHypervisor
 from kvmflow.kvm.spec import InstanceSpec
@@ -26,10 +26,6 @@ from kvmflow.monitor.hmp import HMPClient
 
 #: Physical address where the guest counts completed sweeps (HMP ``xp /1wx 0x7000``).
 SWEEP_COUNTER_ADDRESS = 0x7000
-
-
-class GuestBuildError(KvmflowError):
-    """The guest could not be compiled (gcc or ld missing or failing)."""
 
 
 def _source(name: str) -> bytes:

@@ -1,12 +1,8 @@
 """Instances as explicit state machines."""
 
+from kvmflow.errors import IllegalTransitionError, InstanceBusyError
 from kvmflow.instance.instance import Instance
-from kvmflow.instance.machine import (
-    IllegalTransitionError,
-    InstanceBusyError,
-    InstanceMachine,
-    Transition,
-)
+from kvmflow.instance.machine import InstanceMachine, Transition
 from kvmflow.instance.states import (
     TRANSITIONS,
     InstanceEvent,

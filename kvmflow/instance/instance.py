@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import anyio
 
-from kvmflow.errors import KvmflowError, MisuseError
+from kvmflow.errors import InstanceRunningError, KvmflowError, MisuseError
 from kvmflow.instance.machine import InstanceMachine
 from kvmflow.instance.states import InstanceEvent, InstanceState
-from kvmflow.kvm.hypervisor import InstanceInfo, InstanceRunningError, KvmHypervisor
+from kvmflow.kvm.hypervisor import InstanceInfo, KvmHypervisor
 from kvmflow.kvm.spec import InstanceSpec
 from kvmflow.monitor.queries import RunState, query_status
 

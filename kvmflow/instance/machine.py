@@ -16,27 +16,11 @@ from dataclasses import dataclass
 import anyio
 import structlog
 
-from kvmflow.errors import DeadlineError, MisuseError
+from kvmflow.errors import DeadlineError, IllegalTransitionError, InstanceBusyError
 from kvmflow.instance.states import InstanceEvent, InstanceState, next_state
 
 #: Transitions kept per instance (the newest): a long-lived controller must stay flat.
 HISTORY_LENGTH = 100
-
-
-class IllegalTransitionError(MisuseError):
-    """An event that the transition table does not allow in the current state."""
-
-    def __init__(self, instance: str, state: InstanceState, event: InstanceEvent) -> None:
-        self.instance = instance
-        self.state = state
-        self.event = event
-        super().__init__(
-            f"instance {instance}: event {event.value!r} is not allowed in state {state.value!r}"
-        )
-
-
-class InstanceBusyError(MisuseError):
-    """Another operation already drives this instance."""
 
 
 @dataclass(frozen=True)

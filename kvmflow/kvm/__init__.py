@@ -1,5 +1,12 @@
 """The KVM instance layer: parameters, QEMU command lines, runtime files, processes."""
 
+from kvmflow.errors import (
+    InstanceNotRunningError,
+    InstanceRunningError,
+    QemuStartError,
+    StopError,
+    UidPoolExhaustedError,
+)
 from kvmflow.kvm.argv import build_argv, execution_args
 from kvmflow.kvm.console import console_command
 from kvmflow.kvm.hvparams import (
@@ -12,17 +19,10 @@ from kvmflow.kvm.hvparams import (
     SecurityModel,
     UsbMouse,
 )
-from kvmflow.kvm.hypervisor import (
-    InstanceInfo,
-    InstanceNotRunningError,
-    InstanceRunningError,
-    KvmHypervisor,
-    StopError,
-)
+from kvmflow.kvm.hypervisor import InstanceInfo, KvmHypervisor
 from kvmflow.kvm.nicscript import render_up_script
 from kvmflow.kvm.runtime import RuntimePaths, SavedRuntime
 from kvmflow.kvm.scratch import (
-    QemuStartError,
     ScratchQemu,
     default_accelerator,
     kvm_usable,
@@ -30,7 +30,7 @@ from kvmflow.kvm.scratch import (
     start_scratch_qemu,
 )
 from kvmflow.kvm.spec import Disk, DiskMode, InstanceSpec, Nic, NicMode, check_instance_name
-from kvmflow.kvm.uidpool import UidPool, UidPoolExhaustedError, parse_uid_ranges
+from kvmflow.kvm.uidpool import UidPool, parse_uid_ranges
 from kvmflow.kvm.validation import validate_spec, validate_spec_on
 
 __all__ = [

@@ -17,13 +17,19 @@ from dataclasses import dataclass
 import anyio
 import structlog
 
-from kvmflow.errors import KvmflowError, MisuseError
+from kvmflow.errors import (
+    InstanceNotRunningError,
+    InstanceRunningError,
+    KvmflowError,
+    MisuseError,
+    QemuStartError,
+    StopError,
+)
 from kvmflow.kvm.argv import QEMU_BINARY, build_argv, execution_args
 from kvmflow.kvm.console import console_command
 from kvmflow.kvm.hvparams import SecurityModel
 from kvmflow.kvm.nicscript import SITE_SCRIPT, render_up_script
 from kvmflow.kvm.runtime import RuntimePaths, SavedRuntime, load_runtime, save_runtime
-from kvmflow.kvm.scratch import QemuStartError
 from kvmflow.kvm.spec import InstanceSpec
 from kvmflow.kvm.uidpool import UidPool
 from kvmflow.kvm.validation import validate_spec_on
@@ -31,18 +37,6 @@ from kvmflow.monitor.qmp import QMPClient
 from kvmflow.node.base import Node, NodeInfo
 
 _log = structlog.get_logger("kvmflow.kvm")
-
-
-class InstanceRunningError(MisuseError):
-    """The instance is running, and the operation needs it stopped (or vice versa)."""
-
-
-class InstanceNotRunningError(MisuseError):
-    """The instance is not running."""
-
-
-class StopError(KvmflowError):
-    """The instance's process would not go away."""
 
 
 @dataclass(frozen=True)

@@ -14,17 +14,13 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from kvmflow.errors import FieldProblem, ValidationError
+from kvmflow.errors import FieldProblem, RuntimeFileError, ValidationError
 from kvmflow.kvm.spec import InstanceSpec, check_instance_name
 from kvmflow.node.base import Node
 
 DEFAULT_ROOT = "/run/kvmflow"
 RUNTIME_FORMAT = 1
 SUBDIRS = ("pid", "uid", "ctrl", "conf", "nic", "chroot", "chroot-quarantine", "uid-pool")
-
-
-class RuntimeFileError(ValidationError):
-    """A saved runtime file exists but cannot be used."""
 
 
 @dataclass(frozen=True)

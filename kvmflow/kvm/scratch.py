@@ -16,13 +16,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvmflow.errors import DeadlineError, KvmflowError
+from kvmflow.errors import DeadlineError, QemuStartError
 
 QEMU_BINARY = "qemu-system-x86_64"
-
-
-class QemuStartError(KvmflowError):
-    """QEMU exited instead of starting; the message carries what it printed."""
 
 
 def kvm_usable() -> bool:

@@ -13,15 +13,11 @@ from dataclasses import dataclass
 
 import structlog
 
-from kvmflow.errors import FieldProblem, KvmflowError, ValidationError
+from kvmflow.errors import FieldProblem, UidPoolExhaustedError, ValidationError
 from kvmflow.kvm.runtime import RuntimePaths
 from kvmflow.node.base import Node
 
 _log = structlog.get_logger("kvmflow.kvm")
-
-
-class UidPoolExhaustedError(KvmflowError):
-    """Every uid of the pool is taken."""
 
 
 def parse_uid_ranges(text: str) -> tuple[range, ...]:

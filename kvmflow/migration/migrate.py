@@ -31,7 +31,7 @@ from typing import Literal
 import anyio
 import structlog
 
-from kvmflow.errors import ConnectionLostError, KvmflowError, MisuseError
+from kvmflow.errors import ConnectionLostError, ContUnanswered, KvmflowError, MisuseError
 from kvmflow.feed import BoundedFeed
 from kvmflow.instance.instance import Instance
 from kvmflow.instance.states import InstanceEvent, InstanceState
@@ -52,7 +52,7 @@ from kvmflow.migration.policy import MigrationPolicy
 from kvmflow.migration.results import MigrationProgress, MigrationResult, ProgressCallback
 from kvmflow.migration.source import MigrationSource, SourceMonitor
 from kvmflow.migration.status import BadAnswer, MigrationSnapshot, MigrationStatus
-from kvmflow.migration.target import ContUnanswered, MigrationTarget
+from kvmflow.migration.target import MigrationTarget
 from kvmflow.migration.watch import watch_migration
 from kvmflow.monitor.hmp import HMPClient
 from kvmflow.monitor.queries import RunState, query_status

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from kvmflow.errors import MisuseError
+from kvmflow.errors import IllegalPhaseTransitionError
 
 
 class MigrationPhase(enum.StrEnum):
@@ -103,18 +103,6 @@ TRANSITIONS: dict[tuple[MigrationPhase, PhaseEvent], MigrationPhase] = {
 
 #: Where a migration ends.
 TERMINAL: frozenset[MigrationPhase] = frozenset({P.DONE, P.ABORTED, P.STRANDED})
-
-
-class IllegalPhaseTransitionError(MisuseError):
-    """A step that the phase table does not allow from the current phase (a kvmflow bug)."""
-
-    def __init__(self, instance: str, phase: MigrationPhase, event: PhaseEvent) -> None:
-        self.instance = instance
-        self.phase = phase
-        self.event = event
-        super().__init__(
-            f"migration of {instance}: step {event.value!r} is not allowed in phase {phase.value!r}"
-        )
 
 
 @dataclass(frozen=True)

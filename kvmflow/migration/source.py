@@ -19,7 +19,7 @@ from kvmflow.migration.policy import MigrationPolicy
 from kvmflow.migration.status import MigrationSnapshot, MigrationStatus
 from kvmflow.migration.watch import query_migration
 from kvmflow.monitor.events import EventSubscription
-from kvmflow.monitor.queries import CommandRunner, query_status
+from kvmflow.monitor.queries import CommandRunner, RunState, query_status
 
 _log = structlog.get_logger("kvmflow.migration")
 
@@ -140,7 +140,14 @@ class MigrationSource:
         run state it was in. Raises if the process cannot be ended."""
         state: str | None = None
         try:
-            state = (await query_status(self.monitor, timeout=10)).state.value
+            # QEMU passes through finish-migrate on its way to postmigrate; report where it
+            # settles (bounded: the quit below does not depend on it).
+            status = await query_status(self.monitor, timeout=10)
+            with anyio.move_on_after(FINAL_FIGURES_SECONDS):
+                while status.state is RunState.FINISH_MIGRATE:
+                    await anyio.sleep(0.01)  # a run state can only be polled
+                    status = await query_status(self.monitor, timeout=10)
+            state = status.state.value
             await self.monitor.execute("quit", timeout=10)
         except KvmflowError as exc:
             self._log.warning("source did not quit cleanly; killing", error=str(exc))

@@ -13,7 +13,7 @@ import contextlib
 import anyio
 import structlog
 
-from kvmflow.errors import CommandError, KvmflowError
+from kvmflow.errors import CommandError, ContUnanswered, KvmflowError
 from kvmflow.kvm.hypervisor import KvmHypervisor
 from kvmflow.kvm.runtime import SavedRuntime
 from kvmflow.kvm.spec import InstanceSpec
@@ -41,10 +41,6 @@ def listening_port(listening: object, wanted: int) -> int | None:
         if port > 0 and wanted in (0, port):
             return port
     return None
-
-
-class ContUnanswered(KvmflowError):
-    """``cont`` reached the target but its answer did not come back: the guest may run."""
 
 
 class MigrationTarget:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from types import TracebackType
 
-from kvmflow.feed import BoundedFeed, EndOfSubscription
+from kvmflow.errors import EndOfSubscription
+from kvmflow.feed import BoundedFeed
 from kvmflow.monitor.protocol import Event
 
 __all__ = ["EndOfSubscription", "EventSubscription"]

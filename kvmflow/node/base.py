@@ -6,20 +6,14 @@ machine is :class:`~kvmflow.node.local.LocalNode`; other machines are reached ov
 
 from __future__ import annotations
 
+import contextlib
 import signal
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, Self, runtime_checkable
 
-from kvmflow.errors import KvmflowError
+from kvmflow.errors import NodeError
 from kvmflow.monitor.transport import Connector
-
-
-class NodeError(KvmflowError):
-    """A node could not do what was asked (command failed to run, file unreadable, ...)."""
-
-    def __init__(self, message: str, *, node: str | None = None) -> None:
-        self.node = node
-        super().__init__(f"{message} [node {node}]" if node else message)
 
 
 @dataclass(frozen=True)
@@ -53,9 +47,40 @@ class NodeInfo:
     numa_nodes: int
 
 
+@contextlib.contextmanager
+def node_errors(node: str | None, doing: str, *kinds: type[BaseException]) -> Iterator[None]:
+    """Translate a foreign failure (``OSError`` unless ``kinds`` says which) inside the block
+    into :class:`NodeError` ``cannot <doing>: <why>`` at the node boundary."""
+    caught = kinds or (OSError,)
+    try:
+        yield
+    except caught as exc:
+        why = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise NodeError(f"cannot {doing}: {why}", node=node) from exc
+
+
+class NodeLifecycle:
+    """``async with node:`` closes the node on exit (see :class:`Node`)."""
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
 @runtime_checkable
 class Node(Protocol):
-    """Operations the KVM layer needs from a machine."""
+    """Operations the KVM layer needs from a machine.
+
+    The code that creates a node owns it and closes it when done (``async with node:`` or
+    ``await node.aclose()``): closing ends what the node keeps open (an SSH connection);
+    a closed node opens it again on next use. An :class:`~kvmflow.engine.Engine` built with
+    ``close_nodes=True`` closes the nodes it was given when it exits.
+    """
 
     @property
     def name(self) -> str:
@@ -128,4 +153,8 @@ class Node(Protocol):
 
     def monitor_connector(self, path: str) -> Connector:
         """A connector to a unix socket on this node (for QMP/HMP clients)."""
+        ...
+
+    async def aclose(self) -> None:
+        """End what the node keeps open; it reopens on next use."""
         ...

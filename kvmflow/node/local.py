@@ -14,11 +14,12 @@ import tempfile
 import anyio
 import psutil
 
+from kvmflow.errors import NodeError
 from kvmflow.monitor.transport import Connector, UnixSocketConnector
-from kvmflow.node.base import CommandResult, NodeError, NodeInfo
+from kvmflow.node.base import CommandResult, NodeInfo, NodeLifecycle, node_errors
 
 
-class LocalNode:
+class LocalNode(NodeLifecycle):
     """The machine kvmflow runs on."""
 
     def __init__(self, name: str | None = None) -> None:
@@ -30,6 +31,9 @@ class LocalNode:
 
     def __repr__(self) -> str:
         return f"LocalNode({self._name!r})"
+
+    async def aclose(self) -> None:
+        """Nothing to close: this machine is reached without a connection."""
 
     async def run(
         self, argv: list[str], *, stdin: bytes | None = None, timeout: float | None = None
@@ -44,33 +48,29 @@ class LocalNode:
         return CommandResult(tuple(argv), completed.returncode, completed.stdout, completed.stderr)
 
     async def read_file(self, path: str) -> bytes | None:
-        try:
-            return await anyio.Path(path).read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise NodeError(f"cannot read {path}: {exc.strerror}", node=self.name) from exc
+        with node_errors(self.name, f"read {path}"):
+            try:
+                return await anyio.Path(path).read_bytes()
+            except FileNotFoundError:
+                return None
 
     async def write_file(self, path: str, data: bytes, mode: int = 0o600) -> None:
         await anyio.to_thread.run_sync(self._write_atomically, path, data, mode)
 
     def _write_atomically(self, path: str, data: bytes, mode: int) -> None:
-        directory = os.path.dirname(path) or "."
-        try:
-            fd, temp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-        except OSError as exc:
-            raise NodeError(f"cannot write {path}: {exc.strerror}", node=self.name) from exc
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.chmod(temp, mode)
-            os.replace(temp, path)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
-            raise NodeError(f"cannot write {path}: {exc.strerror}", node=self.name) from exc
+        with node_errors(self.name, f"write {path}"):
+            fd, temp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.chmod(temp, mode)
+                os.replace(temp, path)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.unlink(temp)
+                raise
 
     async def create_exclusive(self, path: str, data: bytes, mode: int = 0o600) -> bool:
         def create() -> bool:
@@ -82,18 +82,15 @@ class LocalNode:
                 handle.write(data)
             return True
 
-        try:
+        with node_errors(self.name, f"create {path}"):
             return await anyio.to_thread.run_sync(create)
-        except OSError as exc:
-            raise NodeError(f"cannot create {path}: {exc.strerror}", node=self.name) from exc
 
     async def remove(self, path: str) -> bool:
-        try:
-            await anyio.Path(path).unlink()
-        except FileNotFoundError:
-            return False
-        except OSError as exc:
-            raise NodeError(f"cannot remove {path}: {exc.strerror}", node=self.name) from exc
+        with node_errors(self.name, f"remove {path}"):
+            try:
+                await anyio.Path(path).unlink()
+            except FileNotFoundError:
+                return False
         return True
 
     async def make_dirs(self, path: str, mode: int = 0o700) -> None:
@@ -101,18 +98,15 @@ class LocalNode:
             os.makedirs(path, mode=mode, exist_ok=True)
             os.chmod(path, mode)
 
-        try:
+        with node_errors(self.name, f"create {path}"):
             await anyio.to_thread.run_sync(make)
-        except OSError as exc:
-            raise NodeError(f"cannot create {path}: {exc.strerror}", node=self.name) from exc
 
     async def path_kind(self, path: str) -> str | None:
-        try:
-            mode = (await anyio.to_thread.run_sync(os.stat, path)).st_mode
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise NodeError(f"cannot inspect {path}: {exc.strerror}", node=self.name) from exc
+        with node_errors(self.name, f"inspect {path}"):
+            try:
+                mode = (await anyio.to_thread.run_sync(os.stat, path)).st_mode
+            except FileNotFoundError:
+                return None
         return "file" if stat.S_ISREG(mode) else "directory" if stat.S_ISDIR(mode) else "other"
 
     async def user_exists(self, name: str) -> bool:
@@ -123,30 +117,23 @@ class LocalNode:
         return True
 
     async def list_dir(self, path: str) -> list[str]:
-        try:
-            return sorted(await anyio.to_thread.run_sync(os.listdir, path))
-        except FileNotFoundError:
-            return []
-        except OSError as exc:
-            raise NodeError(f"cannot list {path}: {exc.strerror}", node=self.name) from exc
+        with node_errors(self.name, f"list {path}"):
+            try:
+                return sorted(await anyio.to_thread.run_sync(os.listdir, path))
+            except FileNotFoundError:
+                return []
 
     async def rename(self, source: str, target: str) -> None:
-        try:
+        with node_errors(self.name, f"rename {source} to {target}"):
             await anyio.to_thread.run_sync(os.rename, source, target)
-        except OSError as exc:
-            raise NodeError(
-                f"cannot rename {source} to {target}: {exc.strerror}", node=self.name
-            ) from exc
 
     async def remove_tree(self, path: str) -> None:
         def remove() -> None:
             if os.path.lexists(path):
                 shutil.rmtree(path)
 
-        try:
+        with node_errors(self.name, f"remove {path}"):
             await anyio.to_thread.run_sync(remove)
-        except OSError as exc:
-            raise NodeError(f"cannot remove {path}: {exc.strerror}", node=self.name) from exc
 
     async def process_cmdline(self, pid: int) -> list[str] | None:
         try:

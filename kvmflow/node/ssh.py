@@ -26,20 +26,11 @@ import anyio.abc
 import asyncssh
 import structlog
 
-from kvmflow.errors import TransportError
+from kvmflow.errors import NodeError, SSHConnectError, SSHFailure, TransportError
 from kvmflow.monitor.transport import Connector, StreamFactoryConnector
-from kvmflow.node.base import CommandResult, NodeError, NodeInfo
+from kvmflow.node.base import CommandResult, NodeInfo, NodeLifecycle, node_errors
 
 _log = structlog.get_logger("kvmflow.node")
-
-
-class SSHConnectError(NodeError):
-    """The node could not be reached or would not let us in; ``kind`` says why:
-    ``unreachable``, ``host-key`` (unknown or changed host key) or ``auth`` (key refused)."""
-
-    def __init__(self, message: str, *, node: str, kind: str) -> None:
-        self.kind = kind
-        super().__init__(message, node=node)
 
 
 @dataclass(frozen=True)
@@ -95,7 +86,7 @@ class SSHByteStream(anyio.abc.ByteStream):
                 await self._writer.wait_closed()
 
 
-class SSHNode:
+class SSHNode(NodeLifecycle):
     """A remote machine reached over one shared SSH connection."""
 
     def __init__(
@@ -142,7 +133,7 @@ class SSHNode:
                 try:
                     self._connection = await self._connect()
                 except SSHConnectError as exc:
-                    if exc.kind != "unreachable" or attempt == self.reconnect_attempts:
+                    if exc.kind is not SSHFailure.UNREACHABLE or attempt == self.reconnect_attempts:
                         raise
                     self._log.info(
                         "ssh connect failed; retrying", attempt=attempt, delay=delay, error=str(exc)
@@ -170,15 +161,15 @@ class SSHNode:
                 f"host key of {where} is not in {target.known_hosts} (or changed): {exc}; add "
                 "it with ssh-keyscan after checking it out of band",
                 node=self._name,
-                kind="host-key",
+                kind=SSHFailure.HOST_KEY,
             ) from exc
         except asyncssh.PermissionDenied as exc:
             raise SSHConnectError(
-                f"{where} refused our key: {exc}", node=self._name, kind="auth"
+                f"{where} refused our key: {exc}", node=self._name, kind=SSHFailure.AUTH
             ) from exc
         except (OSError, asyncssh.Error, TimeoutError) as exc:
             raise SSHConnectError(
-                f"cannot reach {where}: {exc}", node=self._name, kind="unreachable"
+                f"cannot reach {where}: {exc}", node=self._name, kind=SSHFailure.UNREACHABLE
             ) from exc
         self._log.info("ssh connected")
         return connection
@@ -191,6 +182,11 @@ class SSHNode:
             except asyncssh.Error as exc:
                 raise NodeError(f"cannot start SFTP: {exc}", node=self._name) from exc
         return self._sftp
+
+    @property
+    def connected(self) -> bool:
+        """Whether the shared connection is open now."""
+        return self._connection is not None and not self._connection.is_closed()
 
     async def aclose(self) -> None:
         """Close the shared connection (it reopens on next use)."""
@@ -223,29 +219,33 @@ class SSHNode:
 
     # --------------------------------------------------------------------- files
 
+    def _errors(self, doing: str) -> contextlib.AbstractContextManager[None]:
+        """SFTP and socket failures inside become NodeError ``cannot <doing>``."""
+        return node_errors(self._name, doing, asyncssh.SFTPError, OSError)
+
     async def read_file(self, path: str) -> bytes | None:
         sftp = await self.sftp()
-        try:
-            async with sftp.open(path, "rb") as handle:
-                data = await handle.read()
-        except asyncssh.SFTPNoSuchFile:
-            return None
-        except (asyncssh.SFTPError, OSError) as exc:
-            raise NodeError(f"cannot read {path}: {exc}", node=self._name) from exc
+        with self._errors(f"read {path}"):
+            try:
+                async with sftp.open(path, "rb") as handle:
+                    data = await handle.read()
+            except asyncssh.SFTPNoSuchFile:
+                return None
         return data if isinstance(data, bytes) else data.encode()
 
     async def write_file(self, path: str, data: bytes, mode: int = 0o600) -> None:
         sftp = await self.sftp()
         temp = posixpath.join(posixpath.dirname(path), f".tmp-{uuid.uuid4().hex}")
-        try:
-            async with sftp.open(temp, "wb", asyncssh.SFTPAttrs(permissions=mode)) as handle:
-                await handle.write(data)
-            await sftp.chmod(temp, mode)
-            await sftp.posix_rename(temp, path)
-        except (asyncssh.SFTPError, OSError) as exc:
-            with contextlib.suppress(asyncssh.SFTPError, OSError):
-                await sftp.remove(temp)
-            raise NodeError(f"cannot write {path}: {exc}", node=self._name) from exc
+        with self._errors(f"write {path}"):
+            try:
+                async with sftp.open(temp, "wb", asyncssh.SFTPAttrs(permissions=mode)) as handle:
+                    await handle.write(data)
+                await sftp.chmod(temp, mode)
+                await sftp.posix_rename(temp, path)
+            except (asyncssh.SFTPError, OSError):
+                with contextlib.suppress(asyncssh.SFTPError, OSError):
+                    await sftp.remove(temp)
+                raise
 
     async def create_exclusive(self, path: str, data: bytes, mode: int = 0o600) -> bool:
         sftp = await self.sftp()
@@ -264,21 +264,18 @@ class SSHNode:
 
     async def remove(self, path: str) -> bool:
         sftp = await self.sftp()
-        try:
-            await sftp.remove(path)
-        except asyncssh.SFTPNoSuchFile:
-            return False
-        except (asyncssh.SFTPError, OSError) as exc:
-            raise NodeError(f"cannot remove {path}: {exc}", node=self._name) from exc
+        with self._errors(f"remove {path}"):
+            try:
+                await sftp.remove(path)
+            except asyncssh.SFTPNoSuchFile:
+                return False
         return True
 
     async def make_dirs(self, path: str, mode: int = 0o700) -> None:
         sftp = await self.sftp()
-        try:
+        with self._errors(f"create {path}"):
             await sftp.makedirs(path, asyncssh.SFTPAttrs(permissions=mode), exist_ok=True)
             await sftp.chmod(path, mode)
-        except (asyncssh.SFTPError, OSError) as exc:
-            raise NodeError(f"cannot create {path}: {exc}", node=self._name) from exc
 
     async def path_kind(self, path: str) -> str | None:
         result = await self.run(["stat", "-L", "-c", "%F", "--", path])
@@ -305,20 +302,17 @@ class SSHNode:
 
     async def list_dir(self, path: str) -> list[str]:
         sftp = await self.sftp()
-        try:
-            names = await sftp.listdir(path)
-        except asyncssh.SFTPNoSuchFile:
-            return []
-        except (asyncssh.SFTPError, OSError) as exc:
-            raise NodeError(f"cannot list {path}: {exc}", node=self._name) from exc
+        with self._errors(f"list {path}"):
+            try:
+                names = await sftp.listdir(path)
+            except asyncssh.SFTPNoSuchFile:
+                return []
         return sorted(str(n) for n in names if n not in (".", ".."))
 
     async def rename(self, source: str, target: str) -> None:
         sftp = await self.sftp()
-        try:
+        with self._errors(f"rename {source} to {target}"):
             await sftp.posix_rename(source, target)
-        except (asyncssh.SFTPError, OSError) as exc:
-            raise NodeError(f"cannot rename {source} to {target}: {exc}", node=self._name) from exc
 
     async def remove_tree(self, path: str) -> None:
         result = await self.run(["rm", "-rf", "--", path])

@@ -1,6 +1,6 @@
 """Public test helpers for embedders: fake monitors that misbehave on cue, a simulated
-fleet (:mod:`kvmflow.testing.fleet`) and real sshd servers on loopback
-(:mod:`kvmflow.testing.sshd`)."""
+fleet (:mod:`kvmflow.testing.fleet`), real sshd servers on loopback
+(:mod:`kvmflow.testing.sshd`) and several local nodes (:mod:`kvmflow.testing.nodes`)."""
 
 from kvmflow.testing.fake_monitor import (
     DEFAULT_GREETING,
@@ -16,6 +16,7 @@ from kvmflow.testing.fake_monitor import (
     default_answer,
     event_line,
 )
+from kvmflow.testing.nodes import local_hypervisors, local_nodes
 
 __all__ = [
     "DEFAULT_GREETING",
@@ -30,4 +31,6 @@ __all__ = [
     "Return",
     "default_answer",
     "event_line",
+    "local_hypervisors",
+    "local_nodes",
 ]

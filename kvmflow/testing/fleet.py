@@ -24,8 +24,9 @@ from typing import Any
 import anyio
 import anyio.abc
 
+from kvmflow.errors import NodeError
 from kvmflow.monitor.transport import Connector, UnixSocketConnector
-from kvmflow.node.base import CommandResult, NodeError, NodeInfo
+from kvmflow.node.base import CommandResult, NodeInfo, NodeLifecycle
 from kvmflow.node.local import LocalNode
 
 GREETING = (
@@ -340,7 +341,7 @@ async def serve_fleet(control_path: str) -> None:
         await listener.serve(handle)
 
 
-class FakeNode:
+class FakeNode(NodeLifecycle):
     """A node whose QEMUs are simulated by a fleet process (see the module docstring)."""
 
     def __init__(self, name: str, control_path: str, *, dirty_rate: float = 0.0) -> None:
