@@ -222,3 +222,25 @@ async def test_a_target_whose_runtime_dir_vanished_while_starting_is_not_orphane
     ] == []
     assert await run_state(source, "ph-orphan") is RunState.RUNNING
     assert instance.machine.state is InstanceState.RUNNING
+
+
+async def test_a_journal_that_fails_every_write_stops_the_migration_cleanly(
+    nodes: tuple[KvmHypervisor, KvmHypervisor],
+) -> None:
+    source, target = nodes
+    instance = await started("ph-journal", source)
+    attempts: list[PhaseEvent] = []
+
+    def unwritable(change: PhaseChange) -> None:
+        attempts.append(change.event)
+        raise OSError("journal unreachable")
+
+    with pytest.raises(OSError, match="journal unreachable"):
+        await migrate(
+            instance, target, target_address="127.0.0.1", policy=FAST, on_phase=unwritable
+        )
+    # Refused before the target was started; the abort's own steps still ran to the end.
+    assert attempts == [PhaseEvent.START_TARGET, PhaseEvent.ABORT, PhaseEvent.ABORT_DONE]
+    assert not await target.is_running("ph-journal")
+    assert await run_state(source, "ph-journal") is RunState.RUNNING
+    assert instance.machine.state is InstanceState.RUNNING

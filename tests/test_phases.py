@@ -105,3 +105,15 @@ def test_the_diagram_comes_from_the_table() -> None:
     diagram = mermaid_diagram()
     assert diagram.count("-->") == len(TRANSITIONS) + 1 + len(TERMINAL)
     assert "switched-over --> done: finished" in diagram
+
+
+async def test_a_failing_listener_cannot_stop_a_step_that_records_a_fact() -> None:
+    def broken(change: PhaseChange) -> None:
+        raise OSError("journal unreachable")
+
+    tracker = PhaseTracker("vm1", "a", "b", broken)
+    with pytest.raises(OSError, match="journal unreachable"):
+        await tracker.step(PhaseEvent.START_TARGET)  # an intention: refused
+    assert await tracker.step(PhaseEvent.ABORT) is MigrationPhase.ABORTING  # facts stand
+    assert await tracker.step(PhaseEvent.ABORT_DONE) is MigrationPhase.ABORTED
+    assert [c.event for c in tracker.history] == [PhaseEvent.ABORT, PhaseEvent.ABORT_DONE]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -285,18 +286,18 @@ def test_random_bytes_raise_only_kvmflow_errors(chunks: list[bytes]) -> None:
             pass
 
 
+def containers(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """Lists and QMP-looking objects of ``children`` (a named function: hypothesis reads a
+    multi-line lambda's source wrongly and warns that it does not recurse)."""
+    keys = ["return", "error", "event", "id", "data", "QMP", "class", "desc", "timestamp"]
+    return st.lists(children, max_size=3) | st.dictionaries(
+        st.sampled_from(keys), children, max_size=4
+    )
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=5),
-    lambda children: (
-        st.lists(children, max_size=3)
-        | st.dictionaries(
-            st.sampled_from(
-                ["return", "error", "event", "id", "data", "QMP", "class", "desc", "timestamp"]
-            ),
-            children,
-            max_size=4,
-        )
-    ),
+    containers,
     max_leaves=10,
 )
 

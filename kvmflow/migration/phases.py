@@ -78,6 +78,11 @@ UNDOABLE: frozenset[MigrationPhase] = frozenset(
     {P.CHECKING, P.TARGET_STARTING, P.TARGET_LISTENING, P.STREAMING, P.COMPLETED_ON_SOURCE}
 )
 
+#: Steps a listener may refuse (by raising): intentions, taken before the action they
+#: announce. Every other step records a fact (QEMU completed, an abort ran): a listener
+#: that fails on one is logged and the step stands, or the clean-up could not finish.
+REFUSABLE: frozenset[PhaseEvent] = frozenset({V.START_TARGET, V.TARGET_LISTENS, V.STREAM})
+
 #: (phase, event) -> next phase. Anything not listed is illegal.
 TRANSITIONS: dict[tuple[MigrationPhase, PhaseEvent], MigrationPhase] = {
     (P.CHECKING, V.START_TARGET): P.TARGET_STARTING,
@@ -142,8 +147,8 @@ class PhaseTracker:
         )
 
     async def step(self, event: PhaseEvent) -> MigrationPhase:
-        """Apply ``event`` once the listener has seen it (if the listener raises, the phase
-        stays where it was and the error propagates)."""
+        """Apply ``event`` once the listener has seen it. A listener that raises on a
+        :data:`REFUSABLE` step stops it (the phase stays, the error propagates)."""
         after = next_phase(self.phase, event)
         if after is None:
             raise IllegalPhaseTransitionError(self.instance, self.phase, event)
@@ -151,9 +156,16 @@ class PhaseTracker:
             self.instance, self.source, self.target, self.phase, event, after, time.time()
         )
         if self._listener is not None:  # write-ahead: a step its listener refused is not taken
-            outcome = self._listener(change)
-            if inspect.isawaitable(outcome):
-                await outcome
+            try:
+                outcome = self._listener(change)
+                if inspect.isawaitable(outcome):
+                    await outcome
+            except Exception as exc:
+                if event in REFUSABLE:
+                    raise
+                self._log.error(
+                    "phase listener failed; the step stands", step=event.value, error=repr(exc)
+                )
         self.phase = after
         self.history.append(change)
         self._log.info(
