@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 from typing import Any
 
 import anyio
@@ -244,3 +245,33 @@ async def test_a_journal_that_fails_every_write_stops_the_migration_cleanly(
     assert not await target.is_running("ph-journal")
     assert await run_state(source, "ph-journal") is RunState.RUNNING
     assert instance.machine.state is InstanceState.RUNNING
+
+
+class StopHangs(KvmHypervisor):
+    """A node whose stop never returns (an SSH command without a timeout, a stuck disk)."""
+
+    async def stop(self, name: str, **kwargs: Any) -> None:
+        await anyio.sleep_forever()
+
+
+async def test_an_abort_that_hangs_ends_within_its_deadline_and_says_what_is_left(
+    nodes: tuple[KvmHypervisor, KvmHypervisor], free_port: int
+) -> None:
+    source, plain_target = nodes
+    target = StopHangs(plain_target.node, plain_target.paths)
+    instance = await started("ph-hang", source)
+    policy = FAST.with_changes(cleanup_timeout=1.0)
+    with socket.socket() as squatter:  # the target cannot listen: the abort must undo it
+        squatter.bind(("127.0.0.1", free_port))
+        squatter.listen()
+        with anyio.fail_after(30), pytest.raises(MigrationError) as info:
+            await migrate(
+                instance, target, target_address="127.0.0.1", port=free_port, policy=policy
+            )
+    assert info.value.outcome is Outcome.ABORTED_TARGET_LEFT
+    assert info.value.runs_on == "node-a"
+    assert "could not be removed in time" in info.value.reason
+    assert await run_state(source, "ph-hang") is RunState.RUNNING
+    assert instance.machine.state is InstanceState.RUNNING
+    await plain_target.stop("ph-hang", force=True)  # what the operator is told to do
+    assert not await plain_target.is_running("ph-hang")

@@ -405,8 +405,7 @@ class _Migration:
                 cause, finding = exc, Finding.UNDO_FAILED
         if scope.cancelled_caught:
             finding = Finding.UNDO_FAILED
-        await self.phases.step(Step.GIVE_UP if finding is Finding.UNDO_FAILED else Step.ABORT_DONE)
-        return await self._conclude(Phase.COMPLETED_ON_SOURCE, finding, cause)
+        return await self._end_abort(Phase.COMPLETED_ON_SOURCE, finding, cause)
 
     # ------------------------------------------------------------------ failure
 
@@ -472,11 +471,7 @@ class _Migration:
                 return await self._complete(qmp, completed, runtime), None
             except MigrationError as error:
                 return None, error
-        if finding is Finding.UNDO_FAILED:
-            await self.phases.step(Step.GIVE_UP)
-        else:
-            await self.phases.step(Step.ABORT_DONE)
-        return None, await self._conclude(phase, finding, cause)
+        return None, await self._end_abort(phase, finding, cause)
 
     async def _postcopy_exit(
         self, qmp: SourceMonitor, cause: BaseException, runtime: SavedRuntime
@@ -503,6 +498,14 @@ class _Migration:
         )
         await self.phases.step(Step.GIVE_UP)
         return None, await self._conclude(Phase.POSTCOPY, Finding.LEFT_AS_IS, cause)
+
+    async def _end_abort(
+        self, phase: MigrationPhase, finding: Finding, cause: BaseException
+    ) -> MigrationError:
+        """The abort is over: ``aborted`` if the source has the guest, else ``stranded``."""
+        source_has_it = INFO[outcome_of(phase, finding)].side is Side.SOURCE
+        await self.phases.step(Step.ABORT_DONE if source_has_it else Step.GIVE_UP)
+        return await self._conclude(phase, finding, cause)
 
     async def _give_up(self, cause: BaseException) -> MigrationError:
         """Neither copy can be vouched for: leave both for the operator."""

@@ -38,6 +38,7 @@ class Outcome(enum.StrEnum):
     MOVED = "moved"
     MOVED_UNFINISHED = "moved-unfinished"  # runs on the target; a finishing step failed
     ABORTED = "aborted"  # still runs on the source
+    ABORTED_TARGET_LEFT = "aborted-target-left"  # ... and the target could not be removed
     TAKEN_BACK = "taken-back"  # the target never took over; the source resumed
     SOURCE_DIED = "source-died"
     LOST_CONTACT = "lost-contact"
@@ -72,6 +73,12 @@ INFO: dict[Outcome, OutcomeInfo] = {
         "source copy on {source} was ended: check the target's runtime files",
     ),
     Outcome.ABORTED: OutcomeInfo(Side.SOURCE, E.MIGRATION_ABORTED, "{cause}"),
+    Outcome.ABORTED_TARGET_LEFT: OutcomeInfo(
+        Side.SOURCE,
+        E.MIGRATION_ABORTED,
+        "{cause}; the target QEMU on {target} could not be removed in time (it never "
+        "received the guest): stop it there",
+    ),
     Outcome.TAKEN_BACK: OutcomeInfo(
         Side.SOURCE,
         E.MIGRATION_ABORTED,
@@ -114,7 +121,12 @@ OUTCOMES: dict[tuple[MigrationPhase, Finding], Outcome] = {
             (F.SOURCE_KEPT, Outcome.ABORTED),
             (F.SOURCE_DIED, Outcome.SOURCE_DIED),
             (F.CONTACT_LOST, Outcome.LOST_CONTACT),
-            (F.UNDO_FAILED, Outcome.RUNS_NOWHERE_KNOWN),
+            # Before the stream the target holds nothing of the guest; once it streamed,
+            # a target that could not be ended may hold part of it.
+            (
+                F.UNDO_FAILED,
+                Outcome.RUNS_NOWHERE_KNOWN if phase is P.STREAMING else Outcome.ABORTED_TARGET_LEFT,
+            ),
         )
     },
     (P.COMPLETED_ON_SOURCE, F.SOURCE_KEPT): Outcome.TAKEN_BACK,
