@@ -40,7 +40,7 @@ from kvmflow.engine import Engine, Limits, MigrationCompleted, MigrationProgress
 from kvmflow.instance import Instance
 from kvmflow.kvm import HvParams, InstanceSpec, KvmHypervisor, RuntimePaths
 from kvmflow.migration import MigrationPolicy
-from kvmflow.testing.fleet import FakeNode
+from kvmflow.testing.fleet import FakeNode, fleet_process
 from kvmflow.tuning import tune_gc_for_fleet
 
 PER_NODE = 20
@@ -56,7 +56,7 @@ def system_seconds() -> float:
 
 
 async def run(migrations: int, control: str, root: Path, tuned: bool) -> dict[str, float]:
-    node_count = max(1, migrations // PER_NODE)
+    node_count = max(1, -(-migrations // PER_NODE))  # every migration has a node pair
     sources = [FakeNode(f"src{n}", control, dirty_rate=8 << 20) for n in range(node_count)]
     targets = [FakeNode(f"dst{n}", control) for n in range(node_count)]
     entries = [
@@ -133,17 +133,10 @@ def measure(migrations: int, tuned: bool) -> dict[str, float]:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     root = Path(tempfile.mkdtemp(prefix="kvff-"))
     control = str(root / "fleet.sock")
-    fleet = subprocess.Popen([sys.executable, "-m", "kvmflow.testing.fleet", control])
     try:
-        deadline = time.monotonic() + 10
-        while not Path(control).exists():
-            if time.monotonic() > deadline or fleet.poll() is not None:
-                raise SystemExit("the fleet process did not start")
-            time.sleep(0.05)
-        return anyio.run(run, migrations, control, root, tuned)
+        with fleet_process(control):
+            return anyio.run(run, migrations, control, root, tuned)
     finally:
-        fleet.kill()
-        fleet.wait()
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -131,7 +131,11 @@ class RuntimeFileError(ValidationError):
 
 
 class InstanceBusyError(MisuseError):
-    """Another operation already drives this instance."""
+    """Another operation already drives this instance; ``holder`` names it when known."""
+
+    def __init__(self, message: str, *, holder: object | None = None) -> None:
+        self.holder = holder  # the store's Lease of the operation in the way, if any
+        super().__init__(message)
 
 
 class InstanceRunningError(MisuseError):
@@ -168,6 +172,25 @@ class IllegalPhaseTransitionError(MisuseError):
 
 class EndOfSubscription(KvmflowError):
     """A feed was closed and everything in it has been read."""
+
+
+# --------------------------------------------------------------------------- the store
+
+
+class StoreError(KvmflowError):
+    """The store of record cannot be used (missing, unreadable, corrupt, read-only, full)."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        self.path = path
+        super().__init__(f"{message} [store {path}]" if path else message)
+
+
+class StoreSchemaError(StoreError):
+    """The store was written by a newer kvmflow (or is not a kvmflow store at all)."""
+
+
+class LeaseLostError(StoreError):
+    """Our lease on an instance expired or was taken over: we must not act on it any more."""
 
 
 # ---------------------------------------------------------------------- nodes and QEMU

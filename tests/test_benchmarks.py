@@ -26,6 +26,11 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
             {"local_us", "ssh_us", "raw_ssh_us", "ratio_ssh_vs_raw_ssh"},
         ),
         (
+            "store_writes.py",
+            ["--count", "50"],
+            {"write_median_us", "write_p99_us", "hop_median_us", "write_over_hop_median"},
+        ),
+        (
             "migration_latency.py",
             ["--rounds", "1"],
             {"detect_ms_events", "detect_ms_poll_2s", "migrate_over_qemu_total_time"},

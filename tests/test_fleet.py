@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import gc
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +15,7 @@ from kvmflow.engine.tickets import MigrationTicket
 from kvmflow.instance import Instance, InstanceState
 from kvmflow.kvm import HvParams, InstanceInfo, InstanceSpec, KvmHypervisor, RuntimePaths
 from kvmflow.migration import MigrationError, MigrationPolicy
-from kvmflow.testing.fleet import FakeNode
+from kvmflow.testing.fleet import FakeNode, fleet_process
 
 pytestmark = pytest.mark.anyio
 
@@ -26,17 +23,8 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def fleet(sockdir: Path) -> Iterator[str]:
     control = str(sockdir / "fleet.sock")
-    process = subprocess.Popen([sys.executable, "-m", "kvmflow.testing.fleet", control])
-    try:
-        deadline = time.monotonic() + 10
-        while not Path(control).exists():
-            assert process.poll() is None, "the fleet process died"
-            assert time.monotonic() < deadline, "the fleet process did not start"
-            time.sleep(0.02)
+    with fleet_process(control):
         yield control
-    finally:
-        process.kill()
-        process.wait()
 
 
 async def test_simulated_migrations_complete_and_cancel(fleet: str, sockdir: Path) -> None:

@@ -17,7 +17,11 @@ import itertools
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -443,6 +447,35 @@ class FakeNode(NodeLifecycle):
 
     def monitor_connector(self, path: str) -> Connector:
         return UnixSocketConnector(path)
+
+
+@contextlib.contextmanager
+def fleet_process(control_path: str, *, timeout: float = 10.0) -> Iterator[subprocess.Popen[bytes]]:
+    """Run a fleet process serving ``control_path``; killed on exit. Ready once it accepts
+    a connection: the socket file appears at bind(), before listen(), and a connect in
+    between is refused (seen on a loaded machine)."""
+    process = subprocess.Popen([sys.executable, "-m", "kvmflow.testing.fleet", control_path])
+    try:
+        deadline = time.monotonic() + timeout
+        while not _accepts(control_path):
+            if process.poll() is not None:
+                raise RuntimeError(f"the fleet process exited with {process.returncode}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the fleet process did not listen within {timeout:g} s")
+            time.sleep(0.02)
+        yield process
+    finally:
+        process.kill()
+        process.wait()
+
+
+def _accepts(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            return False
+    return True
 
 
 def main() -> None:

@@ -1,0 +1,458 @@
+"""The store of record in one SQLite file, shared by every kvmflow process on a host.
+
+The standard library's ``sqlite3`` is reached through one anyio worker thread at a time, so
+that asyncio and trio both work and the event loop never waits on the disk. The file is in
+WAL mode (readers never block the writer) with ``synchronous=FULL``: the journal is written
+*before* kvmflow acts, to stop two copies of a guest after a crash, so a committed write must
+survive a power loss too, and NORMAL can lose the last commits then. Every write is one
+``BEGIN IMMEDIATE`` transaction that first proves the writer's lease (fencing).
+
+The schema is versioned (``meta.schema_version``) and migrated on open; a newer or foreign
+file is refused with :class:`~kvmflow.errors.StoreSchemaError` and left as it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
+
+from kvmflow.errors import InstanceBusyError, LeaseLostError, StoreError, StoreSchemaError
+from kvmflow.store.base import JournalEntry, Lease, Owner, Placement
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+DEFAULT_PATH = "/var/lib/kvmflow/store.sqlite"
+
+#: version -> the statements that bring a store from the version before to it.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        "CREATE TABLE leases (instance TEXT PRIMARY KEY, controller TEXT NOT NULL,"
+        " host TEXT NOT NULL, pid INTEGER NOT NULL, pid_started REAL NOT NULL,"
+        " operation TEXT NOT NULL, token INTEGER NOT NULL, expires_at REAL NOT NULL)",
+        "CREATE TABLE placement (instance TEXT PRIMARY KEY, node TEXT NOT NULL,"
+        " token INTEGER NOT NULL, updated_at REAL NOT NULL)",
+        "CREATE TABLE journal (id INTEGER PRIMARY KEY AUTOINCREMENT, instance TEXT NOT NULL,"
+        " operation TEXT NOT NULL, controller TEXT NOT NULL, host TEXT NOT NULL,"
+        " pid INTEGER NOT NULL, pid_started REAL NOT NULL, token INTEGER NOT NULL,"
+        " started_at REAL NOT NULL, phase TEXT NOT NULL, details TEXT NOT NULL,"
+        " updated_at REAL NOT NULL, finished_at REAL, outcome TEXT)",
+        "CREATE INDEX journal_open ON journal (finished_at, id)",
+        "INSERT INTO meta VALUES ('fencing_token', '0')",
+    ),
+}
+
+
+class SQLiteStore:
+    """A :class:`~kvmflow.store.base.Store` in the SQLite file at ``path``; use
+    ``async with await SQLiteStore.open(path) as store:``."""
+
+    def __init__(self, path: str, connection: sqlite3.Connection) -> None:
+        self.path = path
+        self._db = connection
+        self._limiter = anyio.CapacityLimiter(1)  # one thread touches the connection at a time
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    async def open(cls, path: str | os.PathLike[str] = DEFAULT_PATH) -> SQLiteStore:
+        """Open (creating, or migrating to the current schema) the store at ``path``."""
+        text = os.fspath(path)
+        connection = await anyio.to_thread.run_sync(_connect, text)
+        return cls(text, connection)
+
+    async def aclose(self) -> None:
+        await self._run(self._db.close)
+
+    async def __aenter__(self) -> SQLiteStore:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def _run(self, work: Callable[[], T]) -> T:
+        return await anyio.to_thread.run_sync(work, limiter=self._limiter)
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, taken at once (``BEGIN IMMEDIATE``) so that checks and
+        writes inside it see no other writer; any failure rolls all of it back."""
+        db = self._db
+        with _translated(self.path):
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    # --------------------------------------------------------------------- leases
+
+    async def acquire(
+        self, instance: str, owner: Owner, operation: str, ttl: float, *, take_over: bool = False
+    ) -> Lease:
+        def acquire() -> Lease:
+            now = time.time()
+            with self._write() as db:
+                held = _lease_row(db, instance)
+                if held is not None:
+                    gone = held.expires_at <= now or held.owner.alive() is False
+                    if not (take_over and gone):
+                        raise InstanceBusyError(_busy_message(held, now, gone), holder=held)
+                token = _next_token(db)
+                lease = Lease(instance, owner, operation, token, now + ttl)
+                db.execute(
+                    "INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (instance, *_owner_row(owner), operation, token, lease.expires_at),
+                )
+                return lease
+
+        return await self._run(acquire)
+
+    async def renew(self, lease: Lease, ttl: float) -> Lease:
+        def renew() -> Lease:
+            with self._write() as db:
+                _prove(db, lease, self.path)
+                renewed = Lease(
+                    lease.instance, lease.owner, lease.operation, lease.token, time.time() + ttl
+                )
+                db.execute(
+                    "UPDATE leases SET expires_at = ? WHERE instance = ? AND token = ?",
+                    (renewed.expires_at, lease.instance, lease.token),
+                )
+                return renewed
+
+        return await self._run(renew)
+
+    async def release(self, lease: Lease) -> None:
+        def release() -> None:
+            with self._write() as db:
+                db.execute(
+                    "DELETE FROM leases WHERE instance = ? AND token = ?",
+                    (lease.instance, lease.token),
+                )
+
+        await self._run(release)
+
+    async def holder(self, instance: str) -> Lease | None:
+        return await self._run(lambda: _lease_row(self._db, instance))
+
+    # ------------------------------------------------------------------ placement
+
+    async def placement(self, instance: str) -> Placement | None:
+        def read() -> Placement | None:
+            with _translated(self.path):
+                row = self._db.execute(
+                    "SELECT instance, node, token, updated_at FROM placement WHERE instance = ?",
+                    (instance,),
+                ).fetchone()
+            return Placement(*row) if row else None
+
+        return await self._run(read)
+
+    async def record_placement(self, lease: Lease, node: str) -> Placement:
+        def record() -> Placement:
+            with self._write() as db:
+                _prove(db, lease, self.path)
+                placement = Placement(lease.instance, node, lease.token, time.time())
+                db.execute(
+                    "INSERT OR REPLACE INTO placement VALUES (?, ?, ?, ?)",
+                    (placement.instance, node, lease.token, placement.updated_at),
+                )
+                return placement
+
+        return await self._run(record)
+
+    async def forget_placement(self, lease: Lease) -> None:
+        def forget() -> None:
+            with self._write() as db:
+                _prove(db, lease, self.path)
+                db.execute("DELETE FROM placement WHERE instance = ?", (lease.instance,))
+
+        await self._run(forget)
+
+    # -------------------------------------------------------------------- journal
+
+    async def begin(self, lease: Lease, phase: str, details: dict[str, Any]) -> JournalEntry:
+        def begin() -> JournalEntry:
+            now = time.time()
+            with self._write() as db:
+                _prove(db, lease, self.path)
+                cursor = db.execute(
+                    "INSERT INTO journal (instance, operation, controller, host, pid,"
+                    " pid_started, token, started_at, phase, details, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        lease.instance,
+                        lease.operation,
+                        *_owner_row(lease.owner),
+                        lease.token,
+                        now,
+                        phase,
+                        _json(details),
+                        now,
+                    ),
+                )
+                entry_id = cursor.lastrowid
+                assert entry_id is not None
+                return JournalEntry(
+                    entry_id,
+                    lease.instance,
+                    lease.operation,
+                    lease.owner,
+                    lease.token,
+                    now,
+                    phase,
+                    dict(details),
+                    now,
+                )
+
+        return await self._run(begin)
+
+    async def record_phase(
+        self, lease: Lease, entry: JournalEntry, phase: str, details: dict[str, Any]
+    ) -> JournalEntry:
+        def record() -> JournalEntry:
+            merged = {**entry.details, **details}
+            now = time.time()
+            with self._write() as db:
+                _prove(db, lease, self.path)
+                _update_open(
+                    db,
+                    entry,
+                    self.path,
+                    "phase = ?, details = ?, updated_at = ?",
+                    (phase, _json(merged), now),
+                )
+            return _replace(entry, phase=phase, details=merged, updated_at=now)
+
+        return await self._run(record)
+
+    async def finish(self, lease: Lease, entry: JournalEntry, outcome: str) -> JournalEntry:
+        def finish() -> JournalEntry:
+            now = time.time()
+            with self._write() as db:
+                _prove(db, lease, self.path)
+                _update_open(
+                    db,
+                    entry,
+                    self.path,
+                    "finished_at = ?, outcome = ?, updated_at = ?",
+                    (now, outcome, now),
+                )
+            return _replace(entry, finished_at=now, outcome=outcome, updated_at=now)
+
+        return await self._run(finish)
+
+    async def unfinished(self) -> list[JournalEntry]:
+        def read() -> list[JournalEntry]:
+            with _translated(self.path):
+                rows = self._db.execute(
+                    "SELECT * FROM journal WHERE finished_at IS NULL ORDER BY id"
+                ).fetchall()
+            return [_entry(row) for row in rows]
+
+        return await self._run(read)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    directory = Path(path).parent
+    if not directory.is_dir():
+        raise StoreError(f"the store's directory {directory} does not exist", path=path)
+    if os.statvfs(directory).f_flag & os.ST_RDONLY:
+        raise StoreError(
+            f"the store's file system ({directory}) is read-only: the store must be writable "
+            "before kvmflow acts on anything",
+            path=path,
+        )
+    existed = Path(path).exists()
+    with _translated(path):
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
+    try:
+        with _translated(path):
+            version = _schema_version(db, path) if existed else 0
+            if version > SCHEMA_VERSION:
+                raise StoreSchemaError(
+                    f"the store has schema version {version}, newer than this kvmflow "
+                    f"understands ({SCHEMA_VERSION}): upgrade kvmflow; the file was left as it is",
+                    path=path,
+                )
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for step in range(version + 1, SCHEMA_VERSION + 1):
+                    for statement in MIGRATIONS[step]:
+                        db.execute(statement)
+                db.execute(
+                    "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _schema_version(db: sqlite3.Connection, path: str) -> int:
+    """The schema version of an existing file (0: empty); refuses anything foreign."""
+    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if not tables:
+        return 0
+    if "meta" not in tables:
+        raise StoreSchemaError(
+            f"not a kvmflow store (tables: {', '.join(sorted(tables))}); it was left as it is",
+            path=path,
+        )
+    row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    if row is None or not str(row[0]).isdigit():
+        raise StoreSchemaError("the store has no valid schema version", path=path)
+    return int(row[0])
+
+
+@contextmanager
+def _translated(path: str) -> Iterator[None]:
+    """SQLite's failures become StoreError saying what was wrong with the file."""
+    try:
+        yield
+    except sqlite3.DatabaseError as exc:
+        text = str(exc)
+        if "not a database" in text or "malformed" in text:
+            reason = f"the file is corrupt or not a store ({text}); it was left as it is"
+        elif "readonly" in text or "read-only" in text:
+            reason = f"the store cannot be written ({text}): is its file system read-only?"
+        elif "full" in text:
+            reason = f"the store's disk is full ({text}); nothing was changed"
+        elif "unable to open" in text:
+            reason = (
+                f"the store cannot be opened ({text}): its directory must be writable, SQLite "
+                "keeps its -wal and -shm files beside it"
+            )
+        elif "locked" in text:
+            reason = f"another process holds the store too long ({text})"
+        else:
+            reason = text
+        raise StoreError(reason, path=path) from exc
+
+
+def _next_token(db: sqlite3.Connection) -> int:
+    db.execute("UPDATE meta SET value = value + 1 WHERE key = 'fencing_token'")
+    row = db.execute("SELECT value FROM meta WHERE key = 'fencing_token'").fetchone()
+    return int(row[0])
+
+
+def _owner_row(owner: Owner) -> tuple[str, str, int, float]:
+    return (owner.controller, owner.host, owner.pid, owner.pid_started)
+
+
+def _lease_row(db: sqlite3.Connection, instance: str) -> Lease | None:
+    row = db.execute(
+        "SELECT instance, controller, host, pid, pid_started, operation, token, expires_at"
+        " FROM leases WHERE instance = ?",
+        (instance,),
+    ).fetchone()
+    if row is None:
+        return None
+    return Lease(row[0], Owner(row[1], row[2], row[3], row[4]), row[5], row[6], row[7])
+
+
+def _prove(db: sqlite3.Connection, lease: Lease, path: str) -> None:
+    """Fencing: the lease must still be the instance's, with our token, and unexpired."""
+    held = _lease_row(db, lease.instance)
+    if held is None or held.token != lease.token:
+        now_held = f"now held by {held.owner} (token {held.token})" if held else "released"
+        raise LeaseLostError(
+            f"the lease on {lease.instance} (token {lease.token}) was lost: {now_held}; "
+            "nothing was written",
+            path=path,
+        )
+    if held.expires_at <= time.time():
+        raise LeaseLostError(
+            f"the lease on {lease.instance} (token {lease.token}) expired; nothing was written",
+            path=path,
+        )
+
+
+def _update_open(
+    db: sqlite3.Connection, entry: JournalEntry, path: str, columns: str, values: tuple[Any, ...]
+) -> None:
+    cursor = db.execute(
+        f"UPDATE journal SET {columns} WHERE id = ? AND finished_at IS NULL",
+        (*values, entry.id),
+    )
+    if cursor.rowcount != 1:
+        raise StoreError(f"journal entry {entry.id} is not open", path=path)
+
+
+def _busy_message(held: Lease, now: float, gone: bool) -> str:
+    if not gone:
+        state = f"its lease runs {held.expires_at - now:.0f} s more"
+    elif held.expires_at <= now:
+        state = (
+            f"its lease expired {now - held.expires_at:.0f} s ago; only recovery may take it over"
+        )
+    else:
+        state = "its owner process is gone; only recovery may take it over"
+    return (
+        f"instance {held.instance} is busy with {held.operation!r} by {held.owner} "
+        f"(token {held.token}): {state}"
+    )
+
+
+def _json(details: dict[str, Any]) -> str:
+    return json.dumps(details, sort_keys=True, default=str)
+
+
+def _entry(row: tuple[Any, ...]) -> JournalEntry:
+    (
+        entry_id,
+        instance,
+        operation,
+        controller,
+        host,
+        pid,
+        pid_started,
+        token,
+        started_at,
+        phase,
+        details,
+        updated_at,
+        finished_at,
+        outcome,
+    ) = row
+    return JournalEntry(
+        entry_id,
+        instance,
+        operation,
+        Owner(controller, host, pid, pid_started),
+        token,
+        started_at,
+        phase,
+        json.loads(details),
+        updated_at,
+        finished_at,
+        outcome,
+    )
+
+
+def _replace(entry: JournalEntry, **changes: Any) -> JournalEntry:
+    return dataclasses.replace(entry, **changes)
