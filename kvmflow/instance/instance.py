@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
 import anyio
 
 from kvmflow.errors import InstanceRunningError, KvmflowError, MisuseError
+from kvmflow.instance.guard import HeldOperation, OperationGuard
 from kvmflow.instance.machine import InstanceMachine
 from kvmflow.instance.states import InstanceEvent, InstanceState
 from kvmflow.kvm.hypervisor import InstanceInfo, KvmHypervisor
@@ -16,7 +21,9 @@ class Instance:
     """One instance bound to the hypervisor (node) it runs on.
 
     Lifecycle operations go through the state machine and take the instance's single
-    operation slot, so two operations never interleave.
+    operation slot, so two operations never interleave. With a ``guard`` they also hold the
+    instance's lease in the store of record (refused when any process sharing the store
+    operates on it), journal their intent and outcome, and record the placement.
     """
 
     def __init__(
@@ -24,10 +31,13 @@ class Instance:
         spec: InstanceSpec,
         hypervisor: KvmHypervisor,
         state: InstanceState = InstanceState.DEFINED,
+        *,
+        guard: OperationGuard | None = None,
     ) -> None:
         self.spec = spec
         self.hypervisor = hypervisor
         self.machine = InstanceMachine(spec.name, hypervisor.node.name, state)
+        self.guard = guard
 
     @property
     def name(self) -> str:
@@ -51,8 +61,31 @@ class Instance:
             await instance.refresh()  # it may be paused
         return instance
 
+    @contextlib.asynccontextmanager
+    async def operation(
+        self, name: str, details: dict[str, Any] | None = None, *, take_over: bool = False
+    ) -> AsyncIterator[HeldOperation | None]:
+        """Own the instance for one operation: its in-process slot and, with a guard, its
+        lease in the store (the held operation journals and places; None without a guard).
+        ``take_over`` is for recovery: it replaces a lease whose owner is gone."""
+        async with self.machine.operation_scope(name):
+            if self.guard is None:
+                yield None
+                return
+            async with self.guard.hold(
+                self.name, name, {"node": self.node_name, **(details or {})}, take_over=take_over
+            ) as held:
+                yield held
+
     async def start(self) -> InstanceInfo:
-        async with self.machine.operation_scope("start"):
+        async with self.operation("start") as held:
+            if held is not None:
+                placed = await held.store.placement(self.name)
+                if placed is not None and placed.node != self.node_name:
+                    raise InstanceRunningError(
+                        f"instance {self.name} runs on {placed.node} by the store's record "
+                        f"(token {placed.token}); it is not started again on {self.node_name}"
+                    )
             self.machine.fire(InstanceEvent.START)
             try:
                 info = await self.hypervisor.start(self.spec)
@@ -60,10 +93,12 @@ class Instance:
                 self.machine.fire(InstanceEvent.START_FAILED)
                 raise
             self.machine.fire(InstanceEvent.STARTED)
+            if held is not None:
+                await held.place(self.node_name)
             return info
 
     async def stop(self, *, force: bool = False, timeout: float = 30.0) -> None:
-        async with self.machine.operation_scope("stop"):
+        async with self.operation("stop") as held:
             was_paused = self.machine.state is InstanceState.PAUSED
             self.machine.fire(InstanceEvent.STOP)
             try:
@@ -75,6 +110,8 @@ class Instance:
                     still_running = await self.hypervisor.is_running(self.name)
                 if not still_running:
                     self.machine.fire(InstanceEvent.STOPPED)
+                    if held is not None:
+                        await held.place(None)
                 elif was_paused:
                     self.machine.fire(InstanceEvent.STOP_FAILED_PAUSED)
                 else:
@@ -90,7 +127,7 @@ class Instance:
 
     async def _set_running(self, running: bool) -> None:
         event = InstanceEvent.RESUME if running else InstanceEvent.PAUSE
-        async with self.machine.operation_scope(event.value):
+        async with self.operation(event.value):
             if not self.machine.can(event):
                 raise MisuseError(
                     f"instance {self.name} is {self.machine.state.value}; "
@@ -128,7 +165,7 @@ class Instance:
     async def recover(self) -> None:
         """After a failure (``failed``): once no process of the instance is left on its
         node, clean up what the failure left there and mark it stopped."""
-        async with self.machine.operation_scope("recover"):
+        async with self.operation("recover", take_over=True):
             if self.machine.state is not InstanceState.FAILED:
                 raise MisuseError(
                     f"instance {self.name} is {self.machine.state.value}; only a failed "

@@ -102,9 +102,25 @@ async def migrate(
     run = _Migration(
         instance, target, target_address, port, live, policy, on_progress, on_phase, source_uri
     )
+    details = {"source": instance.node_name, "target": target.node.name, "live": live}
     try:
-        async with instance.machine.operation_scope("migrate"):
-            return await run.execute(source_qmp, source_monitor)
+        async with instance.operation("migrate", details) as held:
+            if held is None:
+                return await run.execute(source_qmp, source_monitor)
+            # The store's journal sees every phase before it is taken (write-ahead).
+            run.phases.add_listener(
+                lambda change: held.phase(change.after.value, {"step": change.event.value})
+            )
+            try:
+                result = await run.execute(source_qmp, source_monitor)
+            except MigrationError as error:
+                held.outcome = str(error.outcome or "not-started")
+                if error.runs_on == target.node.name:  # moved, though not finished
+                    await held.place(target.node.name)
+                raise
+            held.outcome = "moved"
+            await held.place(target.node.name)
+            return result
     finally:
         if isinstance(on_progress, BoundedFeed):
             on_progress.close()

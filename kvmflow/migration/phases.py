@@ -141,7 +141,7 @@ class PhaseTracker:
         self.instance, self.source, self.target = instance, source, target
         self.phase = MigrationPhase.CHECKING
         self.history: list[PhaseChange] = []
-        self._listener = listener
+        self._listeners = [listener] if listener is not None else []
         self._log = structlog.get_logger("kvmflow.migration").bind(
             instance=instance, source=source, target=target
         )
@@ -155,9 +155,9 @@ class PhaseTracker:
         change = PhaseChange(
             self.instance, self.source, self.target, self.phase, event, after, time.time()
         )
-        if self._listener is not None:  # write-ahead: a step its listener refused is not taken
+        for listener in self._listeners:  # write-ahead: a refused step is not taken
             try:
-                outcome = self._listener(change)
+                outcome = listener(change)
                 if inspect.isawaitable(outcome):
                     await outcome
             except Exception as exc:
@@ -172,6 +172,10 @@ class PhaseTracker:
             "migration phase", before=change.before.value, step=event.value, after=after.value
         )
         return after
+
+    def add_listener(self, listener: PhaseListener) -> None:
+        """Tell ``listener`` too, and first (a journal records a step before others act)."""
+        self._listeners.insert(0, listener)
 
     @property
     def undoable(self) -> bool:

@@ -266,6 +266,17 @@ class SQLiteStore:
 
         return await self._run(read)
 
+    async def history(self, instance: str, limit: int = 20) -> list[JournalEntry]:
+        def read() -> list[JournalEntry]:
+            with _translated(self.path):
+                rows = self._db.execute(
+                    "SELECT * FROM journal WHERE instance = ? ORDER BY id DESC LIMIT ?",
+                    (instance, limit),
+                ).fetchall()
+            return [_entry(row) for row in reversed(rows)]
+
+        return await self._run(read)
+
 
 # ----------------------------------------------------------------------------- helpers
 

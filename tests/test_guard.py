@@ -1,0 +1,162 @@
+"""Instance operations held by leases in a shared store, against real QEMU and a real
+second process: refusals that name the owner, placement that follows the guest, and the
+journal of a migration phase by phase."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from kvmflow.errors import InstanceBusyError, InstanceRunningError, LeaseLostError
+from kvmflow.instance import Instance, InstanceState
+from kvmflow.instance.guard import OperationGuard
+from kvmflow.kvm import HvParams, InstanceSpec, KvmHypervisor
+from kvmflow.migration import MigrationPolicy, migrate
+from kvmflow.store import Owner, SQLiteStore
+
+pytestmark = pytest.mark.anyio
+
+FAST = MigrationPolicy.fixed(bandwidth_mib=1000, downtime_ms=300, poll_interval=0.2)
+
+HOLDER = """
+import sys, anyio
+from kvmflow.store import Owner, SQLiteStore
+
+async def main() -> None:
+    async with await SQLiteStore.open(sys.argv[1]) as store:
+        await store.acquire(sys.argv[2], Owner.this_process("other-shell"), "reboot", 60)
+        print("held", flush=True)
+        await anyio.to_thread.run_sync(sys.stdin.read)
+
+anyio.run(main)
+"""
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    async with await SQLiteStore.open(tmp_path / "store.sqlite") as opened:
+        yield opened
+
+
+def spec(name: str) -> InstanceSpec:
+    return InstanceSpec(name, memory_mib=64, hvparams=HvParams(migration_port=0))
+
+
+async def test_an_operation_from_another_process_refuses_ours_and_nothing_starts(
+    nodes: tuple[KvmHypervisor, KvmHypervisor], store: SQLiteStore
+) -> None:
+    source, _ = nodes
+    guard = OperationGuard(store, Owner.this_process("ctl-1"))
+    instance = Instance(spec("g-race"), source, guard=guard)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, store.path, "g-race"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(InstanceBusyError, match=r"busy with 'reboot' by other-shell \(pid"):
+            await instance.start()
+        assert not await source.is_running("g-race")
+        assert instance.machine.state is InstanceState.DEFINED  # nothing was even tried
+        assert instance.machine.operation is None
+    finally:
+        holder.kill()
+        holder.wait(10)
+
+
+async def test_placement_follows_the_guest_and_blocks_a_second_copy(
+    nodes: tuple[KvmHypervisor, KvmHypervisor], store: SQLiteStore
+) -> None:
+    source, target = nodes
+    guard = OperationGuard(store, Owner.this_process("ctl-1"))
+    instance = Instance(spec("g-place"), source, guard=guard)
+    await instance.start()
+    placed = await store.placement("g-place")
+    assert placed is not None
+    assert placed.node == "node-a"
+    await migrate(instance, target, target_address="127.0.0.1", policy=FAST)
+    placed = await store.placement("g-place")
+    assert placed is not None
+    assert placed.node == "node-b"
+    # A later shell that still thinks the instance lives where its config says: refused.
+    stale = Instance(spec("g-place"), source, guard=OperationGuard(store, Owner.this_process()))
+    with pytest.raises(InstanceRunningError, match="runs on node-b by the store's record"):
+        await stale.start()
+    assert not await source.is_running("g-place")
+    await instance.stop(force=True)
+    assert await store.placement("g-place") is None
+    await stale.start()  # stopped everywhere: a start on node-a is fine again
+    await stale.stop(force=True)
+    assert await store.unfinished() == []
+    assert await store.holder("g-place") is None  # every lease was given back
+
+
+async def test_the_journal_holds_each_migration_phase_and_its_outcome(
+    nodes: tuple[KvmHypervisor, KvmHypervisor], store: SQLiteStore
+) -> None:
+    source, target = nodes
+    instance = Instance(
+        spec("g-journal"), source, guard=OperationGuard(store, Owner.this_process())
+    )
+    await instance.start()
+    seen_open: list[str] = []
+
+    async def while_running(change: object) -> None:
+        # The journal has the step before the user's listener hears of it.
+        (entry,) = await store.unfinished()
+        seen_open.append(entry.phase)
+
+    await migrate(instance, target, target_address="127.0.0.1", policy=FAST, on_phase=while_running)
+    *_, journaled = await store.history("g-journal")
+    assert (journaled.operation, journaled.outcome) == ("migrate", "moved")
+    assert journaled.details["source"] == "node-a"
+    assert journaled.details["target"] == "node-b"
+    assert journaled.phase == "done"
+    assert seen_open == [
+        "target-starting",
+        "target-listening",
+        "streaming",
+        "completed-on-source",
+        "switched-over",
+        "done",
+    ]
+    await instance.stop(force=True)
+
+
+async def test_an_operation_that_loses_its_lease_is_stopped(
+    nodes: tuple[KvmHypervisor, KvmHypervisor], store: SQLiteStore
+) -> None:
+    source, _ = nodes
+    guard = OperationGuard(store, Owner.this_process("ctl-1"), ttl=0.3)
+    instance = Instance(spec("g-lost"), source, guard=guard)
+    finished: list[str] = []
+
+    async def operation_whose_lease_is_taken() -> None:
+        async with instance.operation("reboot") as held:
+            assert held is not None
+            # Another controller's recovery takes the lease over (its owner looked gone).
+            await store.release(held.lease)
+            await store.acquire("g-lost", Owner.this_process("recovery"), "recover", 60)
+            await anyio.sleep(5)  # cancelled at the next renewal, long before this ends
+            finished.append("body")
+
+    with pytest.raises(LeaseLostError, match="was lost: now held by recovery"):
+        await operation_whose_lease_is_taken()
+    assert finished == []  # the body sent nothing more
+    assert instance.machine.operation is None
+    holder = await store.holder("g-lost")
+    assert holder is not None
+    assert holder.owner.controller == "recovery"  # the new owner's lease is untouched
