@@ -98,6 +98,13 @@ class SQLiteStore:
                 raise
             db.execute("COMMIT")
 
+    @contextmanager
+    def _fenced(self, lease: Lease) -> Iterator[sqlite3.Connection]:
+        """A write transaction that first proves ``lease`` still holds (fencing)."""
+        with self._write() as db:
+            _prove(db, lease, self.path)
+            yield db
+
     # --------------------------------------------------------------------- leases
 
     async def acquire(
@@ -123,8 +130,7 @@ class SQLiteStore:
 
     async def renew(self, lease: Lease, ttl: float) -> Lease:
         def renew() -> Lease:
-            with self._write() as db:
-                _prove(db, lease, self.path)
+            with self._fenced(lease) as db:
                 renewed = Lease(
                     lease.instance, lease.owner, lease.operation, lease.token, time.time() + ttl
                 )
@@ -164,8 +170,7 @@ class SQLiteStore:
 
     async def record_placement(self, lease: Lease, node: str) -> Placement:
         def record() -> Placement:
-            with self._write() as db:
-                _prove(db, lease, self.path)
+            with self._fenced(lease) as db:
                 placement = Placement(lease.instance, node, lease.token, time.time())
                 db.execute(
                     "INSERT OR REPLACE INTO placement VALUES (?, ?, ?, ?)",
@@ -177,8 +182,7 @@ class SQLiteStore:
 
     async def forget_placement(self, lease: Lease) -> None:
         def forget() -> None:
-            with self._write() as db:
-                _prove(db, lease, self.path)
+            with self._fenced(lease) as db:
                 db.execute("DELETE FROM placement WHERE instance = ?", (lease.instance,))
 
         await self._run(forget)
@@ -188,8 +192,7 @@ class SQLiteStore:
     async def begin(self, lease: Lease, phase: str, details: dict[str, Any]) -> JournalEntry:
         def begin() -> JournalEntry:
             now = time.time()
-            with self._write() as db:
-                _prove(db, lease, self.path)
+            with self._fenced(lease) as db:
                 cursor = db.execute(
                     "INSERT INTO journal (instance, operation, controller, host, pid,"
                     " pid_started, token, started_at, phase, details, updated_at)"
@@ -227,8 +230,7 @@ class SQLiteStore:
         def record() -> JournalEntry:
             merged = {**entry.details, **details}
             now = time.time()
-            with self._write() as db:
-                _prove(db, lease, self.path)
+            with self._fenced(lease) as db:
                 _update_open(
                     db,
                     entry,
@@ -243,8 +245,7 @@ class SQLiteStore:
     async def finish(self, lease: Lease, entry: JournalEntry, outcome: str) -> JournalEntry:
         def finish() -> JournalEntry:
             now = time.time()
-            with self._write() as db:
-                _prove(db, lease, self.path)
+            with self._fenced(lease) as db:
                 _update_open(
                     db,
                     entry,
