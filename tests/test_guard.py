@@ -160,3 +160,25 @@ async def test_an_operation_that_loses_its_lease_is_stopped(
     holder = await store.holder("g-lost")
     assert holder is not None
     assert holder.owner.controller == "recovery"  # the new owner's lease is untouched
+
+
+async def test_the_engine_drives_its_instances_under_leases(
+    runtime_root: Path, store: SQLiteStore
+) -> None:
+    from kvmflow.engine import Engine
+    from kvmflow.testing import local_nodes
+
+    entries = local_nodes(runtime_root, "node-a", "node-b")
+    guard = OperationGuard(store, Owner.this_process("engine-1"))
+    async with Engine(entries, default_policy=FAST, guard=guard) as engine:
+        instance = engine.add_instance(Instance(spec("g-engine"), entries[0].hypervisor))
+        assert instance.guard is guard
+        await instance.start()
+        await engine.submit_migration("g-engine", "node-b").wait()
+        placed = await store.placement("g-engine")
+        assert placed is not None
+        assert placed.node == "node-b"
+        *_, journaled = await store.history("g-engine")
+        assert (journaled.operation, journaled.outcome) == ("migrate", "moved")
+        await instance.stop(force=True)
+    assert await store.unfinished() == []

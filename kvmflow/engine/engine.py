@@ -44,6 +44,7 @@ from kvmflow.engine.scheduling import link_share, pick_next
 from kvmflow.engine.tickets import Limits, MigrationTicket, TicketState
 from kvmflow.errors import KvmflowError, MisuseError
 from kvmflow.feed import BoundedFeed
+from kvmflow.instance.guard import OperationGuard
 from kvmflow.instance.instance import Instance
 from kvmflow.kvm.hypervisor import KvmHypervisor
 from kvmflow.migration.errors import MigrationError
@@ -91,7 +92,8 @@ class Engine:
 
     ``close_nodes=True`` makes the engine the owner of its nodes: leaving its ``async with``
     block closes them (their SSH connections), as the CLI wants; by default whoever made
-    the nodes closes them."""
+    the nodes closes them. With a ``guard``, every instance added (that has none of its own)
+    operates under leases in the store of record (see :mod:`kvmflow.instance.guard`)."""
 
     def __init__(
         self,
@@ -101,6 +103,7 @@ class Engine:
         default_policy: MigrationPolicy | None = None,
         event_buffer: int = 10_000,
         close_nodes: bool = False,
+        guard: OperationGuard | None = None,
     ) -> None:
         entries = nodes.values() if isinstance(nodes, dict) else nodes
         self.nodes = {entry.name: entry for entry in entries}
@@ -117,6 +120,7 @@ class Engine:
         self._counts = Counter[str]()
         self._bytes_moved = 0
         self._close_nodes = close_nodes  # the engine owns its nodes: it closes them on exit
+        self.guard = guard  # leases in the store of record for the instances added here
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -162,6 +166,8 @@ class Engine:
     def add_instance(self, instance: Instance) -> Instance:
         if instance.node_name not in self.nodes:
             raise MisuseError(f"instance {instance.name} is on unknown node {instance.node_name!r}")
+        if instance.guard is None:
+            instance.guard = self.guard
         self.instances[instance.name] = instance
         return instance
 
