@@ -480,6 +480,8 @@ class _Migration:
                     finding = Finding.UNDO_FAILED
                 elif not await self.src.is_running():
                     finding = Finding.SOURCE_DIED
+                elif phase is Phase.STREAMING and reachable:
+                    await self.src.settle(self.was_running)
         if scope.cancelled_caught:
             finding = Finding.UNDO_FAILED
         elif completed is not None:

@@ -118,6 +118,25 @@ class MigrationSource:
         )
         return None
 
+    async def settle(self, was_running: bool) -> None:
+        """After a failed or cancelled stream QEMU restarts the vCPUs itself, a moment after
+        it reports the end (the source sits in finish-migrate meanwhile): wait for that
+        (bounded), and resume a guest that was running if QEMU left it stopped. Safe: the
+        stream did not complete, so the target never ran the guest."""
+        try:
+            status = await query_status(self.monitor, timeout=10)
+            with anyio.move_on_after(FINAL_FIGURES_SECONDS):
+                while status.state is RunState.FINISH_MIGRATE:
+                    await anyio.sleep(0.01)  # a run state can only be polled
+                    status = await query_status(self.monitor, timeout=10)
+            if was_running and not status.running:
+                self._log.warning(
+                    "source left stopped after the abort; resuming", state=status.state.value
+                )
+                await self.monitor.execute("cont", timeout=10)
+        except KvmflowError as exc:
+            self._log.error("source state after the abort unknown", error=str(exc))
+
     async def final_figures(self, final: MigrationSnapshot) -> MigrationSnapshot:
         """QEMU reports ``completed`` a moment before it fills in the total time and the
         downtime: ask again (bounded) so that the result never shows a 0 it did not mean."""
