@@ -19,7 +19,7 @@ from kvmflow.migration.policy import MigrationPolicy
 from kvmflow.migration.status import MigrationSnapshot, MigrationStatus
 from kvmflow.migration.watch import query_migration
 from kvmflow.monitor.events import EventSubscription
-from kvmflow.monitor.queries import CommandRunner, RunState, query_status
+from kvmflow.monitor.queries import CommandRunner, RunState, Status, query_status
 
 _log = structlog.get_logger("kvmflow.migration")
 
@@ -118,17 +118,23 @@ class MigrationSource:
         )
         return None
 
+    async def _settled_status(self) -> Status:
+        """QEMU's run state once it has left finish-migrate, the transient state at the end
+        of a stream (bounded: after the wait, whatever it says then)."""
+        status = await query_status(self.monitor, timeout=10)
+        with anyio.move_on_after(FINAL_FIGURES_SECONDS):
+            while status.state is RunState.FINISH_MIGRATE:
+                await anyio.sleep(0.01)  # a run state can only be polled
+                status = await query_status(self.monitor, timeout=10)
+        return status
+
     async def settle(self, was_running: bool) -> None:
         """After a failed or cancelled stream QEMU restarts the vCPUs itself, a moment after
         it reports the end (the source sits in finish-migrate meanwhile): wait for that
         (bounded), and resume a guest that was running if QEMU left it stopped. Safe: the
         stream did not complete, so the target never ran the guest."""
         try:
-            status = await query_status(self.monitor, timeout=10)
-            with anyio.move_on_after(FINAL_FIGURES_SECONDS):
-                while status.state is RunState.FINISH_MIGRATE:
-                    await anyio.sleep(0.01)  # a run state can only be polled
-                    status = await query_status(self.monitor, timeout=10)
+            status = await self._settled_status()
             if was_running and not status.running:
                 self._log.warning(
                     "source left stopped after the abort; resuming", state=status.state.value
@@ -159,13 +165,8 @@ class MigrationSource:
         run state it was in. Raises if the process cannot be ended."""
         state: str | None = None
         try:
-            # QEMU passes through finish-migrate on its way to postmigrate; report where it
-            # settles (bounded: the quit below does not depend on it).
-            status = await query_status(self.monitor, timeout=10)
-            with anyio.move_on_after(FINAL_FIGURES_SECONDS):
-                while status.state is RunState.FINISH_MIGRATE:
-                    await anyio.sleep(0.01)  # a run state can only be polled
-                    status = await query_status(self.monitor, timeout=10)
+            # Report where it settles (postmigrate), not the finish-migrate it passes through.
+            status = await self._settled_status()
             state = status.state.value
             await self.monitor.execute("quit", timeout=10)
         except KvmflowError as exc:
