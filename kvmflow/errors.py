@@ -193,6 +193,28 @@ class LeaseLostError(StoreError):
     """Our lease on an instance expired or was taken over: we must not act on it any more."""
 
 
+class NothingToAbortError(MisuseError):
+    """An abort was asked for an instance that no operation holds."""
+
+
+class OperationAbortedError(KvmflowError):
+    """The operation was cancelled on request (``kvmflow abort`` from another shell) and
+    cleaned up as for a cancel; ``requested_by`` says who asked."""
+
+    def __init__(self, message: str, *, requested_by: str) -> None:
+        self.requested_by = requested_by
+        super().__init__(message)
+
+
+class RecoveryError(KvmflowError):
+    """Recovery found something it must not touch (both copies may have run, an owner
+    still alive) or could not finish; ``reports`` says what it found, instance by instance."""
+
+    def __init__(self, message: str, *, reports: object = None) -> None:
+        self.reports = reports
+        super().__init__(message)
+
+
 # ---------------------------------------------------------------------- nodes and QEMU
 
 

@@ -40,8 +40,10 @@ from kvmflow.engine.events import (
     PolicyActionTaken,
     Statistics,
 )
+from kvmflow.engine.recovery import Recovery
 from kvmflow.engine.scheduling import link_share, pick_next
 from kvmflow.engine.tickets import Limits, MigrationTicket, TicketState
+from kvmflow.engine.verdicts import RecoveryReport
 from kvmflow.errors import KvmflowError, MisuseError
 from kvmflow.feed import BoundedFeed
 from kvmflow.instance.guard import OperationGuard
@@ -93,7 +95,8 @@ class Engine:
     ``close_nodes=True`` makes the engine the owner of its nodes: leaving its ``async with``
     block closes them (their SSH connections), as the CLI wants; by default whoever made
     the nodes closes them. With a ``guard``, every instance added (that has none of its own)
-    operates under leases in the store of record (see :mod:`kvmflow.instance.guard`)."""
+    operates under leases in the store of record (see :mod:`kvmflow.instance.guard`), and
+    entering the engine first runs :meth:`recover` (unless ``recover_on_enter=False``)."""
 
     def __init__(
         self,
@@ -104,6 +107,7 @@ class Engine:
         event_buffer: int = 10_000,
         close_nodes: bool = False,
         guard: OperationGuard | None = None,
+        recover_on_enter: bool = True,
     ) -> None:
         entries = nodes.values() if isinstance(nodes, dict) else nodes
         self.nodes = {entry.name: entry for entry in entries}
@@ -121,6 +125,8 @@ class Engine:
         self._bytes_moved = 0
         self._close_nodes = close_nodes  # the engine owns its nodes: it closes them on exit
         self.guard = guard  # leases in the store of record for the instances added here
+        self.recover_on_enter = recover_on_enter and guard is not None
+        self.recovered: list[RecoveryReport] = []  # what the recovery on entering found
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -129,7 +135,26 @@ class Engine:
         await self._task_group.__aenter__()
         self._wakeup = anyio.Event()
         self._task_group.start_soon(self._dispatch, name="kvmflow-engine-dispatcher")
+        if self.recover_on_enter:
+            try:
+                self.recovered = await self.recover()
+            except BaseException as exc:
+                await self.__aexit__(type(exc), exc, exc.__traceback__)
+                raise
         return self
+
+    async def recover(
+        self, *, abort: bool = False, dry_run: bool = False, clean_orphans: bool = False
+    ) -> list[RecoveryReport]:
+        """Reconcile the store's unfinished operations and every node's QEMUs, per phase
+        (see :mod:`kvmflow.engine.recovery`); needs a ``guard``."""
+        if self.guard is None:
+            raise MisuseError("recovery needs the store of record: make the engine with guard=")
+        hypervisors = {name: entry.hypervisor for name, entry in self.nodes.items()}
+        recovery = Recovery(
+            hypervisors, self.guard, abort=abort, dry_run=dry_run, clean_orphans=clean_orphans
+        )
+        return await recovery.run()
 
     async def __aexit__(
         self,

@@ -3,16 +3,24 @@ store sees who acts on an instance, and a second one is refused.
 
 ``async with guard.hold(name, "migrate", details) as held:`` takes the instance's lease
 (refused at once with :class:`~kvmflow.errors.InstanceBusyError` naming the owner), opens
-a journal entry, renews the lease in the background at a third of its time to live, and at
-the end closes the entry with its outcome and releases the lease, shielded. If the lease is
-lost while the body runs (the store says another owner took it over), the body is
-cancelled and :class:`~kvmflow.errors.LeaseLostError` is raised: a controller that lost its
-lease must not send another command.
+a journal entry, and at the end closes the entry with its outcome and releases the lease,
+shielded. Beside the body a keeper task:
+
+- renews the lease at a third of its time to live. If the lease is lost (the store says
+  another owner took it over), the body is cancelled and
+  :class:`~kvmflow.errors.LeaseLostError` is raised: a controller that lost its lease must
+  not send another command;
+- looks for a cancel request (``kvmflow abort`` from any shell) every
+  :data:`CANCEL_POLL_SECONDS`; one cancels the body, which cleans up as for Ctrl-C, and
+  :class:`~kvmflow.errors.OperationAbortedError` is raised;
+- writes the body's latest progress (:meth:`HeldOperation.report`) at most once per
+  :data:`PROGRESS_EVERY_SECONDS`, so that other shells can show it without asking QEMU.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,10 +29,15 @@ import anyio
 import structlog
 
 from kvmflow._taskgroups import exit_task_group
-from kvmflow.errors import KvmflowError, LeaseLostError
+from kvmflow.errors import KvmflowError, LeaseLostError, OperationAbortedError
 from kvmflow.store.base import JournalEntry, Lease, Owner, Placement, Store
 
 _log = structlog.get_logger("kvmflow.instance")
+
+#: How often the keeper looks for a cancel request: an abort takes effect within this.
+CANCEL_POLL_SECONDS = 0.5
+#: The owner's progress reaches the store at most this often.
+PROGRESS_EVERY_SECONDS = 1.0
 
 
 @dataclass
@@ -36,6 +49,13 @@ class HeldOperation:
     entry: JournalEntry
     outcome: str = "done"
     lost: LeaseLostError | None = field(default=None)
+    aborted: OperationAbortedError | None = field(default=None)
+    keep_open: bool = False  # recovery: leave the entry open and the lease in place
+    _progress: dict[str, Any] | None = field(default=None, repr=False)
+
+    def report(self, progress: dict[str, Any]) -> None:
+        """Keep ``progress`` as the latest; the keeper writes it at a bounded rate."""
+        self._progress = progress
 
     async def phase(self, phase: str, details: dict[str, Any] | None = None) -> None:
         self.entry = await self.store.record_phase(self.lease, self.entry, phase, details or {})
@@ -74,21 +94,44 @@ class OperationGuard:
             with anyio.CancelScope(shield=True):
                 await self.store.release(lease)
             raise
-        held = HeldOperation(self.store, lease, entry)
+        async with self._kept(HeldOperation(self.store, lease, entry)) as held:
+            yield held
+
+    @contextlib.asynccontextmanager
+    async def resume(self, entry: JournalEntry) -> AsyncIterator[HeldOperation]:
+        """Recovery's hold: take over the lease of an entry whose owner is gone and carry
+        on with that entry (its phases go on; it is closed with the outcome at the end).
+        ``held.keep_open = True`` leaves the entry open and the lease in place (for the
+        operator: something recovery must not touch)."""
+        lease = await self.store.acquire(
+            entry.instance, self.owner, entry.operation, self.ttl, take_over=True
+        )
+        async with self._kept(HeldOperation(self.store, lease, entry)) as held:
+            yield held
+
+    @contextlib.asynccontextmanager
+    async def _kept(self, held: HeldOperation) -> AsyncIterator[HeldOperation]:
+        """Run the body with the keeper beside it; close the entry and release the lease."""
         # The renewer runs beside the body in a task group entered by hand, so that the
         # body's own exception reaches the caller as it is (not in an ExceptionGroup).
         renewer = anyio.create_task_group()
         await renewer.__aenter__()
-        renewer.start_soon(self._renew, held, renewer.cancel_scope)
+        renewer.start_soon(self._keep, held, renewer.cancel_scope)
         try:
             try:
                 yield held
             except BaseException as exc:
-                held.outcome = f"failed: {exc!r}" if held.outcome == "done" else held.outcome
+                if held.aborted is not None:
+                    held.outcome = f"aborted: requested by {held.aborted.requested_by}"
+                elif held.outcome == "done":
+                    held.outcome = f"failed: {exc!r}"
                 renewer.cancel_scope.cancel()
                 absorbed = await exit_task_group(renewer, type(exc), exc, exc.__traceback__)
+                # The keeper cancelled the body: say why.
                 if held.lost is not None:
-                    raise held.lost from None  # the renewer cancelled the body: say why
+                    raise held.lost from None
+                if held.aborted is not None and isinstance(exc, anyio.get_cancelled_exc_class()):
+                    raise held.aborted from None
                 if not absorbed:
                     raise
             else:
@@ -100,20 +143,48 @@ class OperationGuard:
         if held.lost is not None:
             raise held.lost
 
-    async def _renew(self, held: HeldOperation, body: anyio.CancelScope) -> None:
+    async def _keep(self, held: HeldOperation, body: anyio.CancelScope) -> None:
+        """Renew the lease, watch for a cancel request, write progress (see the module)."""
+        poll = min(self.ttl / 3, CANCEL_POLL_SECONDS)
+        renewed = written = time.monotonic()
         while True:
-            await anyio.sleep(self.ttl / 3)
+            await anyio.sleep(poll)
+            now = time.monotonic()
             try:
-                held.lease = await self.store.renew(held.lease, self.ttl)
+                if now - renewed >= self.ttl / 3:
+                    held.lease, renewed = await self.store.renew(held.lease, self.ttl), now
+                requester = await self.store.cancel_requested(held.lease)
+                if held._progress is not None and now - written >= PROGRESS_EVERY_SECONDS:
+                    progress, held._progress = held._progress, None
+                    await self.store.record_progress(held.lease, held.entry, progress)
+                    written = now
             except LeaseLostError as exc:
                 _log.error("lease lost; stopping the operation", instance=held.lease.instance)
                 held.lost = exc
+                body.cancel()
+                return
+            except KvmflowError as exc:  # the store hiccuped: the next round tries again
+                _log.warning("lease keeper could not reach the store", error=str(exc))
+                continue
+            if requester is not None:
+                _log.warning(
+                    "cancel requested through the store",
+                    instance=held.lease.instance,
+                    requested_by=requester,
+                )
+                held.aborted = OperationAbortedError(
+                    f"{held.lease.operation} of {held.lease.instance} was aborted on request "
+                    f"by {requester}; it was cleaned up as for a cancel",
+                    requested_by=requester,
+                )
                 body.cancel()
                 return
 
     async def _close(self, held: HeldOperation) -> None:
         if held.lost is not None:
             return  # not ours any more: the new owner (recovery) closes the entry
+        if held.keep_open:
+            return  # left for the operator; the lease (soon stale) still blocks others
         try:
             await self.store.finish(held.lease, held.entry, held.outcome)
             await self.store.release(held.lease)

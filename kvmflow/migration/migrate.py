@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Literal
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
 
 import anyio
 import structlog
@@ -44,6 +45,7 @@ from kvmflow.migration.hmp_monitor import HmpMigrationMonitor
 from kvmflow.migration.outcome import INFO, Finding, Outcome, Side, outcome_error, outcome_of
 from kvmflow.migration.phases import (
     MigrationPhase,
+    PhaseChange,
     PhaseEvent,
     PhaseListener,
     PhaseTracker,
@@ -99,18 +101,26 @@ async def migrate(
     if not 0 <= port <= 65535:
         raise MisuseError(f"port {port} is not a TCP port: use 1 to 65535, or 0 for any free one")
     policy = policy or MigrationPolicy.from_hvparams(spec.hvparams)
-    run = _Migration(
+    run = Migration(
         instance, target, target_address, port, live, policy, on_progress, on_phase, source_uri
     )
-    details = {"source": instance.node_name, "target": target.node.name, "live": live}
+    deadline = policy.deadline_seconds(spec.memory_mib)
+    details = {
+        "source": instance.node_name,
+        "target": target.node.name,
+        "live": live,
+        "address": target_address,
+        "port": port,
+        "policy": policy.as_record(),
+        "deadline_at": time.time() + deadline if deadline is not None else None,
+    }
     try:
         async with instance.operation("migrate", details) as held:
             if held is None:
                 return await run.execute(source_qmp, source_monitor)
-            # The store's journal sees every phase before it is taken (write-ahead).
-            run.phases.add_listener(
-                lambda change: held.phase(change.after.value, {"step": change.event.value})
-            )
+            run.phases.add_listener(lambda change: held.phase(*run.journal_step(change)))
+            run.journal = lambda facts: held.phase(run.phases.phase.value, facts)
+            run.report_to = held.report
             try:
                 result = await run.execute(source_qmp, source_monitor)
             except MigrationError as error:
@@ -126,7 +136,7 @@ async def migrate(
             on_progress.close()
 
 
-class _Migration:
+class Migration:
     """One migration attempt: its phase, its undo steps and what it reports."""
 
     def __init__(
@@ -161,9 +171,25 @@ class _Migration:
         self._target: MigrationTarget | None = None
         self._source: MigrationSource | None = None
         self._actions: PolicyActions | None = None
+        # With a store: the journal (facts written before acting) and the progress sink.
+        self.journal: Callable[[dict[str, Any]], Awaitable[None]] | None = None
+        self.report_to: Callable[[dict[str, Any]], None] | None = None
         self.log = _log.bind(
             instance=self.name, source=self.source.node.name, target=target.node.name
         )
+
+    def journal_step(self, change: PhaseChange) -> tuple[str, dict[str, Any]]:
+        """What the journal records for a phase step, before it is taken: the phase, and
+        at the stream what recovery needs to find and judge both QEMUs."""
+        facts: dict[str, Any] = {"step": change.event.value, "from": change.before.value}
+        if change.event is Step.STREAM:
+            facts |= {
+                "uri": self.source_uri,
+                "port": self.target.port,
+                "was_running": self.was_running,
+                "paused_by_us": self.src.paused_at is not None,
+            }
+        return change.after.value, facts
 
     @property
     def target(self) -> MigrationTarget:
@@ -220,17 +246,7 @@ class _Migration:
         # The resources stack (the target's monitor connection) closes on every path; the
         # undo stack is unwound by an abort or dropped at the switch-over.
         async with contextlib.AsyncExitStack() as resources:
-            self._source = MigrationSource(qmp, self.source, self.name, self.policy)
-            self._target = MigrationTarget(
-                self.target_hv, self.name, self.address, self.port, self.policy, resources
-            )
-            self._actions = PolicyActions(
-                qmp,
-                self.target,
-                self.policy,
-                pause_source=self._pause_source,
-                switched_to_postcopy=self._enter_postcopy,
-            )
+            self.bind(qmp, resources)
             status = await query_status(qmp)
             if status.state not in (RunState.RUNNING, RunState.PAUSED):
                 raise MigrationError(
@@ -249,8 +265,22 @@ class _Migration:
             try:
                 final = await self._transfer(qmp, runtime)
             except BaseException as exc:
-                return await self._after_failure(qmp, exc, runtime)
-            return await self._complete(qmp, final, runtime)
+                return await self.after_failure(qmp, exc, runtime)
+            return await self.complete(qmp, final, runtime)
+
+    def bind(self, qmp: SourceMonitor, resources: contextlib.AsyncExitStack) -> None:
+        """Make both sides and the policy's actions, on the source monitor ``qmp``."""
+        self._source = MigrationSource(qmp, self.source, self.name, self.policy)
+        self._target = MigrationTarget(
+            self.target_hv, self.name, self.address, self.port, self.policy, resources
+        )
+        self._actions = PolicyActions(
+            qmp,
+            self.target,
+            self.policy,
+            pause_source=self._pause_source,
+            switched_to_postcopy=self._enter_postcopy,
+        )
 
     # ----------------------------------------------------------------- streaming
 
@@ -272,14 +302,16 @@ class _Migration:
                 qmp,
                 events if self.policy.use_events else None,
                 self.policy,
-                on_snapshot=lambda snapshot: self._on_snapshot(snapshot),
-                on_bad_answer=self._note_bad_answer,
+                on_snapshot=lambda snapshot: self.on_snapshot(snapshot),
+                on_bad_answer=self.note_bad_answer,
             )
 
     async def _pause_source(self) -> None:
         """Stop the source's vCPUs (non-live, or the policy's pause); undone by ``cont``."""
         if not self.was_running or self.src.paused_at is not None:
             return
+        if self.journal is not None:  # write-ahead: recovery must know to resume it
+            await self.journal({"paused_by_us": True})
         await self.src.pause()
         self.undo.push_async_callback(self.src.resume)
 
@@ -289,7 +321,7 @@ class _Migration:
             await self.phases.step(Step.SWITCH_TO_POSTCOPY)
             self.undo.pop_all()  # neither side may be thrown away any more
 
-    async def _on_snapshot(self, snapshot: MigrationSnapshot) -> None:
+    async def on_snapshot(self, snapshot: MigrationSnapshot) -> None:
         """Judge one sample by the policy, act on it, and report it."""
         if snapshot.status in _POSTCOPY_STATUSES:
             await self._enter_postcopy()
@@ -303,6 +335,19 @@ class _Migration:
 
     def _report(self, snapshot: MigrationSnapshot, decisions: tuple[Decision, ...]) -> None:
         self.reports += 1
+        if self.report_to is not None:
+            self.report_to(
+                {
+                    "status": snapshot.status.value,
+                    "transferred": snapshot.transferred,
+                    "remaining": snapshot.remaining,
+                    "total": snapshot.total,
+                    "mbps": snapshot.throughput_mbps,
+                    "elapsed": round(time.monotonic() - self.started_at, 1),
+                    "downtime_ms": self.policy_engine.downtime_ms,
+                    "actions": [d.name for d in decisions],
+                }
+            )
         if self.on_progress is not None:
             self.on_progress(
                 MigrationProgress(
@@ -317,12 +362,12 @@ class _Migration:
                 )
             )
 
-    def _note_bad_answer(self, answer: BadAnswer, in_a_row: int) -> None:
+    def note_bad_answer(self, answer: BadAnswer, in_a_row: int) -> None:
         self.bad_answers.append(answer)
 
     # --------------------------------------------------------------- completion
 
-    async def _complete(
+    async def complete(
         self, qmp: SourceMonitor, final: MigrationSnapshot, runtime: SavedRuntime
     ) -> MigrationResult:
         """The source sent everything: get the target going (or take the guest back), then
@@ -425,7 +470,7 @@ class _Migration:
 
     # ------------------------------------------------------------------ failure
 
-    async def _after_failure(
+    async def after_failure(
         self, qmp: SourceMonitor, exc: BaseException, runtime: SavedRuntime
     ) -> MigrationResult:
         """Clean up after ``exc`` according to the phase it hit; return the result if the
@@ -486,7 +531,7 @@ class _Migration:
             finding = Finding.UNDO_FAILED
         elif completed is not None:
             try:
-                return await self._complete(qmp, completed, runtime), None
+                return await self.complete(qmp, completed, runtime), None
             except MigrationError as error:
                 return None, error
         return None, await self._end_abort(phase, finding, cause)
@@ -504,7 +549,7 @@ class _Migration:
                     final = await watch_migration(
                         qmp, None, self.policy, on_snapshot=lambda s: self._report(s, ())
                     )
-                    return await self._complete(qmp, final, runtime), None
+                    return await self.complete(qmp, final, runtime), None
                 except MigrationError as error:
                     return None, error
                 except KvmflowError as exc:
@@ -556,4 +601,4 @@ class _Migration:
         )
 
 
-__all__ = ["SourceMonitor", "migrate"]
+__all__ = ["Migration", "SourceMonitor", "migrate"]

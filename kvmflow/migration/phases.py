@@ -136,10 +136,16 @@ class PhaseTracker:
     """The current phase of one migration; applies the table, logs, tells the listener."""
 
     def __init__(
-        self, instance: str, source: str, target: str, listener: PhaseListener | None = None
+        self,
+        instance: str,
+        source: str,
+        target: str,
+        listener: PhaseListener | None = None,
+        *,
+        phase: MigrationPhase = MigrationPhase.CHECKING,  # another: an adopted migration
     ) -> None:
         self.instance, self.source, self.target = instance, source, target
-        self.phase = MigrationPhase.CHECKING
+        self.phase = phase
         self.history: list[PhaseChange] = []
         self._listeners = [listener] if listener is not None else []
         self._log = structlog.get_logger("kvmflow.migration").bind(

@@ -10,7 +10,7 @@ ancestor's fixed behaviour; the plain constructor gives kvmflow's default.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from kvmflow.errors import FieldProblem, ValidationError
@@ -194,6 +194,25 @@ class MigrationPolicy:
 
     def with_changes(self, **changes: Any) -> MigrationPolicy:
         return replace(self, **changes)
+
+    def as_record(self) -> dict[str, Any]:
+        """The policy as plain JSON data (for the journal: recovery continues under it)."""
+        return asdict(self)
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> MigrationPolicy:
+        """The policy :meth:`as_record` wrote (checked again, like any policy)."""
+        values = dict(record)
+        values["downtime_schedule"] = tuple(
+            DowntimeStep(**step) for step in values.get("downtime_schedule", ())
+        )
+        stall = values.get("stall")
+        values["stall"] = StallRule(**stall) if stall is not None else None
+        for key in ("stall_actions", "deadline_actions"):
+            if key in values:
+                values[key] = tuple(Action(a) for a in values[key])
+        values["capabilities"] = Capabilities(**values.get("capabilities", {}))
+        return cls(**values)
 
     # ------------------------------------------------------------ for QEMU
 

@@ -91,6 +91,7 @@ class JournalEntry:
     updated_at: float = 0.0
     finished_at: float | None = None
     outcome: str | None = None
+    progress: dict[str, Any] | None = None  # the owner's latest report, at a bounded rate
 
     @property
     def open(self) -> bool:
@@ -128,6 +129,10 @@ class Store(Protocol):
 
     async def placement(self, instance: str) -> Placement | None: ...
 
+    async def placements(self) -> list[Placement]:
+        """Every recorded placement, by instance name."""
+        ...
+
     async def record_placement(self, lease: Lease, node: str) -> Placement:
         """Say that the lease's instance runs on ``node`` (fenced by the lease)."""
         ...
@@ -148,6 +153,23 @@ class Store(Protocol):
 
     async def finish(self, lease: Lease, entry: JournalEntry, outcome: str) -> JournalEntry:
         """Close an entry with its outcome, fenced."""
+        ...
+
+    async def record_progress(
+        self, lease: Lease, entry: JournalEntry, progress: dict[str, Any]
+    ) -> None:
+        """Replace the open entry's latest progress (the owner writes it at a bounded rate,
+        so that ``kvmflow jobs`` in any shell can show it), fenced."""
+        ...
+
+    async def request_cancel(self, instance: str, requested_by: str) -> Lease:
+        """Ask whoever holds ``instance``'s lease to cancel its operation (no lease needed:
+        any shell may ask); returns the lease asked. :class:`~kvmflow.errors.NothingToAbortError`
+        when no operation holds it."""
+        ...
+
+    async def cancel_requested(self, lease: Lease) -> str | None:
+        """Who asked the holder of ``lease`` to cancel, if anyone did."""
         ...
 
     async def unfinished(self) -> list[JournalEntry]:

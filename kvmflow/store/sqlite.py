@@ -7,8 +7,7 @@ WAL mode (readers never block the writer) with ``synchronous=FULL``: the journal
 survive a power loss too, and NORMAL can lose the last commits then. Every write is one
 ``BEGIN IMMEDIATE`` transaction that first proves the writer's lease (fencing).
 
-The schema is versioned (``meta.schema_version``) and migrated on open; a newer or foreign
-file is refused with :class:`~kvmflow.errors.StoreSchemaError` and left as it is.
+The schema is versioned and migrated on open (:mod:`kvmflow.store.schema`).
 """
 
 from __future__ import annotations
@@ -20,38 +19,16 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
 
-from kvmflow.errors import InstanceBusyError, LeaseLostError, StoreError, StoreSchemaError
+from kvmflow.errors import InstanceBusyError, LeaseLostError, NothingToAbortError, StoreError
 from kvmflow.store.base import JournalEntry, Lease, Owner, Placement
+from kvmflow.store.schema import DEFAULT_PATH, connect, translated
 
 T = TypeVar("T")
-
-SCHEMA_VERSION = 1
-DEFAULT_PATH = "/var/lib/kvmflow/store.sqlite"
-
-#: version -> the statements that bring a store from the version before to it.
-MIGRATIONS: dict[int, tuple[str, ...]] = {
-    1: (
-        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-        "CREATE TABLE leases (instance TEXT PRIMARY KEY, controller TEXT NOT NULL,"
-        " host TEXT NOT NULL, pid INTEGER NOT NULL, pid_started REAL NOT NULL,"
-        " operation TEXT NOT NULL, token INTEGER NOT NULL, expires_at REAL NOT NULL)",
-        "CREATE TABLE placement (instance TEXT PRIMARY KEY, node TEXT NOT NULL,"
-        " token INTEGER NOT NULL, updated_at REAL NOT NULL)",
-        "CREATE TABLE journal (id INTEGER PRIMARY KEY AUTOINCREMENT, instance TEXT NOT NULL,"
-        " operation TEXT NOT NULL, controller TEXT NOT NULL, host TEXT NOT NULL,"
-        " pid INTEGER NOT NULL, pid_started REAL NOT NULL, token INTEGER NOT NULL,"
-        " started_at REAL NOT NULL, phase TEXT NOT NULL, details TEXT NOT NULL,"
-        " updated_at REAL NOT NULL, finished_at REAL, outcome TEXT)",
-        "CREATE INDEX journal_open ON journal (finished_at, id)",
-        "INSERT INTO meta VALUES ('fencing_token', '0')",
-    ),
-}
 
 
 class SQLiteStore:
@@ -69,7 +46,7 @@ class SQLiteStore:
     async def open(cls, path: str | os.PathLike[str] = DEFAULT_PATH) -> SQLiteStore:
         """Open (creating, or migrating to the current schema) the store at ``path``."""
         text = os.fspath(path)
-        connection = await anyio.to_thread.run_sync(_connect, text)
+        connection = await anyio.to_thread.run_sync(connect, text)
         return cls(text, connection)
 
     async def aclose(self) -> None:
@@ -89,7 +66,7 @@ class SQLiteStore:
         """One write transaction, taken at once (``BEGIN IMMEDIATE``) so that checks and
         writes inside it see no other writer; any failure rolls all of it back."""
         db = self._db
-        with _translated(self.path):
+        with translated(self.path):
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
@@ -149,8 +126,39 @@ class SQLiteStore:
                     "DELETE FROM leases WHERE instance = ? AND token = ?",
                     (lease.instance, lease.token),
                 )
+                db.execute(
+                    "DELETE FROM cancel_requests WHERE instance = ? AND token = ?",
+                    (lease.instance, lease.token),
+                )
 
         await self._run(release)
+
+    async def request_cancel(self, instance: str, requested_by: str) -> Lease:
+        def request() -> Lease:
+            with self._write() as db:
+                held = _lease_row(db, instance)
+                if held is None:
+                    raise NothingToAbortError(
+                        f"no operation holds {instance} now: there is nothing to abort"
+                    )
+                db.execute(
+                    "INSERT OR REPLACE INTO cancel_requests VALUES (?, ?, ?, ?)",
+                    (instance, held.token, requested_by, time.time()),
+                )
+                return held
+
+        return await self._run(request)
+
+    async def cancel_requested(self, lease: Lease) -> str | None:
+        def read() -> str | None:
+            with translated(self.path):
+                row = self._db.execute(
+                    "SELECT requested_by FROM cancel_requests WHERE instance = ? AND token = ?",
+                    (lease.instance, lease.token),
+                ).fetchone()
+            return str(row[0]) if row else None
+
+        return await self._run(read)
 
     async def holder(self, instance: str) -> Lease | None:
         return await self._run(lambda: _lease_row(self._db, instance))
@@ -159,12 +167,22 @@ class SQLiteStore:
 
     async def placement(self, instance: str) -> Placement | None:
         def read() -> Placement | None:
-            with _translated(self.path):
+            with translated(self.path):
                 row = self._db.execute(
                     "SELECT instance, node, token, updated_at FROM placement WHERE instance = ?",
                     (instance,),
                 ).fetchone()
             return Placement(*row) if row else None
+
+        return await self._run(read)
+
+    async def placements(self) -> list[Placement]:
+        def read() -> list[Placement]:
+            with translated(self.path):
+                rows = self._db.execute(
+                    "SELECT instance, node, token, updated_at FROM placement ORDER BY instance"
+                ).fetchall()
+            return [Placement(*row) for row in rows]
 
         return await self._run(read)
 
@@ -257,9 +275,18 @@ class SQLiteStore:
 
         return await self._run(finish)
 
+    async def record_progress(
+        self, lease: Lease, entry: JournalEntry, progress: dict[str, Any]
+    ) -> None:
+        def record() -> None:
+            with self._fenced(lease) as db:
+                _update_open(db, entry, self.path, "progress = ?", (_json(progress),))
+
+        await self._run(record)
+
     async def unfinished(self) -> list[JournalEntry]:
         def read() -> list[JournalEntry]:
-            with _translated(self.path):
+            with translated(self.path):
                 rows = self._db.execute(
                     "SELECT * FROM journal WHERE finished_at IS NULL ORDER BY id"
                 ).fetchall()
@@ -269,7 +296,7 @@ class SQLiteStore:
 
     async def history(self, instance: str, limit: int = 20) -> list[JournalEntry]:
         def read() -> list[JournalEntry]:
-            with _translated(self.path):
+            with translated(self.path):
                 rows = self._db.execute(
                     "SELECT * FROM journal WHERE instance = ? ORDER BY id DESC LIMIT ?",
                     (instance, limit),
@@ -280,90 +307,6 @@ class SQLiteStore:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _connect(path: str) -> sqlite3.Connection:
-    directory = Path(path).parent
-    if not directory.is_dir():
-        raise StoreError(f"the store's directory {directory} does not exist", path=path)
-    if os.statvfs(directory).f_flag & os.ST_RDONLY:
-        raise StoreError(
-            f"the store's file system ({directory}) is read-only: the store must be writable "
-            "before kvmflow acts on anything",
-            path=path,
-        )
-    existed = Path(path).exists()
-    with _translated(path):
-        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
-    try:
-        with _translated(path):
-            version = _schema_version(db, path) if existed else 0
-            if version > SCHEMA_VERSION:
-                raise StoreSchemaError(
-                    f"the store has schema version {version}, newer than this kvmflow "
-                    f"understands ({SCHEMA_VERSION}): upgrade kvmflow; the file was left as it is",
-                    path=path,
-                )
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                for step in range(version + 1, SCHEMA_VERSION + 1):
-                    for statement in MIGRATIONS[step]:
-                        db.execute(statement)
-                db.execute(
-                    "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
-                    (str(SCHEMA_VERSION),),
-                )
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-    except BaseException:
-        db.close()
-        raise
-    return db
-
-
-def _schema_version(db: sqlite3.Connection, path: str) -> int:
-    """The schema version of an existing file (0: empty); refuses anything foreign."""
-    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    if not tables:
-        return 0
-    if "meta" not in tables:
-        raise StoreSchemaError(
-            f"not a kvmflow store (tables: {', '.join(sorted(tables))}); it was left as it is",
-            path=path,
-        )
-    row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    if row is None or not str(row[0]).isdigit():
-        raise StoreSchemaError("the store has no valid schema version", path=path)
-    return int(row[0])
-
-
-@contextmanager
-def _translated(path: str) -> Iterator[None]:
-    """SQLite's failures become StoreError saying what was wrong with the file."""
-    try:
-        yield
-    except sqlite3.DatabaseError as exc:
-        text = str(exc)
-        if "not a database" in text or "malformed" in text:
-            reason = f"the file is corrupt or not a store ({text}); it was left as it is"
-        elif "readonly" in text or "read-only" in text:
-            reason = f"the store cannot be written ({text}): is its file system read-only?"
-        elif "full" in text:
-            reason = f"the store's disk is full ({text}); nothing was changed"
-        elif "unable to open" in text:
-            reason = (
-                f"the store cannot be opened ({text}): its directory must be writable, SQLite "
-                "keeps its -wal and -shm files beside it"
-            )
-        elif "locked" in text:
-            reason = f"another process holds the store too long ({text})"
-        else:
-            reason = text
-        raise StoreError(reason, path=path) from exc
 
 
 def _next_token(db: sqlite3.Connection) -> int:
@@ -450,6 +393,7 @@ def _entry(row: tuple[Any, ...]) -> JournalEntry:
         updated_at,
         finished_at,
         outcome,
+        progress,
     ) = row
     return JournalEntry(
         entry_id,
@@ -463,6 +407,7 @@ def _entry(row: tuple[Any, ...]) -> JournalEntry:
         updated_at,
         finished_at,
         outcome,
+        json.loads(progress) if progress else None,
     )
 
 

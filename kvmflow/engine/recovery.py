@@ -1,0 +1,317 @@
+"""Recovery after a controller died: every unfinished journal entry and every node's QEMUs
+reconciled, per phase, after asking both QEMUs (reality first) and before acting.
+
+A migration entry left open is judged by its recorded phase and by what the two copies say
+(:func:`judge`):
+
+==========================================  ==================================================
+recorded phase (and what the QEMUs say)     recovery
+==========================================  ==================================================
+checking, target-starting/-listening        kill and clean the target; resume the source if
+                                            we paused it
+streaming, aborting, post-copy,             **adopt**: watch on under the recorded policy and
+completed-on-source (source alive)          deadline; QEMU's answer decides (an active stream
+                                            goes on, a completed one is finished, a failed
+                                            one cleaned); ``abort=True`` or a recorded abort
+                                            cancels instead; post-copy never resumes the source
+completed-on-source, source dead            resume the target (it holds the whole guest)
+streaming, source dead                      kill the target (it never had the whole guest)
+target-may-run / switched-over / done,      finish: ``cont`` the target if needed, save its
+target alive                                runtime, end the source, record the target
+aborted                                     clean the target, record the source
+two copies holding the guest, an            touch nothing, keep the entry open, say so
+unreachable copy, stranded, a target that
+may have run and is gone
+==========================================  ==================================================
+
+Start, stop and reboot entries settle on what runs: the placement is recorded where a copy
+holds the guest, forgotten (files cleaned) where none does. After the entries, every node is
+surveyed for copies no entry explains (:mod:`kvmflow.engine.orphans`).
+
+Every step is taken under the entry's lease, taken over from the dead owner (fenced), so a
+recovery killed half-way leaves the entry open and the next recovery finishes it.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Mapping
+
+import anyio
+import structlog
+
+from kvmflow.engine.orphans import find_orphans
+from kvmflow.engine.reality import Copy, CopyState, look
+from kvmflow.engine.verdicts import NEEDS_OPERATOR, RecoveryReport, Verdict
+from kvmflow.errors import InstanceBusyError, KvmflowError, RecoveryError
+from kvmflow.instance.guard import HeldOperation, OperationGuard
+from kvmflow.instance.instance import Instance
+from kvmflow.instance.states import InstanceState
+from kvmflow.kvm.hypervisor import KvmHypervisor
+from kvmflow.migration.adopt import ADOPTABLE, RecordedMigration, adopt
+from kvmflow.migration.errors import MigrationError
+from kvmflow.migration.outcome import INFO, Side
+from kvmflow.migration.phases import MigrationPhase, PhaseListener
+from kvmflow.store.base import JournalEntry, Lease
+
+_log = structlog.get_logger("kvmflow.engine")
+Phase = MigrationPhase
+
+
+class Plan(enum.StrEnum):
+    CLEAN_TARGET = "clean the target, keep the source"
+    ADOPT = "adopt the migration"
+    RESUME_TARGET = "resume the target (the source died after sending everything)"
+    FINISH = "finish on the target, end the source"
+    CLOSE_ABORTED = "clean the target, record the source"
+    LEAVE = "touch nothing"
+
+
+def judge(record: RecordedMigration, source: Copy | None, target: Copy | None) -> tuple[Plan, str]:
+    """What to do about a recorded migration, given both copies (see the module's table)."""
+    phase = record.phase
+    for copy in (source, target):
+        if copy is not None and copy.state is CopyState.UNREACHABLE:
+            return Plan.LEAVE, f"the copy on {copy.node} does not answer: nothing can be judged"
+    src_holds = source is not None and source.holds_guest
+    tgt_holds = target is not None and target.holds_guest
+    tgt_alive = target is not None and target.alive
+    src_alive = source is not None and source.alive
+    if src_holds and tgt_holds:
+        return Plan.LEAVE, "both copies hold the guest: both may have run"
+    if phase in (Phase.CHECKING, Phase.TARGET_STARTING, Phase.TARGET_LISTENING):
+        if tgt_holds or (source is not None and source.migration in ("active", "completed")):
+            return Plan.LEAVE, f"{phase}: the QEMUs say more happened than the journal"
+        return Plan.CLEAN_TARGET, f"the stream never started ({phase})"
+    if phase in ADOPTABLE:
+        if src_alive and source is not None and source.state is not CopyState.FAILED:
+            if phase is Phase.POSTCOPY and not tgt_alive:
+                return Plan.LEAVE, "post-copy, and the target (holding the newest state) died"
+            return Plan.ADOPT, f"{phase} recorded; the source says {source.migration}"
+        if phase is Phase.COMPLETED_ON_SOURCE and tgt_alive and not tgt_holds:
+            return Plan.RESUME_TARGET, "the source died after sending everything"
+        if phase is Phase.POSTCOPY:
+            return Plan.LEAVE, "post-copy, and the source (holding pages) died"
+        return Plan.CLEAN_TARGET, "the source died before the stream completed"
+    if phase in (Phase.TARGET_MAY_RUN, Phase.SWITCHED_OVER, Phase.DONE):
+        if src_holds:
+            return Plan.LEAVE, f"{phase} recorded, yet the source holds the guest"
+        if tgt_alive and target is not None and target.state is not CopyState.INMIGRATE:
+            return Plan.FINISH, f"{phase}: the target has the guest"
+        if phase is Phase.DONE and not tgt_alive:
+            return Plan.LEAVE, "done recorded, and the target is gone"
+        return Plan.LEAVE, f"{phase}: the target may have run the guest and is gone"
+    if phase is Phase.ABORTED:
+        if tgt_holds:
+            return Plan.LEAVE, "aborted recorded, yet the target holds the guest"
+        return Plan.CLOSE_ABORTED, "the abort was over"
+    return Plan.LEAVE, f"{phase}: kvmflow could not vouch for either copy"
+
+
+class Recovery:
+    """One recovery pass over a store and the nodes (``hypervisors`` by node name)."""
+
+    def __init__(
+        self,
+        hypervisors: Mapping[str, KvmHypervisor],
+        guard: OperationGuard,
+        *,
+        abort: bool = False,
+        dry_run: bool = False,
+        clean_orphans: bool = False,
+        on_phase: PhaseListener | None = None,
+    ) -> None:
+        self.hypervisors = hypervisors
+        self.guard = guard
+        self.store = guard.store
+        self.abort = abort
+        self.dry_run = dry_run
+        self.clean_orphans = clean_orphans
+        self.on_phase = on_phase  # sees every step of an adopted migration (tests, hooks)
+
+    async def run(self) -> list[RecoveryReport]:
+        """Every unfinished entry (one task per instance, its entries in order), then the
+        copies no entry explains."""
+        by_instance: dict[str, list[JournalEntry]] = {}
+        for entry in await self.store.unfinished():
+            by_instance.setdefault(entry.instance, []).append(entry)
+        reports: list[RecoveryReport] = []
+
+        async def settle_all(entries: list[JournalEntry]) -> None:
+            for entry in entries:
+                reports.append(await self.settle(entry))
+
+        async with anyio.create_task_group() as tg:
+            for entries in by_instance.values():
+                tg.start_soon(settle_all, entries)
+        open_now = {
+            r.instance for r in reports if r.verdict in NEEDS_OPERATOR | {Verdict.IN_FLIGHT}
+        }
+        reports += await find_orphans(self, skip=open_now)
+        for report in reports:
+            log = _log.warning if not report.ok else _log.info
+            log(
+                "recovery",
+                instance=report.instance,
+                verdict=report.verdict.value,
+                detail=report.detail,
+            )
+        return reports
+
+    def hypervisor(self, node: str) -> KvmHypervisor:
+        try:
+            return self.hypervisors[node]
+        except KeyError:
+            known = ", ".join(sorted(self.hypervisors))
+            raise RecoveryError(f"node {node!r} is not known here (known: {known})") from None
+
+    async def settle(self, entry: JournalEntry) -> RecoveryReport:
+        """Reconcile one unfinished entry (under its taken-over lease)."""
+
+        def report(verdict: Verdict, detail: str, runs_on: str | None = None) -> RecoveryReport:
+            return RecoveryReport(
+                entry.instance, verdict, detail, entry.operation, entry.phase, runs_on, entry.id
+            )
+
+        holder = await self.store.holder(entry.instance)
+        if holder is not None and holder.owner.alive() is not False and not _expired(holder):
+            return report(Verdict.IN_FLIGHT, f"{holder.operation} by {holder.owner} is alive")
+        try:
+            if self.dry_run:
+                verdict, detail, node = await self._plan_only(entry)
+                return report(verdict, detail, node)
+            async with self.guard.resume(entry) as held:
+                verdict, detail, node = await self._act(entry, held)
+                if verdict in NEEDS_OPERATOR:
+                    held.keep_open = True
+                else:
+                    held.outcome = f"recovered: {verdict.value}: {detail}"
+                return report(verdict, detail, node)
+        except InstanceBusyError as exc:
+            return report(Verdict.IN_FLIGHT, str(exc))
+        except KvmflowError as exc:
+            return report(Verdict.FAILED, f"recovery failed: {exc}")
+
+    async def _plan_only(self, entry: JournalEntry) -> tuple[Verdict, str, str | None]:
+        if entry.operation != "migrate":
+            return Verdict.WOULD, f"settle the record of {entry.operation} on what runs", None
+        record, source, target = await self._look_both(entry)
+        plan, why = judge(record, source, target)
+        verdict = Verdict.AMBIGUOUS if plan is Plan.LEAVE else Verdict.WOULD
+        return verdict, f"{plan.value}: {why}", None
+
+    async def _look_both(
+        self, entry: JournalEntry
+    ) -> tuple[RecordedMigration, Copy | None, Copy | None]:
+        record = RecordedMigration.from_journal(
+            entry.instance, entry.phase, entry.details, entry.started_at
+        )
+        source = await look(self.hypervisor(record.source), entry.instance)
+        target = await look(self.hypervisor(record.target), entry.instance)
+        return record, source, target
+
+    async def _act(
+        self, entry: JournalEntry, held: HeldOperation
+    ) -> tuple[Verdict, str, str | None]:
+        if entry.operation != "migrate":
+            return await self._settle_simple(entry, held)
+        record, source, target = await self._look_both(entry)
+        plan, why = judge(record, source, target)
+        await held.phase(entry.phase, {"recovery": plan.value, "recovery_why": why})
+        src_hv, tgt_hv = self.hypervisor(record.source), self.hypervisor(record.target)
+        name = entry.instance
+        if plan is Plan.LEAVE:
+            return Verdict.AMBIGUOUS, why, None
+        if plan is Plan.CLEAN_TARGET or plan is Plan.CLOSE_ABORTED:
+            await _remove(tgt_hv, name, target)
+            if source is not None and source.alive:
+                if record.paused_by_us and source.state is CopyState.PAUSED:
+                    await _cont(src_hv, name)
+                await held.place(record.source)
+                return Verdict.ABORTED, why, record.source
+            await _remove(src_hv, name, source)
+            await held.place(None)
+            return Verdict.RUNS_NOWHERE, why, None
+        if plan is Plan.ADOPT:
+            return await self._adopt(entry, record, held)
+        # RESUME_TARGET or FINISH: the target has the guest; the source is stale.
+        assert target is not None
+        if record.was_running and target.state is not CopyState.RUNNING:
+            await _cont(tgt_hv, name)
+        if await tgt_hv.load_runtime(name) is None:
+            runtime = await src_hv.load_runtime(name)
+            if runtime is None:
+                raise RecoveryError(f"no runtime of {name} is left to save on {record.target}")
+            await tgt_hv.save_runtime(runtime.spec, runtime)
+        await _remove(src_hv, name, source)
+        await held.place(record.target)
+        return Verdict.FINISHED, why, record.target
+
+    async def _adopt(
+        self, entry: JournalEntry, record: RecordedMigration, held: HeldOperation
+    ) -> tuple[Verdict, str, str | None]:
+        src_hv, tgt_hv = self.hypervisor(record.source), self.hypervisor(record.target)
+        runtime = await src_hv.load_runtime(entry.instance)
+        if runtime is None:
+            raise RecoveryError(f"the runtime of {entry.instance} on {record.source} is gone")
+        state = InstanceState.RUNNING if record.was_running else InstanceState.PAUSED
+        instance = Instance(runtime.spec, src_hv, state)
+        try:
+            await adopt(
+                instance,
+                tgt_hv,
+                record,
+                abort=self.abort,
+                on_phase=self.on_phase,
+                journal=held.phase,
+                report_to=held.report,
+            )
+        except MigrationError as error:
+            side = INFO[error.outcome].side if error.outcome is not None else Side.UNKNOWN
+            if side is Side.SOURCE:
+                await held.place(record.source)
+                return Verdict.ABORTED, f"adopted and aborted: {error.outcome}", record.source
+            if side is Side.TARGET:
+                await held.place(record.target)
+                return Verdict.FINISHED, f"adopted: {error.outcome}", record.target
+            return Verdict.AMBIGUOUS, f"adopted, then: {error}", None
+        await held.place(record.target)
+        return Verdict.ADOPTED, f"adopted from {record.phase}; it completed", record.target
+
+    async def _settle_simple(
+        self, entry: JournalEntry, held: HeldOperation
+    ) -> tuple[Verdict, str, str | None]:
+        """A start, stop or reboot (or pause, resume) that did not close: the record
+        follows what runs on its node."""
+        node = str(entry.details.get("node", ""))
+        hv = self.hypervisor(node)
+        copy = await look(hv, entry.instance)
+        if copy is not None and copy.holds_guest:
+            await held.place(node)
+            return Verdict.SETTLED, f"{entry.operation} left it running on {node}", node
+        await _remove(hv, entry.instance, copy)
+        await held.place(None)
+        return Verdict.SETTLED, f"{entry.operation} left nothing running on {node}", None
+
+
+def _expired(lease: Lease) -> bool:
+    return lease.expires_at <= time.time()
+
+
+async def _remove(hv: KvmHypervisor, name: str, copy: Copy | None) -> None:
+    """Kill a copy that holds no guest state of its own (or clean the files one left)."""
+    if copy is None:
+        return
+    if copy.alive:
+        await hv.stop(name, force=True)
+    else:
+        await hv.cleanup(name)
+
+
+async def _cont(hv: KvmHypervisor, name: str) -> None:
+    async with hv.qmp(name, command_timeout=10) as qmp:
+        await qmp.execute("cont")
+
+
+__all__ = ["NEEDS_OPERATOR", "Plan", "Recovery", "RecoveryReport", "Verdict", "judge"]

@@ -1,0 +1,176 @@
+"""The controller killed with SIGKILL at each point of a migration, then recovery in a new
+process: each trial must end with exactly one running copy whose guest keeps working, the
+journal entry closed, the lease released, and nothing of the other copy left.
+
+The controller (``tests/controller.py``) and recovery are real processes sharing a real
+SQLite store and real QEMUs; the kill point is a hook on a phase, a progress report or a
+policy action, never a sleep.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from kvmflow.engine.reality import CopyState, survey
+from kvmflow.guest import dirty_guest_spec, sweep_count, wait_for_sweeps
+from kvmflow.instance import Instance
+from kvmflow.instance.guard import OperationGuard
+from kvmflow.kvm import KvmHypervisor
+from kvmflow.store import Owner, SQLiteStore
+from tests.conftest import qemus_under
+
+pytestmark = pytest.mark.anyio
+
+CONTROLLER = str(Path(__file__).with_name("controller.py"))
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    async with await SQLiteStore.open(tmp_path / "store.sqlite") as opened:
+        yield opened
+
+
+async def start_guest(
+    store: SQLiteStore, hv: KvmHypervisor, name: str, guest: Path, *, mib: int
+) -> None:
+    guard = OperationGuard(store, Owner.this_process("test-setup"))
+    spec = dirty_guest_spec(name, guest, migration_port=0, mib=mib, pause=20 if mib < 16 else 0)
+    await Instance(spec, hv, guard=guard).start()
+    await wait_for_sweeps(hv, name)
+
+
+async def controller(*args: str) -> tuple[int, str]:
+    done = await anyio.run_process([sys.executable, CONTROLLER, *args], check=False)
+    return done.returncode, done.stdout.decode() + done.stderr.decode()
+
+
+async def recover(store: SQLiteStore, root: Path, *extra: str) -> list[dict[str, Any]]:
+    code, output = await controller("recover", store.path, str(root), *extra)
+    assert code == 0, output
+    return [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+
+
+async def assert_one_copy_on(
+    store: SQLiteStore, nodes: tuple[KvmHypervisor, KvmHypervisor], name: str, node: str
+) -> None:
+    """Exactly one copy, running on ``node`` with its guest working; nothing elsewhere;
+    the store closed and agreeing."""
+    by_name = {hv.node.name: hv for hv in nodes}
+    copies = (await survey(by_name, [name])).get(name, [])
+    assert [(c.node, c.state) for c in copies] == [(node, CopyState.RUNNING)]
+    home = by_name[node]
+    first = await sweep_count(home, name)
+    await anyio.sleep(0.3)
+    assert await sweep_count(home, name) > first  # the guest keeps working
+    other = next(hv for hv in nodes if hv.node.name != node)
+    assert qemus_under(Path(other.paths.root)) == []
+    assert [p for p in other.paths.instance_files(name) if Path(p).exists()] == []
+    assert await store.unfinished() == []
+    assert await store.holder(name) is None
+    placement = await store.placement(name)
+    assert placement is not None
+    assert placement.node == node
+
+
+#: (kill point, policy, where the guest runs after recovery, recovery's verdict)
+KILL_POINTS = [
+    ("target-starting", "converging", "node-a", "aborted"),
+    ("target-listening", "converging", "node-a", "aborted"),
+    ("active", "converging", "node-b", "adopted"),
+    ("policy-action", "stepping", "node-b", "adopted"),
+    ("post-copy", "postcopy", "node-b", "adopted"),
+    ("completed-on-source", "converging", "node-b", "adopted"),
+    ("switched-over", "converging", "node-b", "finished"),
+    ("aborting", "aborting", "node-a", "aborted"),
+    ("done", "converging", "node-b", "finished"),
+]
+
+
+@pytest.mark.parametrize(("kill_at", "policy", "runs_on", "verdict"), KILL_POINTS)
+async def test_controller_killed_then_recovered(
+    kill_at: str,
+    policy: str,
+    runs_on: str,
+    verdict: str,
+    nodes: tuple[KvmHypervisor, KvmHypervisor],
+    runtime_root: Path,
+    dirty_guest: Path,
+    store: SQLiteStore,
+) -> None:
+    name = "kill-" + kill_at.replace("-", "")[:10]
+    mib = 48 if policy in ("postcopy", "aborting") else 8
+    await start_guest(store, nodes[0], name, dirty_guest, mib=mib)
+
+    code, output = await controller("migrate", store.path, str(runtime_root), name, policy, kill_at)
+    assert code == -signal.SIGKILL, output
+    (entry,) = await store.unfinished()  # the dead controller's migration, left open
+    assert entry.operation == "migrate"
+
+    reports = await recover(store, runtime_root)
+    mine = [r for r in reports if r["instance"] == name]
+    assert [r["verdict"] for r in mine] == [verdict], reports
+    await assert_one_copy_on(store, nodes, name, runs_on)
+    history = await store.history(name)
+    assert history[-1].outcome is not None
+    assert history[-1].outcome.startswith("recovered")
+
+
+async def test_recovery_killed_during_recovery_is_finished_by_the_next(
+    nodes: tuple[KvmHypervisor, KvmHypervisor],
+    runtime_root: Path,
+    dirty_guest: Path,
+    store: SQLiteStore,
+) -> None:
+    name = "kill-twice"
+    await start_guest(store, nodes[0], name, dirty_guest, mib=8)
+    code, output = await controller(
+        "migrate", store.path, str(runtime_root), name, "converging", "active"
+    )
+    assert code == -signal.SIGKILL, output
+    # The first recovery adopts the stream and dies as the source completes.
+    code, output = await controller("recover", store.path, str(runtime_root), "completed-on-source")
+    assert code == -signal.SIGKILL, output
+    (entry,) = await store.unfinished()
+    assert entry.phase == "completed-on-source"
+    reports = await recover(store, runtime_root)
+    assert [r["verdict"] for r in reports if r["instance"] == name] == ["adopted"], reports
+    await assert_one_copy_on(store, nodes, name, "node-b")
+
+
+@pytest.mark.parametrize(
+    ("policy", "flags"),
+    [("endless", ("--abort",)), ("aborting", ())],
+    ids=["asked-to-abort", "past-its-deadline"],
+)
+async def test_an_adopted_stream_is_aborted_when_asked_or_past_its_deadline(
+    policy: str,
+    flags: tuple[str, ...],
+    nodes: tuple[KvmHypervisor, KvmHypervisor],
+    runtime_root: Path,
+    dirty_guest: Path,
+    store: SQLiteStore,
+) -> None:
+    name = f"kill-{policy}"
+    await start_guest(store, nodes[0], name, dirty_guest, mib=48)
+    code, output = await controller(
+        "migrate", store.path, str(runtime_root), name, policy, "active"
+    )
+    assert code == -signal.SIGKILL, output
+    reports = await recover(store, runtime_root, *flags)
+    assert [r["verdict"] for r in reports if r["instance"] == name] == ["aborted"], reports
+    await assert_one_copy_on(store, nodes, name, "node-a")
+    (entry,) = (await store.history(name))[-1:]
+    assert entry.details["recovery"] == "adopt the migration"
