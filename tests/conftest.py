@@ -21,6 +21,15 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+@pytest.fixture(autouse=True)
+def own_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test's ``kvmflow`` commands share a store of the test's own (never the host's
+    /var/lib/kvmflow one, so that no test sees another's leases or placements)."""
+    path = tmp_path / "cli-store.sqlite"
+    monkeypatch.setenv("KVMFLOW_STORE", str(path))
+    return path
+
+
 @pytest.fixture
 def sockdir() -> Iterator[Path]:
     """A short temporary directory: unix socket paths must stay under 108 bytes."""

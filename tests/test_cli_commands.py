@@ -104,7 +104,10 @@ def test_instance_lifecycle_through_the_cli(config: Path) -> None:
     stopped = kvmflow("stop", "cli1", "--force", config=config)
     assert stopped.returncode == 0, stopped.stderr
     assert "stopped cli1 on beta" in stopped.stdout
-    assert json.loads(kvmflow("list", "--json", config=config).stdout) == []
+    listed = json.loads(kvmflow("list", "--json", config=config).stdout)
+    assert [(r["instance"], r["state"], r["copies"], r["flags"]) for r in listed] == [
+        ("cli1", "stopped", [], [])
+    ]
     gone = kvmflow("info", "cli1", config=config)
     assert gone.returncode == 1
     assert "not running" in gone.stdout

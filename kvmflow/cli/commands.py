@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict
 from typing import Any, TypeVar
 
@@ -18,23 +19,28 @@ from kvmflow.cli.progress import MigrationBars
 from kvmflow.engine import Engine, Limits, NodeEntry
 from kvmflow.errors import ConfigError, FieldProblem, MisuseError, ValidationError
 from kvmflow.instance import Instance, InstanceState
+from kvmflow.instance.guard import OperationGuard
 from kvmflow.kvm import KvmHypervisor, RuntimePaths, default_accelerator
 from kvmflow.kvm.spec import InstanceSpec
 from kvmflow.migration import MigrationPolicy
 from kvmflow.monitor import hmp_via_qmp
 from kvmflow.node import LocalNode
+from kvmflow.store import DEFAULT_PATH, Owner, SQLiteStore
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 T = TypeVar("T")
 
 
 class Context:
-    """The loaded configuration and one hypervisor per node."""
+    """The loaded configuration, one hypervisor per node, and where the store is."""
 
-    def __init__(self, config: Config, console: Console, *, as_json: bool) -> None:
+    def __init__(
+        self, config: Config, console: Console, *, as_json: bool, store_path: str | None = None
+    ) -> None:
         self.config = config
         self.console = console
         self.as_json = as_json
+        self.store_path = resolve_store_path(store_path, config)
         accel = default_accelerator()
         self.hypervisors = {
             name: KvmHypervisor(
@@ -43,6 +49,12 @@ class Context:
             for name, node in config.nodes.items()
         }
 
+    @contextlib.asynccontextmanager
+    async def guard(self) -> AsyncIterator[OperationGuard]:
+        """The store, open for one command, and this process's leases in it."""
+        async with await SQLiteStore.open(self.store_path) as store:
+            yield OperationGuard(store, Owner.this_process("kvmflow-cli"))
+
     def spec(self, name: str) -> InstanceSpec:
         entry = self.config.instances.get(name)
         if entry is None:
@@ -50,11 +62,16 @@ class Context:
             raise ConfigError([FieldProblem("instance", name, f"a configured instance ({known})")])
         return entry.spec
 
-    async def locate(self, name: str) -> KvmHypervisor:
-        """The node where ``name`` runs now, else the node the configuration gives it."""
+    async def locate(self, name: str, guard: OperationGuard | None = None) -> KvmHypervisor:
+        """The node where ``name`` runs now, else where the store last recorded it, else
+        the node the configuration gives it (only where a first start goes)."""
         for hv in self.hypervisors.values():
             if await hv.is_running(name):
                 return hv
+        if guard is not None:
+            placed = await guard.store.placement(name)
+            if placed is not None and placed.node in self.hypervisors:
+                return self.hypervisors[placed.node]
         self.spec(name)
         return self.hypervisors[self.config.instances[name].node]
 
@@ -64,12 +81,28 @@ class Context:
             raise ConfigError([FieldProblem("node", node, f"a configured node ({known})")])
         return self.hypervisors[node]
 
-    def engine(self, policy: MigrationPolicy | None, limits: Limits | None = None) -> Engine:
+    def engine(
+        self,
+        policy: MigrationPolicy | None,
+        limits: Limits | None = None,
+        *,
+        guard: OperationGuard | None = None,
+    ) -> Engine:
+        """An engine over the configured nodes. Its operations hold leases through
+        ``guard``; it does not recover on entering (that is ``kvmflow recover``'s job, so
+        that a migration of one instance never acts on another's leftovers)."""
         entries = [
             NodeEntry(self.hypervisors[name], node.migration_address, node.link_budget_mib)
             for name, node in self.config.nodes.items()
         ]
-        return Engine(entries, limits=limits, default_policy=policy, close_nodes=True)
+        return Engine(
+            entries,
+            limits=limits,
+            default_policy=policy,
+            close_nodes=True,
+            guard=guard,
+            recover_on_enter=False,
+        )
 
     def emit(self, data: Any, table: Table | None = None, text: str | None = None) -> None:
         if self.as_json:
@@ -80,11 +113,23 @@ class Context:
             self.console.print(text, highlight=False)
 
 
+def resolve_store_path(flag: str | None, config: Config) -> str:
+    """Where the store is: ``--store``, then ``$KVMFLOW_STORE``, then the config file's
+    ``[store] path``, then :data:`~kvmflow.store.DEFAULT_PATH` (its directory is created
+    then, as the state directory of a controller host)."""
+    path = flag or os.environ.get("KVMFLOW_STORE") or config.store_path
+    if path:
+        return path
+    os.makedirs(os.path.dirname(DEFAULT_PATH), mode=0o700, exist_ok=True)
+    return DEFAULT_PATH
+
+
 async def with_progress(
     ctx: Context, engine: Engine, work: Callable[[], Awaitable[T]], *, enabled: bool, total: int = 1
 ) -> T:
     """Run ``work`` while drawing the engine's migrations as progress bars."""
     events = engine.events()
+    failure: Exception | None = None
     with MigrationBars(ctx.console, enabled=enabled, total=total) as bars:
         async with anyio.create_task_group() as tg:
 
@@ -95,41 +140,17 @@ async def with_progress(
             tg.start_soon(draw)
             try:
                 result = await work()
+            except Exception as exc:  # raised as it is below, not in an ExceptionGroup
+                failure = exc
             finally:
                 tg.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
     return result
 
 
 def make_table(*columns: str) -> Table:
     return Table(*columns, show_edge=False, header_style="bold")
-
-
-async def cmd_list(ctx: Context) -> int:
-    rows: list[dict[str, Any]] = []
-    for node, hv in ctx.hypervisors.items():
-        for name in await hv.list_instances():
-            info = await hv.info(name)
-            if info is not None:
-                rows.append(
-                    {
-                        "instance": name,
-                        "node": node,
-                        "pid": info.pid,
-                        "memory_mib": info.memory_mib,
-                        "vcpus": info.vcpus,
-                    }
-                )
-    table = make_table("instance", "node", "pid", "memory", "vcpus")
-    for row in rows:
-        table.add_row(
-            row["instance"],
-            row["node"],
-            str(row["pid"]),
-            f"{row['memory_mib']} MiB",
-            str(row["vcpus"]),
-        )
-    ctx.emit(rows, table if rows else None, "no instances running")
-    return EXIT_OK
 
 
 async def cmd_info(ctx: Context, name: str) -> int:
@@ -153,8 +174,13 @@ async def cmd_info(ctx: Context, name: str) -> int:
 
 async def cmd_start(ctx: Context, name: str) -> int:
     spec = ctx.spec(name)
-    hv = ctx.hypervisor(ctx.config.instances[name].node)
-    info = await Instance(spec, hv).start()
+    async with ctx.guard() as guard:
+        # Where it last ran (the store), else where the configuration puts a first start.
+        placed = await guard.store.placement(name)
+        node = placed.node if placed is not None else ctx.config.instances[name].node
+        hv = ctx.hypervisor(node)
+        instance = Instance(spec, hv, guard=guard)
+        info = await instance.start(peers=list(ctx.hypervisors.values()))
     ctx.emit(
         {"instance": name, "node": hv.node.name, "pid": info.pid},
         text=f"started {name} on {hv.node.name} (pid {info.pid})",
@@ -163,16 +189,22 @@ async def cmd_start(ctx: Context, name: str) -> int:
 
 
 async def cmd_stop(ctx: Context, name: str, *, force: bool, timeout: float) -> int:
-    hv = await ctx.locate(name)
-    instance = Instance(ctx.spec(name), hv, InstanceState.RUNNING)
-    if not await hv.is_running(name):
-        await hv.cleanup(name)
-        ctx.emit(
-            {"instance": name, "stopped": True, "was_running": False},
-            text=f"{name} was not running; cleaned up",
-        )
-        return EXIT_OK
-    await instance.stop(force=force, timeout=timeout)
+    if timeout < 0:
+        raise ValidationError([FieldProblem("--timeout", timeout, "0 or more seconds")])
+    async with ctx.guard() as guard:
+        hv = await ctx.locate(name, guard)
+        instance = Instance(ctx.spec(name), hv, InstanceState.RUNNING, guard=guard)
+        if not await hv.is_running(name):
+            async with instance.operation("stop") as held:
+                await hv.cleanup(name)
+                if held is not None:
+                    await held.place(None)
+            ctx.emit(
+                {"instance": name, "stopped": True, "was_running": False},
+                text=f"{name} was not running; cleaned up",
+            )
+            return EXIT_OK
+        await instance.stop(force=force, timeout=timeout)
     ctx.emit(
         {"instance": name, "stopped": True, "was_running": True},
         text=f"stopped {name} on {hv.node.name}",
@@ -181,8 +213,12 @@ async def cmd_stop(ctx: Context, name: str, *, force: bool, timeout: float) -> i
 
 
 async def cmd_reboot(ctx: Context, name: str, *, force: bool) -> int:
-    hv = await ctx.locate(name)
-    info = await hv.reboot(ctx.spec(name), force=force)
+    async with ctx.guard() as guard:
+        hv = await ctx.locate(name, guard)
+        if not await hv.is_running(name):
+            raise MisuseError(f"{name} is not running on {hv.node.name}; start it instead")
+        instance = Instance(ctx.spec(name), hv, InstanceState.RUNNING, guard=guard)
+        info = await instance.reboot(force=force)
     ctx.emit(
         {"instance": name, "node": hv.node.name, "pid": info.pid},
         text=f"rebooted {name} on {hv.node.name} (pid {info.pid})",
@@ -278,7 +314,7 @@ async def cmd_migrate(
     ctx.hypervisor(target)
     if not await hv.is_running(name):
         raise MisuseError(f"{name} is not running; nothing to migrate")
-    async with ctx.engine(policy) as engine:
+    async with ctx.guard() as guard, ctx.engine(policy, guard=guard) as engine:
         engine.add_instance(Instance(ctx.spec(name), hv, InstanceState.RUNNING))
         result = await with_progress(
             ctx,
@@ -318,7 +354,7 @@ async def cmd_evacuate(
     ctx.hypervisor(node)
     for target in targets:
         ctx.hypervisor(target)
-    async with ctx.engine(policy, limits) as engine:
+    async with ctx.guard() as guard, ctx.engine(policy, limits, guard=guard) as engine:
         source = ctx.hypervisors[node]
         for name in await source.list_instances():
             spec = ctx.config.instances[name].spec if name in ctx.config.instances else None
@@ -387,7 +423,7 @@ async def cmd_plan(ctx: Context, path: str, *, run: bool, progress: bool) -> int
             text="\n".join(s.describe() for s in steps) + f"\nplan is valid: {len(steps)} steps",
         )
         return EXIT_OK
-    async with ctx.engine(None) as engine:
+    async with ctx.guard() as guard, ctx.engine(None, guard=guard) as engine:
         await attach_all(ctx, engine)
         report = await with_progress(
             ctx,

@@ -2,6 +2,9 @@
 
 Example (``examples/kvmflow.toml``)::
 
+    [store]
+    path = "/var/lib/kvmflow/store.sqlite"  # the store of record every kvmflow shares
+
     [nodes.alpha]
     runtime_root = "/run/kvmflow"      # where pid files, sockets and runtimes live
     migration_address = "192.0.2.10"   # where this node's QEMUs listen for migrations
@@ -32,6 +35,7 @@ from kvmflow.kvm.runtime import DEFAULT_ROOT, RuntimePaths
 from kvmflow.kvm.spec import InstanceSpec
 
 NODE_KEYS = {"runtime_root", "migration_address", "link_budget_mib"}
+STORE_KEYS = {"path"}
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,7 @@ class Config:
     path: Path | None
     nodes: dict[str, NodeConfig] = field(default_factory=dict)
     instances: dict[str, InstanceConfig] = field(default_factory=dict)
+    store_path: str | None = None  # [store] path; None: $KVMFLOW_STORE or the default
 
 
 def load_config(path: Path | None) -> Config:
@@ -82,12 +87,15 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
     problems: list[FieldProblem] = []
     config = Config(path)
     for key in data:
-        if key not in ("nodes", "instances"):
+        if key not in ("nodes", "instances", "store"):
             problems.append(
                 FieldProblem(
-                    key, data[key], "unknown section; use [nodes.NAME] and [instances.NAME]"
+                    key,
+                    data[key],
+                    "unknown section; use [store], [nodes.NAME] and [instances.NAME]",
                 )
             )
+    config.store_path = _store(data.get("store", {}), problems)
     for name, body in _table(data, "nodes", problems).items():
         node = _node(name, body, problems)
         if node is not None:
@@ -120,6 +128,26 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
     if problems:
         raise ConfigError(problems)
     return config
+
+
+def _store(body: Any, problems: list[FieldProblem]) -> str | None:
+    if not isinstance(body, dict):
+        problems.append(FieldProblem("store", body, "a table with path = FILE"))
+        return None
+    for key in body:
+        if key not in STORE_KEYS:
+            problems.append(
+                FieldProblem(
+                    f"store.{key}", body[key], f"unknown key; known: {', '.join(STORE_KEYS)}"
+                )
+            )
+    path = body.get("path")
+    if path is None:
+        return None
+    if not isinstance(path, str) or not path.startswith("/"):
+        problems.append(FieldProblem("store.path", path, "an absolute path of a file"))
+        return None
+    return path
 
 
 def _table(data: dict[str, Any], key: str, problems: list[FieldProblem]) -> dict[str, Any]:

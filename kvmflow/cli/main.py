@@ -1,8 +1,10 @@
 # PYTHON_ARGCOMPLETE_OK
 """Entry point of the ``kvmflow`` command: argument parsing, output and exit codes.
 
-Exit codes: 0 success; 1 an operation failed; 2 bad usage, bad configuration or an unknown
-instance or node; 3 a batch (evacuation, plan) partly failed; 130 interrupted.
+Exit codes: 0 success; 1 an operation failed (or was refused: the instance is busy, another
+copy runs; or recovery found something an operator must decide); 2 bad usage, bad
+configuration or an unknown instance or node; 3 a batch (evacuation, plan) partly failed;
+130 interrupted.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import argcomplete
 from argcomplete.shell_integration import shellcode
 from rich.console import Console
 
-from kvmflow.cli import commands
+from kvmflow.cli import commands, records
 from kvmflow.cli.commands import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, Context
 from kvmflow.cli.config import Config, NodeConfig, load_config, parse_node_flag
 from kvmflow.cli.logs import configure_logging
@@ -34,6 +36,9 @@ examples:
   kvmflow -c kvmflow.toml evacuate alpha --to beta,gamma --dry-run
   kvmflow -c kvmflow.toml monitor web1 --hmp "info status"
   kvmflow -c kvmflow.toml plan run examples/plan.toml
+  kvmflow -c kvmflow.toml jobs              operations in flight, from any shell
+  kvmflow -c kvmflow.toml abort web1        ask the owner of web1's operation to cancel
+  kvmflow -c kvmflow.toml recover --dry-run after a controller died: what would be done
 
 exit codes: 0 ok, 1 operation failed, 2 usage or configuration error, 3 batch partly failed
 """
@@ -63,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="add (or replace) a node: its name, runtime root and migration "
         "address; repeatable, on top of the configuration file",
     )
+    parser.add_argument(
+        "--store",
+        metavar="FILE",
+        help="the store of record (SQLite); default: $KVMFLOW_STORE, the config's "
+        "[store] path, or /var/lib/kvmflow/store.sqlite",
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     parser.add_argument("-q", "--quiet", action="count", default=0, help="less log output")
     parser.add_argument("--log-json", action="store_true", help="log as JSON lines on stderr")
@@ -86,7 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--bandwidth", type=int, metavar="MIB_S", help="bandwidth limit, MiB/s")
         p.add_argument("--downtime", type=int, metavar="MS", help="initial downtime limit, ms")
 
-    command("list", "list running instances on every node")
+    command("list", "every instance: each copy's state on every node, and what disagrees")
+    command("jobs", "operations in flight (from any shell), with phase and progress")
+    p = command("abort", "ask the owner of an operation in flight to cancel it")
+    p.add_argument("name")
+    p = command("recover", "after a controller died: finish, adopt or clean every operation")
+    p.add_argument("--dry-run", action="store_true", help="say what would be done, change nothing")
+    p.add_argument("--abort", action="store_true", help="cancel migrations still streaming")
+    p.add_argument(
+        "--clean-orphans",
+        action="store_true",
+        help="remove leftover copies that hold no guest, once the real copy is verified",
+    )
     command("info", "show one instance").add_argument("name")
     command("start", "start an instance from the configuration").add_argument("name")
     p = command("stop", "stop an instance (ACPI power-down, then kill)")
@@ -155,12 +177,25 @@ def run(args: argparse.Namespace, console: Console) -> int:
         print(shellcode(["kvmflow"], shell=args.shell))
         return EXIT_OK
     ctx = Context(
-        add_flag_nodes(load_config(args.config), args.extra_nodes), console, as_json=as_json
+        add_flag_nodes(load_config(args.config), args.extra_nodes),
+        console,
+        as_json=as_json,
+        store_path=args.store,
     )
     if args.command == "console":
         return commands.console_command(ctx, args.name)
     if args.command == "list":
-        return anyio.run(commands.cmd_list, ctx)
+        return anyio.run(records.cmd_list, ctx)
+    if args.command == "jobs":
+        return anyio.run(records.cmd_jobs, ctx)
+    if args.command == "abort":
+        return anyio.run(records.cmd_abort, ctx, args.name)
+    if args.command == "recover":
+        return anyio.run(
+            lambda: records.cmd_recover(
+                ctx, dry_run=args.dry_run, abort=args.abort, clean_orphans=args.clean_orphans
+            )
+        )
     if args.command == "info":
         return anyio.run(commands.cmd_info, ctx, args.name)
     if args.command == "start":

@@ -370,6 +370,8 @@ class Engine:
         assert ticket.scope is not None
         try:
             with ticket.scope:
+                if instance.guard is not None:  # before the monitor is opened and held
+                    await instance.guard.check_free(instance.name)
                 async with source.hypervisor.qmp(
                     instance.name, command_timeout=policy.query_timeout
                 ) as qmp:

@@ -2,9 +2,10 @@
 started or recovered (reality first; the store's record second, the config file last).
 
 A :class:`Copy` is one QEMU of an instance on one node, with its run state and migration
-status as that QEMU says them; an instance with no process but files left behind shows up
-with :attr:`Copy.state` ``failed`` and the files named. The nodes are asked concurrently,
-each answer bounded in time, so one slow node does not hold the others up.
+status as that QEMU says them over HMP (QMP may be held by the operation in flight); an
+instance with no process but files left behind shows up with :attr:`Copy.state` ``failed``
+and the files named. The nodes are asked concurrently, each answer bounded in time, so one
+slow node does not hold the others up.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import structlog
 from kvmflow.errors import KvmflowError, ValidationError
 from kvmflow.kvm.hypervisor import KvmHypervisor
 from kvmflow.kvm.spec import check_instance_name
+from kvmflow.migration.hmp_monitor import HmpMigrationMonitor
+from kvmflow.monitor.hmp import HMPClient
 from kvmflow.monitor.queries import RunState, query_status
 
 _log = structlog.get_logger("kvmflow.engine")
@@ -85,11 +88,15 @@ async def look(hypervisor: KvmHypervisor, name: str) -> Copy | None:
     if pid is None:
         stale = [p for p in hypervisor.paths.instance_files(name) if await _exists(hypervisor, p)]
         return Copy(name, node, CopyState.FAILED, stale_files=tuple(stale)) if stale else None
+    # Asked over HMP: an operation in flight (a migration) holds the QMP socket, which
+    # serves one client at a time, and this look must not wait for it to end.
+    connector = hypervisor.node.monitor_connector(hypervisor.paths.hmp_socket(name))
     try:
         with anyio.fail_after(ASK_TIMEOUT):
-            async with hypervisor.qmp(name, command_timeout=ASK_TIMEOUT) as qmp:
-                status = await query_status(qmp)
-                answer = await qmp.execute("query-migrate")
+            async with HMPClient(connector, command_timeout=ASK_TIMEOUT) as hmp:
+                monitor = HmpMigrationMonitor(hmp)
+                status = await query_status(monitor)
+                answer = await monitor.execute("query-migrate")
     except (KvmflowError, TimeoutError, OSError) as exc:
         _log.warning("copy did not say its state", instance=name, node=node, error=str(exc))
         return Copy(name, node, CopyState.UNREACHABLE, pid)

@@ -145,6 +145,10 @@ class Recovery:
         async with anyio.create_task_group() as tg:
             for entries in by_instance.values():
                 tg.start_soon(settle_all, entries)
+        open_ids = {entry.instance for entry in await self.store.unfinished()}
+        for lease in await self.store.leases():
+            if lease.instance not in by_instance and lease.instance not in open_ids:
+                reports.append(await self._stale_lease(lease))
         open_now = {
             r.instance for r in reports if r.verdict in NEEDS_OPERATOR | {Verdict.IN_FLIGHT}
         }
@@ -158,6 +162,27 @@ class Recovery:
                 detail=report.detail,
             )
         return reports
+
+    async def _stale_lease(self, lease: Lease) -> RecoveryReport:
+        """A lease with no open entry (its owner died between taking it and writing the
+        intent, before acting): released once its owner is gone."""
+        name = lease.instance
+        if lease.owner.alive() is not False and not _expired(lease):
+            return RecoveryReport(name, Verdict.IN_FLIGHT, f"{lease.operation} by {lease.owner}")
+        if self.dry_run:
+            return RecoveryReport(name, Verdict.WOULD, f"release the stale lease of {lease.owner}")
+        try:
+            taken = await self.store.acquire(
+                name, self.guard.owner, "recover", self.guard.ttl, take_over=True
+            )
+        except InstanceBusyError as exc:
+            return RecoveryReport(name, Verdict.IN_FLIGHT, str(exc))
+        await self.store.release(taken)
+        return RecoveryReport(
+            name,
+            Verdict.SETTLED,
+            f"released the lease {lease.operation} by {lease.owner} left (nothing was done)",
+        )
 
     def hypervisor(self, node: str) -> KvmHypervisor:
         try:

@@ -29,8 +29,8 @@ import anyio
 import structlog
 
 from kvmflow._taskgroups import exit_task_group
-from kvmflow.errors import KvmflowError, LeaseLostError, OperationAbortedError
-from kvmflow.store.base import JournalEntry, Lease, Owner, Placement, Store
+from kvmflow.errors import InstanceBusyError, KvmflowError, LeaseLostError, OperationAbortedError
+from kvmflow.store.base import JournalEntry, Lease, Owner, Placement, Store, busy_message
 
 _log = structlog.get_logger("kvmflow.instance")
 
@@ -75,6 +75,13 @@ class OperationGuard:
         self.store = store
         self.owner = owner
         self.ttl = ttl
+
+    async def check_free(self, instance: str) -> None:
+        """Refuse at once (:class:`InstanceBusyError` naming the holder) if any process
+        holds ``instance``: for callers that must open something before :meth:`hold`."""
+        held = await self.store.holder(instance)
+        if held is not None:
+            raise InstanceBusyError(busy_message(held, time.time()), holder=held)
 
     @contextlib.asynccontextmanager
     async def hold(

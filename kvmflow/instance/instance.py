@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import anyio
@@ -77,8 +77,18 @@ class Instance:
             ) as held:
                 yield held
 
-    async def start(self) -> InstanceInfo:
+    async def start(self, *, peers: Sequence[KvmHypervisor] = ()) -> InstanceInfo:
+        """Start the instance on its node. Refused (nothing started) when a QEMU of it
+        runs on any of ``peers`` (every other node known: reality first) or, with a guard,
+        when the store records it on another node."""
         async with self.operation("start") as held:
+            for peer in peers:
+                pid = await peer.find_pid(self.name)
+                if pid is not None and peer is not self.hypervisor:
+                    raise InstanceRunningError(
+                        f"instance {self.name} already runs on {peer.node.name} (pid {pid}); "
+                        f"a second copy is not started on {self.node_name}"
+                    )
             if held is not None:
                 placed = await held.store.placement(self.name)
                 if placed is not None and placed.node != self.node_name:
@@ -93,6 +103,29 @@ class Instance:
                 self.machine.fire(InstanceEvent.START_FAILED)
                 raise
             self.machine.fire(InstanceEvent.STARTED)
+            if held is not None:
+                await held.place(self.node_name)
+            return info
+
+    async def reboot(self, *, force: bool = False) -> InstanceInfo:
+        """Stop the instance and start it again with the same hardware, on the same node,
+        as one operation (so that nothing can come in between)."""
+        async with self.operation("reboot") as held:
+            self.machine.fire(InstanceEvent.STOP)
+            try:
+                info = await self.hypervisor.reboot(self.spec, force=force)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    running = await self.hypervisor.is_running(self.name)
+                    if running:
+                        self.machine.fire(InstanceEvent.STOP_FAILED)
+                    else:
+                        self.machine.fire(InstanceEvent.STOPPED)
+                        if held is not None:
+                            await held.place(None)
+                raise
+            for event in (InstanceEvent.STOPPED, InstanceEvent.START, InstanceEvent.STARTED):
+                self.machine.fire(event)
             if held is not None:
                 await held.place(self.node_name)
             return info

@@ -98,6 +98,23 @@ class JournalEntry:
         return self.finished_at is None
 
 
+def busy_message(held: Lease, now: float) -> str:
+    """Why an operation on ``held.instance`` is refused: who holds it, and for how long."""
+    gone = held.expires_at <= now or held.owner.alive() is False
+    if not gone:
+        state = f"its lease runs {held.expires_at - now:.0f} s more"
+    elif held.expires_at <= now:
+        state = (
+            f"its lease expired {now - held.expires_at:.0f} s ago; only recovery may take it over"
+        )
+    else:
+        state = "its owner process is gone; only recovery may take it over"
+    return (
+        f"instance {held.instance} is busy with {held.operation!r} by {held.owner} "
+        f"(token {held.token}): {state}"
+    )
+
+
 class Store(Protocol):
     """What kvmflow needs of a store of record (SQLite here; etcd for a cluster)."""
 
@@ -121,6 +138,10 @@ class Store(Protocol):
 
     async def release(self, lease: Lease) -> None:
         """Give the lease up (nothing happens if it was already taken over)."""
+        ...
+
+    async def leases(self) -> list[Lease]:
+        """Every lease held now (expired or not), by instance name."""
         ...
 
     async def holder(self, instance: str) -> Lease | None:

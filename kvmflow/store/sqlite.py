@@ -25,7 +25,7 @@ import anyio
 import anyio.to_thread
 
 from kvmflow.errors import InstanceBusyError, LeaseLostError, NothingToAbortError, StoreError
-from kvmflow.store.base import JournalEntry, Lease, Owner, Placement
+from kvmflow.store.base import JournalEntry, Lease, Owner, Placement, busy_message
 from kvmflow.store.schema import DEFAULT_PATH, connect, translated
 
 T = TypeVar("T")
@@ -94,7 +94,7 @@ class SQLiteStore:
                 if held is not None:
                     gone = held.expires_at <= now or held.owner.alive() is False
                     if not (take_over and gone):
-                        raise InstanceBusyError(_busy_message(held, now, gone), holder=held)
+                        raise InstanceBusyError(busy_message(held, now), holder=held)
                 token = _next_token(db)
                 lease = Lease(instance, owner, operation, token, now + ttl)
                 db.execute(
@@ -157,6 +157,17 @@ class SQLiteStore:
                     (lease.instance, lease.token),
                 ).fetchone()
             return str(row[0]) if row else None
+
+        return await self._run(read)
+
+    async def leases(self) -> list[Lease]:
+        def read() -> list[Lease]:
+            with translated(self.path):
+                names = [
+                    row[0]
+                    for row in self._db.execute("SELECT instance FROM leases ORDER BY instance")
+                ]
+                return [lease for name in names if (lease := _lease_row(self._db, name))]
 
         return await self._run(read)
 
@@ -356,21 +367,6 @@ def _update_open(
     )
     if cursor.rowcount != 1:
         raise StoreError(f"journal entry {entry.id} is not open", path=path)
-
-
-def _busy_message(held: Lease, now: float, gone: bool) -> str:
-    if not gone:
-        state = f"its lease runs {held.expires_at - now:.0f} s more"
-    elif held.expires_at <= now:
-        state = (
-            f"its lease expired {now - held.expires_at:.0f} s ago; only recovery may take it over"
-        )
-    else:
-        state = "its owner process is gone; only recovery may take it over"
-    return (
-        f"instance {held.instance} is busy with {held.operation!r} by {held.owner} "
-        f"(token {held.token}): {state}"
-    )
 
 
 def _json(details: dict[str, Any]) -> str:
