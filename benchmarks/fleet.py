@@ -15,13 +15,20 @@ process found it (``default``) and after :func:`kvmflow.tuning.tune_gc_for_fleet
 (``tuned``, what the kvmflow CLI does), because full collections of the ~400k objects
 that 1,000 in-flight migrations hold stop the event loop for ~200 ms.
 
-Run: ``python benchmarks/fleet.py [--migrations 1000] [--gc both|default|tuned]``. The last
-line is one JSON object (with ``--gc both``: both runs and the tuned/default ratios).
+With ``--store on`` every migration runs under a lease in a SQLite store of record (on the
+machine's disk: the intent, every phase, the placement and the outcome written before acting,
+``synchronous=FULL``; leases renewed, cancel requests polled and progress written in the
+guard's shared rounds). ``--store both`` (the default) runs tuned with and without it and
+reports the ratios of the two.
+
+Run: ``python benchmarks/fleet.py [--migrations 1000] [--gc both|default|tuned]
+[--store both|on|off]``. The last line is one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import resource
@@ -38,8 +45,10 @@ import structlog
 
 from kvmflow.engine import Engine, Limits, MigrationCompleted, MigrationProgressed, NodeEntry
 from kvmflow.instance import Instance
+from kvmflow.instance.guard import OperationGuard
 from kvmflow.kvm import HvParams, InstanceSpec, KvmHypervisor, RuntimePaths
 from kvmflow.migration import MigrationPolicy
+from kvmflow.store import Owner, SQLiteStore
 from kvmflow.testing.fleet import FakeNode, fleet_process
 from kvmflow.tuning import tune_gc_for_fleet
 
@@ -55,7 +64,20 @@ def system_seconds() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_stime
 
 
-async def run(migrations: int, control: str, root: Path, tuned: bool) -> dict[str, float]:
+async def run(
+    migrations: int, control: str, root: Path, tuned: bool, with_store: bool
+) -> dict[str, float]:
+    async with contextlib.AsyncExitStack() as stack:
+        guard = None
+        if with_store:
+            store = await stack.enter_async_context(await SQLiteStore.open(root / "store.sqlite"))
+            guard = OperationGuard(store, Owner.this_process("bench-fleet"))
+        return await run_fleet(migrations, control, root, tuned, guard)
+
+
+async def run_fleet(
+    migrations: int, control: str, root: Path, tuned: bool, guard: OperationGuard | None
+) -> dict[str, float]:
     node_count = max(1, -(-migrations // PER_NODE))  # every migration has a node pair
     sources = [FakeNode(f"src{n}", control, dirty_rate=8 << 20) for n in range(node_count)]
     targets = [FakeNode(f"dst{n}", control) for n in range(node_count)]
@@ -68,7 +90,9 @@ async def run(migrations: int, control: str, root: Path, tuned: bool) -> dict[st
     completed_at: dict[str, float] = {}
     watching: set[str] = set()  # migrations past their setup, being polled
     window: dict[str, float] = {}
-    async with Engine(entries, limits=limits, default_policy=policy) as engine:
+    async with Engine(
+        entries, limits=limits, default_policy=policy, guard=guard, recover_on_enter=False
+    ) as engine:
         names = []
         for n in range(migrations):
             # Guests from 1 to 3 GiB, so that completions spread out as in a real fleet.
@@ -126,24 +150,24 @@ async def run(migrations: int, control: str, root: Path, tuned: bool) -> dict[st
     }
 
 
-def measure(migrations: int, tuned: bool) -> dict[str, float]:
+def measure(migrations: int, tuned: bool, with_store: bool) -> dict[str, float]:
     """One run in this process, with a fresh fleet process."""
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    root = Path(tempfile.mkdtemp(prefix="kvff-"))
+    root = Path(tempfile.mkdtemp(prefix="kvff-", dir="/var/tmp"))  # the disk, not tmpfs
     control = str(root / "fleet.sock")
     try:
         with fleet_process(control):
-            return anyio.run(run, migrations, control, root, tuned)
+            return anyio.run(run, migrations, control, root, tuned, with_store)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def measure_in_child(migrations: int, mode: str) -> dict[str, float]:
+def measure_in_child(migrations: int, mode: str, store: str) -> dict[str, float]:
     """One run in a child process, so that the garbage collector starts untouched."""
     child = subprocess.run(
-        [sys.executable, __file__, "--migrations", str(migrations), "--gc", mode],
+        [sys.executable, __file__, "--migrations", str(migrations), "--gc", mode, "--store", store],
         capture_output=True,
         text=True,
         check=True,
@@ -152,25 +176,53 @@ def measure_in_child(migrations: int, mode: str) -> dict[str, float]:
     return figures
 
 
+KEYS = ("completion_notice_ms_p99", "engine_core_share_in_flight", "peak_rss_mib")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--migrations", type=int, default=1000)
     parser.add_argument("--gc", choices=("both", "default", "tuned"), default="both")
+    parser.add_argument("--store", choices=("both", "on", "off"), default="both")
     args = parser.parse_args()
-    if args.gc != "both":
-        result: dict[str, object] = dict(measure(args.migrations, args.gc == "tuned"))
+    if args.gc != "both" and args.store != "both":
+        result: dict[str, object] = dict(
+            measure(args.migrations, args.gc == "tuned", args.store == "on")
+        )
         for key, value in result.items():
             print(f"{key:>34}: {value}", file=sys.stderr)
         print(json.dumps(result))
         return
-    runs = {mode: measure_in_child(args.migrations, mode) for mode in ("default", "tuned")}
-    for key in runs["default"]:
-        print(f"{key:>34}: {runs['default'][key]:>10} {runs['tuned'][key]:>10}", file=sys.stderr)
-    ratios = {
-        f"tuned_over_default_{key}": round(runs["tuned"][key] / max(runs["default"][key], 1e-9), 2)
-        for key in ("completion_notice_ms_p99", "engine_core_share_in_flight", "peak_rss_mib")
+    cases = [
+        (gc, store)
+        for gc in (("default", "tuned") if args.gc == "both" else (args.gc,))
+        for store in (("off", "on") if args.store == "both" else (args.store,))
+    ]
+    runs = {
+        f"{gc}/store-{store}": measure_in_child(args.migrations, gc, store) for gc, store in cases
     }
+    names = list(runs)
+    print(f"{'':>34}" + "".join(f"{name:>20}" for name in names), file=sys.stderr)
+    for key in runs[names[0]]:
+        row = "".join(f"{runs[name][key]:>20}" for name in names)
+        print(f"{key:>34}{row}", file=sys.stderr)
+    ratios: dict[str, float] = {}
+    if "default/store-off" in runs and "tuned/store-off" in runs:
+        for key in KEYS:
+            ratios[f"tuned_over_default_{key}"] = _ratio(
+                runs, "tuned/store-off", "default/store-off", key
+            )
+    gc = "tuned" if args.gc != "default" else "default"
+    if f"{gc}/store-on" in runs and f"{gc}/store-off" in runs:
+        for key in KEYS:
+            ratios[f"store_on_over_off_{key}"] = _ratio(
+                runs, f"{gc}/store-on", f"{gc}/store-off", key
+            )
     print(json.dumps({**ratios, **runs}))
+
+
+def _ratio(runs: dict[str, dict[str, float]], top: str, bottom: str, key: str) -> float:
+    return round(runs[top][key] / max(runs[bottom][key], 1e-9), 2)
 
 
 if __name__ == "__main__":

@@ -228,7 +228,7 @@ async def _run_steps(engine: Engine, steps: list[PlanStep], note: Note) -> None:
                 if running:
                     note(StepOutcome(step, "skipped", "already running"))
                     continue
-                await instance.start()
+                await engine.start(step.instance)
             else:
                 if not running:
                     note(StepOutcome(step, "skipped", "not running"))

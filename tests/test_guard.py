@@ -4,20 +4,29 @@ journal of a migration phase by phase."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any, cast
 
 import anyio
 import pytest
 
-from kvmflow.errors import InstanceBusyError, InstanceRunningError, LeaseLostError
+from kvmflow.errors import (
+    InstanceBusyError,
+    InstanceRunningError,
+    LeaseLostError,
+    NothingToAbortError,
+    OperationAbortedError,
+)
 from kvmflow.instance import Instance, InstanceState
 from kvmflow.instance.guard import OperationGuard
 from kvmflow.kvm import HvParams, InstanceSpec, KvmHypervisor
 from kvmflow.migration import MigrationPolicy, migrate
-from kvmflow.store import Owner, SQLiteStore
+from kvmflow.store import Owner, SQLiteStore, Store
 
 pytestmark = pytest.mark.anyio
 
@@ -182,3 +191,70 @@ async def test_the_engine_drives_its_instances_under_leases(
         assert (journaled.operation, journaled.outcome) == ("migrate", "moved")
         await instance.stop(force=True)
     assert await store.unfinished() == []
+
+
+class CountingStore:
+    """The store, counting the calls each method gets (to see the rounds batch them)."""
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self.store = store
+        self.calls: Counter[str] = Counter()
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.store, name)
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            self.calls[name] += 1
+            return await method(*args, **kwargs)
+
+        return counted
+
+
+async def test_one_round_renews_polls_and_reports_for_every_held_operation(
+    store: SQLiteStore,
+) -> None:
+    counting = CountingStore(store)
+    guard = OperationGuard(cast(Store, counting), Owner.this_process("ctl-many"), ttl=0.9)
+    async with contextlib.AsyncExitStack() as stack:
+        held = [
+            await stack.enter_async_context(guard.hold(f"many{n}", "migrate")) for n in range(50)
+        ]
+        first = {lease.instance: lease.expires_at for lease in await store.leases()}
+        for n, op in enumerate(held):
+            op.report({"status": "active", "n": n})
+        counting.calls.clear()
+        with anyio.fail_after(10):
+            # Until every lease was renewed and every report written (the store is polled).
+            while True:
+                leases = await store.leases()
+                entries = await store.unfinished()
+                if all(lease.expires_at > first[lease.instance] for lease in leases) and all(
+                    entry.progress for entry in entries
+                ):
+                    break
+                await anyio.sleep(0.05)
+        assert sorted(entry.progress["n"] for entry in entries if entry.progress) == list(range(50))
+        # 50 operations, yet a handful of calls: one of each kind per round, not per operation.
+        assert 1 <= counting.calls["renew_all"] <= 3
+        assert 1 <= counting.calls["record_progress"] <= 3
+        assert counting.calls["cancel_requests"] <= 10
+        assert counting.calls["renew"] == 0
+
+
+async def test_a_cancel_request_stops_the_operation_and_says_who_asked(
+    store: SQLiteStore,
+) -> None:
+    guard = OperationGuard(store, Owner.this_process("ctl-1"), ttl=3)
+
+    async def asked_to_stop() -> None:
+        async with guard.hold("asked", "migrate"):
+            await store.request_cancel("asked", "the operator")
+            await anyio.sleep_forever()
+
+    with pytest.raises(OperationAbortedError, match="aborted on request by the operator"):
+        await asked_to_stop()
+    (entry,) = await store.history("asked")
+    assert entry.outcome == "aborted: requested by the operator"
+    assert await store.holder("asked") is None
+    with pytest.raises(NothingToAbortError, match="nothing to abort"):
+        await store.request_cancel("asked", "the operator")

@@ -115,7 +115,8 @@ def test_plan_runs_and_a_second_run_redoes_nothing(config: Path, tmp_path: Path)
     refused = kvmflow("-c", str(config), "plan", "run", str(bad))
     assert refused.returncode == 2
     assert "step[1].target" in refused.stderr
-    assert json.loads(kvmflow("-c", str(config), "list", "--json").stdout) == []  # nothing ran
+    listed = json.loads(kvmflow("-c", str(config), "list", "--json").stdout)
+    assert {row["state"] for row in listed} == {"stopped"}  # nothing ran
 
     first = kvmflow("-c", str(config), "plan", "run", str(plan), "--json")
     assert first.returncode == 0, first.stderr
@@ -126,7 +127,10 @@ def test_plan_runs_and_a_second_run_redoes_nothing(config: Path, tmp_path: Path)
     assert [s["outcome"] for s in outcomes] == ["skipped"] * 5
     assert {s["detail"] for s in outcomes} == {"done in an earlier run"}
     listed = json.loads(kvmflow("-c", str(config), "list", "--json").stdout)
-    assert [(r["instance"], r["node"]) for r in listed] == [("p1", "beta")]
+    assert [(r["instance"], r["state"], r["node"]) for r in listed] == [
+        ("p1", "running", "beta"),
+        ("p2", "stopped", None),
+    ]
     kvmflow("-c", str(config), "stop", "p1", "--force")
 
 

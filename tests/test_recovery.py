@@ -19,11 +19,12 @@ from typing import Any
 import anyio
 import pytest
 
+from kvmflow.engine import Recovery, Verdict
 from kvmflow.engine.reality import CopyState, survey
 from kvmflow.guest import dirty_guest_spec, sweep_count, wait_for_sweeps
 from kvmflow.instance import Instance
 from kvmflow.instance.guard import OperationGuard
-from kvmflow.kvm import KvmHypervisor
+from kvmflow.kvm import HvParams, InstanceSpec, KvmHypervisor
 from kvmflow.store import Owner, SQLiteStore
 from tests.conftest import qemus_under
 
@@ -174,3 +175,62 @@ async def test_an_adopted_stream_is_aborted_when_asked_or_past_its_deadline(
     await assert_one_copy_on(store, nodes, name, "node-a")
     (entry,) = (await store.history(name))[-1:]
     assert entry.details["recovery"] == "adopt the migration"
+
+
+async def recovery_of(
+    store: SQLiteStore, nodes: tuple[KvmHypervisor, KvmHypervisor], *, clean_orphans: bool = False
+) -> Recovery:
+    guard = OperationGuard(store, Owner.this_process("test-recovery"))
+    return Recovery({hv.node.name: hv for hv in nodes}, guard, clean_orphans=clean_orphans)
+
+
+async def test_a_leftover_target_is_reported_and_removed_only_when_asked(
+    nodes: tuple[KvmHypervisor, KvmHypervisor], store: SQLiteStore
+) -> None:
+    source, target = nodes
+    spec = InstanceSpec("orphaned", memory_mib=64, hvparams=HvParams(migration_port=0))
+    await Instance(spec, source, guard=OperationGuard(store, Owner.this_process("t"))).start()
+    runtime = await source.load_runtime("orphaned")
+    assert runtime is not None
+    await target.start(spec, runtime=runtime, incoming="defer")  # no entry explains it
+
+    (report,) = await (await recovery_of(store, nodes)).run()
+    assert (report.verdict, report.instance) == (Verdict.ORPHAN, "orphaned")
+    assert "inmigrate copy on node-b" in report.detail
+    assert await target.is_running("orphaned")  # reported, not touched
+
+    (report,) = await (await recovery_of(store, nodes, clean_orphans=True)).run()
+    assert report.verdict is Verdict.ORPHAN_REMOVED
+    assert not await target.is_running("orphaned")
+    assert await source.is_running("orphaned")
+    assert await (await recovery_of(store, nodes)).run() == []  # nothing left to say
+
+
+async def test_two_copies_holding_the_guest_are_never_touched(
+    nodes: tuple[KvmHypervisor, KvmHypervisor], store: SQLiteStore
+) -> None:
+    source, target = nodes
+    spec = InstanceSpec("twice", memory_mib=64, hvparams=HvParams(migration_port=0))
+    await Instance(spec, source, guard=OperationGuard(store, Owner.this_process("t"))).start()
+    await target.start(spec)  # started behind kvmflow's back: a second running copy
+
+    (report,) = await (await recovery_of(store, nodes, clean_orphans=True)).run()
+    assert report.verdict is Verdict.AMBIGUOUS
+    assert not report.ok
+    assert "two copies hold the guest" in report.detail
+    assert await source.is_running("twice")
+    assert await target.is_running("twice")
+
+
+async def test_a_running_copy_the_store_does_not_know_is_recorded(
+    nodes: tuple[KvmHypervisor, KvmHypervisor], store: SQLiteStore
+) -> None:
+    _, target = nodes
+    spec = InstanceSpec("unknown", memory_mib=64, hvparams=HvParams(migration_port=0))
+    await target.start(spec)  # no store involved
+    (report,) = await (await recovery_of(store, nodes)).run()
+    assert (report.verdict, report.runs_on) == (Verdict.RECORDED, "node-b")
+    placement = await store.placement("unknown")
+    assert placement is not None
+    assert placement.node == "node-b"
+    assert await store.holder("unknown") is None

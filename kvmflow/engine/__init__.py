@@ -1,10 +1,12 @@
-"""The multi-node engine: registry, limits, bandwidth budgets, events, evacuation."""
+"""The multi-node engine: registry, limits, bandwidth budgets, events, evacuation, and
+recovery after a controller crash."""
 
-from kvmflow.engine.engine import Engine, EventFeed, NodeEntry
+from kvmflow.engine.engine import Engine, NodeEntry
 from kvmflow.engine.evacuation import EvacuationPlan, EvacuationSummary
 from kvmflow.engine.events import (
     BandwidthRebalanced,
     EngineEvent,
+    EventFeed,
     MigrationCancelled,
     MigrationCompleted,
     MigrationFailed,
@@ -14,10 +16,15 @@ from kvmflow.engine.events import (
     PolicyActionTaken,
     Statistics,
 )
+from kvmflow.engine.reality import Copy, CopyState, survey
+from kvmflow.engine.recovery import Recovery
 from kvmflow.engine.tickets import Limits, MigrationTicket, TicketState
+from kvmflow.engine.verdicts import RecoveryReport, Verdict
 
 __all__ = [
     "BandwidthRebalanced",
+    "Copy",
+    "CopyState",
     "Engine",
     "EngineEvent",
     "EvacuationPlan",
@@ -33,6 +40,10 @@ __all__ = [
     "MigrationTicket",
     "NodeEntry",
     "PolicyActionTaken",
+    "Recovery",
+    "RecoveryReport",
     "Statistics",
     "TicketState",
+    "Verdict",
+    "survey",
 ]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -31,6 +30,7 @@ from kvmflow.engine.evacuation import Capacity, EvacuationPlan, EvacuationSummar
 from kvmflow.engine.events import (
     BandwidthRebalanced,
     EngineEvent,
+    EventFeed,
     MigrationCancelled,
     MigrationCompleted,
     MigrationFailed,
@@ -45,10 +45,9 @@ from kvmflow.engine.scheduling import link_share, pick_next
 from kvmflow.engine.tickets import Limits, MigrationTicket, TicketState
 from kvmflow.engine.verdicts import RecoveryReport
 from kvmflow.errors import KvmflowError, MisuseError
-from kvmflow.feed import BoundedFeed
 from kvmflow.instance.guard import OperationGuard
 from kvmflow.instance.instance import Instance
-from kvmflow.kvm.hypervisor import KvmHypervisor
+from kvmflow.kvm.hypervisor import InstanceInfo, KvmHypervisor
 from kvmflow.migration.errors import MigrationError
 from kvmflow.migration.migrate import migrate
 from kvmflow.migration.policy import MIB, MigrationPolicy
@@ -68,25 +67,6 @@ class NodeEntry:
     @property
     def name(self) -> str:
         return self.hypervisor.node.name
-
-
-class EventFeed(BoundedFeed[EngineEvent]):
-    """One subscriber's engine events; closing it (or leaving its ``with`` block) detaches
-    it from the engine, so that subscribers that come and go leave nothing behind."""
-
-    def __init__(self, max_buffered: int, detach: Callable[[EventFeed], None]) -> None:
-        super().__init__(max_buffered)
-        self._detach = detach
-
-    def close(self) -> None:
-        super().close()
-        self._detach(self)
-
-    def __enter__(self) -> EventFeed:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
 
 class Engine:
@@ -201,6 +181,12 @@ class Engine:
             return self.instances[name]
         except KeyError:
             raise MisuseError(f"unknown instance {name!r}") from None
+
+    async def start(self, name: str) -> InstanceInfo:
+        """Start a registered instance on its node; refused when any node of the engine
+        runs a copy of it (reality first), or the store records it elsewhere."""
+        peers = [entry.hypervisor for entry in self.nodes.values()]
+        return await self.instance(name).start(peers=peers)
 
     def where(self, name: str) -> str:
         """The node ``name`` runs on (the engine's single source of truth)."""

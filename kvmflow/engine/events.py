@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from kvmflow.feed import BoundedFeed
 from kvmflow.migration.decide import Decision
 from kvmflow.migration.results import MigrationProgress, MigrationResult
 
@@ -71,3 +73,22 @@ class Statistics:
     bytes_moved: int
     outbound: dict[str, int] = field(default_factory=dict)
     inbound: dict[str, int] = field(default_factory=dict)
+
+
+class EventFeed(BoundedFeed[EngineEvent]):
+    """One subscriber's engine events; closing it (or leaving its ``with`` block) detaches
+    it from the engine, so that subscribers that come and go leave nothing behind."""
+
+    def __init__(self, max_buffered: int, detach: Callable[[EventFeed], None]) -> None:
+        super().__init__(max_buffered)
+        self._detach = detach
+
+    def close(self) -> None:
+        super().close()
+        self._detach(self)
+
+    def __enter__(self) -> EventFeed:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

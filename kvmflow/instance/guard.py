@@ -4,7 +4,10 @@ store sees who acts on an instance, and a second one is refused.
 ``async with guard.hold(name, "migrate", details) as held:`` takes the instance's lease
 (refused at once with :class:`~kvmflow.errors.InstanceBusyError` naming the owner), opens
 a journal entry, and at the end closes the entry with its outcome and releases the lease,
-shielded. Beside the body a keeper task:
+shielded. Beside the body a keeper task takes part in the guard's rounds (every
+:data:`CANCEL_POLL_SECONDS`, one round for all the operations the guard holds, done by
+whichever keeper comes first, so that a controller holding a thousand operations makes a
+few store calls a round, not a thousand):
 
 - renews the lease at a third of its time to live. If the lease is lost (the store says
   another owner took it over), the body is cancelled and
@@ -52,6 +55,8 @@ class HeldOperation:
     aborted: OperationAbortedError | None = field(default=None)
     keep_open: bool = False  # recovery: leave the entry open and the lease in place
     _progress: dict[str, Any] | None = field(default=None, repr=False)
+    _renewed_at: float = field(default_factory=time.monotonic, repr=False)
+    _reported_at: float = field(default=0.0, repr=False)
 
     def report(self, progress: dict[str, Any]) -> None:
         """Keep ``progress`` as the latest; the keeper writes it at a bounded rate."""
@@ -75,6 +80,9 @@ class OperationGuard:
         self.store = store
         self.owner = owner
         self.ttl = ttl
+        self._held: dict[int, HeldOperation] = {}  # by lease token: what the rounds keep
+        self._round_lock = anyio.Lock()
+        self._last_round = 0.0
 
     async def check_free(self, instance: str) -> None:
         """Refuse at once (:class:`InstanceBusyError` naming the holder) if any process
@@ -151,41 +159,68 @@ class OperationGuard:
             raise held.lost
 
     async def _keep(self, held: HeldOperation, body: anyio.CancelScope) -> None:
-        """Renew the lease, watch for a cancel request, write progress (see the module)."""
-        poll = min(self.ttl / 3, CANCEL_POLL_SECONDS)
-        renewed = written = time.monotonic()
-        while True:
-            await anyio.sleep(poll)
-            now = time.monotonic()
-            try:
-                if now - renewed >= self.ttl / 3:
-                    held.lease, renewed = await self.store.renew(held.lease, self.ttl), now
-                requester = await self.store.cancel_requested(held.lease)
-                if held._progress is not None and now - written >= PROGRESS_EVERY_SECONDS:
-                    progress, held._progress = held._progress, None
-                    await self.store.record_progress(held.lease, held.entry, progress)
-                    written = now
-            except LeaseLostError as exc:
+        """Take part in the rounds until one says the body must stop (see the module)."""
+        poll = self._poll
+        self._held[held.lease.token] = held
+        try:
+            while held.lost is None and held.aborted is None:
+                await anyio.sleep(poll)
+                try:
+                    await self._round()
+                except KvmflowError as exc:  # the store hiccuped: the next round tries again
+                    _log.warning("lease keeper could not reach the store", error=str(exc))
+            if held.lost is not None:
                 _log.error("lease lost; stopping the operation", instance=held.lease.instance)
-                held.lost = exc
-                body.cancel()
-                return
-            except KvmflowError as exc:  # the store hiccuped: the next round tries again
-                _log.warning("lease keeper could not reach the store", error=str(exc))
-                continue
-            if requester is not None:
+            else:
                 _log.warning(
                     "cancel requested through the store",
                     instance=held.lease.instance,
-                    requested_by=requester,
+                    requested_by=held.aborted.requested_by if held.aborted else None,
                 )
-                held.aborted = OperationAbortedError(
-                    f"{held.lease.operation} of {held.lease.instance} was aborted on request "
-                    f"by {requester}; it was cleaned up as for a cancel",
-                    requested_by=requester,
-                )
-                body.cancel()
-                return
+            body.cancel()
+        finally:
+            self._held.pop(held.lease.token, None)
+
+    @property
+    def _poll(self) -> float:
+        return min(self.ttl / 3, CANCEL_POLL_SECONDS)
+
+    async def _round(self) -> None:
+        """One round for every held operation: one read of the cancel requests, one write
+        renewing the leases due, one write of the progress reported since."""
+        async with self._round_lock:
+            now = time.monotonic()
+            if now - self._last_round < self._poll * 0.9:
+                return  # another keeper did this round
+            self._last_round = now
+            held = list(self._held.values())
+            requests = await self.store.cancel_requests()
+            for op in held:
+                requester = requests.get((op.lease.instance, op.lease.token))
+                if requester is not None and op.aborted is None:
+                    op.aborted = OperationAbortedError(
+                        f"{op.lease.operation} of {op.lease.instance} was aborted on request "
+                        f"by {requester}; it was cleaned up as for a cancel",
+                        requested_by=requester,
+                    )
+            due = [op for op in held if now - op._renewed_at >= self.ttl / 3]
+            if due:
+                renewed, lost = await self.store.renew_all([op.lease for op in due], self.ttl)
+                by_token = {op.lease.token: op for op in due}
+                for lease in renewed:
+                    by_token[lease.token].lease, by_token[lease.token]._renewed_at = lease, now
+                for lease, exc in lost:
+                    by_token[lease.token].lost = exc
+            reports = [
+                op
+                for op in held
+                if op._progress is not None and now - op._reported_at >= PROGRESS_EVERY_SECONDS
+            ]
+            if reports:
+                batch = [(op.lease, op.entry, op._progress or {}) for op in reports]
+                for op in reports:
+                    op._progress, op._reported_at = None, now
+                await self.store.record_progress(batch)
 
     async def _close(self, held: HeldOperation) -> None:
         if held.lost is not None:

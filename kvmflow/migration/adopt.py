@@ -23,6 +23,7 @@ from kvmflow.errors import KvmflowError, OperationAbortedError, RecoveryError
 from kvmflow.instance.instance import Instance
 from kvmflow.instance.states import InstanceEvent
 from kvmflow.kvm.hypervisor import KvmHypervisor
+from kvmflow.migration.aborts import after_failure
 from kvmflow.migration.decide import PolicyEngine
 from kvmflow.migration.errors import MigrationError
 from kvmflow.migration.migrate import Migration
@@ -183,7 +184,7 @@ async def adopt(
                     on_bad_answer=run.note_bad_answer,
                 )
             except BaseException as exc:
-                return await run.after_failure(qmp, exc, runtime)
+                return await after_failure(run, qmp, exc, runtime)
             return await run.complete(qmp, final, runtime)
 
 

@@ -16,10 +16,11 @@
 
 Every step that needs undoing pushes its undo on one stack next to the step (kill the
 target, resume the source we paused); a failure before the switch-over cancels the stream
-and unwinds that stack, shielded, within ``policy.cleanup_timeout``; the switch-over drops
-it. How the migration ended is looked up from (phase, what the clean-up found) in
-:mod:`kvmflow.migration.outcome`. After every exit path exactly one copy of the instance
-runs, or the instance is ``failed`` and the error says why kvmflow cannot vouch for one.
+and unwinds that stack, shielded, within ``policy.cleanup_timeout``
+(:mod:`kvmflow.migration.aborts`); the switch-over drops it. How the migration ended is
+looked up from (phase, what the clean-up found) in :mod:`kvmflow.migration.outcome`. After
+every exit path exactly one copy of the instance runs, or the instance is ``failed`` and
+the error says why kvmflow cannot vouch for one.
 """
 
 from __future__ import annotations
@@ -32,17 +33,18 @@ from typing import Any, Literal
 import anyio
 import structlog
 
-from kvmflow.errors import ConnectionLostError, ContUnanswered, KvmflowError, MisuseError
+from kvmflow.errors import ContUnanswered, KvmflowError, MisuseError
 from kvmflow.feed import BoundedFeed
 from kvmflow.instance.instance import Instance
 from kvmflow.instance.states import InstanceEvent, InstanceState
 from kvmflow.kvm.hypervisor import KvmHypervisor
 from kvmflow.kvm.runtime import SavedRuntime
+from kvmflow.migration import aborts
 from kvmflow.migration.actions import PolicyActions
 from kvmflow.migration.decide import Decision, PolicyEngine
 from kvmflow.migration.errors import MigrationError
 from kvmflow.migration.hmp_monitor import HmpMigrationMonitor
-from kvmflow.migration.outcome import INFO, Finding, Outcome, Side, outcome_error, outcome_of
+from kvmflow.migration.outcome import INFO, Outcome, outcome_error
 from kvmflow.migration.phases import (
     MigrationPhase,
     PhaseChange,
@@ -265,7 +267,7 @@ class Migration:
             try:
                 final = await self._transfer(qmp, runtime)
             except BaseException as exc:
-                return await self.after_failure(qmp, exc, runtime)
+                return await aborts.after_failure(self, qmp, exc, runtime)
             return await self.complete(qmp, final, runtime)
 
     def bind(self, qmp: SourceMonitor, resources: contextlib.AsyncExitStack) -> None:
@@ -326,14 +328,15 @@ class Migration:
         if snapshot.status in _POSTCOPY_STATUSES:
             await self._enter_postcopy()
         decisions = self.policy_engine.observe(snapshot, time.monotonic())
-        self._report(snapshot, tuple(decisions))  # first, so that listeners see an abort too
+        # Reported first, so that listeners see an abort too.
+        self.report_progress(snapshot, tuple(decisions))
         assert self._actions is not None
         for decision in decisions:
             await self._actions.apply(decision)
         if snapshot.status is MigrationStatus.POSTCOPY_PAUSED:
             await self._actions.recover_postcopy(self.source_uri)
 
-    def _report(self, snapshot: MigrationSnapshot, decisions: tuple[Decision, ...]) -> None:
+    def report_progress(self, snapshot: MigrationSnapshot, decisions: tuple[Decision, ...]) -> None:
         self.reports += 1
         if self.report_to is not None:
             self.report_to(
@@ -380,9 +383,9 @@ class Migration:
                     await self.target.take_over(self.was_running)
                 except ContUnanswered as exc:
                     await self.phases.step(Step.CONT_UNANSWERED)
-                    raise await self._give_up(exc) from exc
+                    raise await aborts.give_up(self, exc) from exc
                 except (KvmflowError, TimeoutError) as exc:
-                    raise await self._take_back(qmp, exc) from exc
+                    raise await aborts.take_back(self, qmp, exc) from exc
                 await self.phases.step(Step.TARGET_TOOK_OVER)
             if self.src.paused_at is not None:
                 self.paused_ms = round((time.monotonic() - self.src.paused_at) * 1000)
@@ -417,7 +420,7 @@ class Migration:
         result = self._result(final, source_state)
         if problems:
             self.log.error("migration moved the guest but did not finish", problems=problems)
-            raise self._error(Outcome.MOVED_UNFINISHED, "; ".join(problems))
+            raise self.error_for(Outcome.MOVED_UNFINISHED, "; ".join(problems))
         self.log.info(
             "migration completed",
             elapsed=round(result.elapsed, 3),
@@ -446,151 +449,7 @@ class Migration:
             phases=tuple(self.phases.history),
         )
 
-    async def _take_back(self, qmp: SourceMonitor, cause: BaseException) -> MigrationError:
-        """The source sent everything but the target did not get the guest going (it died
-        loading the final device state, hung, or refused ``cont``): the guest never ran
-        there, so the source (in ``postmigrate``, its disks handed over) takes it back with
-        ``cont``, as libvirt does, once the target is gone."""
-        self.log.warning("target never took over; resuming the source", cause=repr(cause))
-        await self.phases.step(Step.ABORT)
-        finding = Finding.SOURCE_KEPT
-        with anyio.move_on_after(self.policy.cleanup_timeout) as scope:
-            await self.target.stop()
-            try:
-                if await self.target.is_running():
-                    raise MigrationError(self.name, "the target could not be stopped", runs_on=None)
-                if self.was_running:
-                    await qmp.execute("cont", timeout=10)
-            except KvmflowError as exc:
-                self.log.error("source could not take the guest back", error=str(exc))
-                cause, finding = exc, Finding.UNDO_FAILED
-        if scope.cancelled_caught:
-            finding = Finding.UNDO_FAILED
-        return await self._end_abort(Phase.COMPLETED_ON_SOURCE, finding, cause)
-
-    # ------------------------------------------------------------------ failure
-
-    async def after_failure(
-        self, qmp: SourceMonitor, exc: BaseException, runtime: SavedRuntime
-    ) -> MigrationResult:
-        """Clean up after ``exc`` according to the phase it hit; return the result if the
-        migration completed anyway, else raise (the original exception for a cancel or a
-        bug, a :class:`MigrationError` saying where the guest runs otherwise)."""
-        phase = self.phases.phase
-        with anyio.CancelScope(shield=True):
-            if phase is Phase.POSTCOPY:
-                moved, error = await self._postcopy_exit(qmp, exc, runtime)
-            else:
-                moved, error = await self._abort(qmp, exc, runtime)
-        if moved is not None:
-            # QEMU completed before the abort took effect: the instance moved. A cancel
-            # still propagates; any other failure turns into success.
-            if isinstance(exc, anyio.get_cancelled_exc_class()):
-                raise exc
-            return moved
-        assert error is not None
-        if isinstance(exc, KvmflowError):
-            raise error from exc
-        if not isinstance(exc, anyio.get_cancelled_exc_class()):
-            self.log.exception("migration failed on a bug", error=repr(exc))
-        raise exc
-
-    async def _abort(
-        self, qmp: SourceMonitor, cause: BaseException, runtime: SavedRuntime
-    ) -> tuple[MigrationResult | None, MigrationError | None]:
-        """Cancel the stream and unwind the undo stack within one deadline."""
-        phase = self.phases.phase
-        self.log.warning("migration aborting", phase=phase.value, cause=repr(cause))
-        await self.phases.step(Step.ABORT)
-        finding = Finding.SOURCE_KEPT
-        completed: MigrationSnapshot | None = None
-        with anyio.move_on_after(self.policy.cleanup_timeout) as scope:
-            reachable = True
-            if phase is Phase.STREAMING and isinstance(cause, ConnectionLostError):
-                contact = await self.src.reach_again()
-                if contact == "unknown":
-                    # The source may still stream and cannot be asked: the target is left
-                    # waiting (it runs nothing) so that no guest state is thrown away.
-                    self.undo.pop_all()
-                    await self.phases.step(Step.GIVE_UP)
-                    return None, await self._conclude(phase, Finding.CONTACT_LOST, cause)
-                reachable = contact == "reconnected"
-            if phase is Phase.STREAMING and reachable:
-                completed = await self.src.cancel()
-            if completed is not None:
-                self.undo.pop_all()
-            else:
-                await self.undo.aclose()
-                if await self.target.is_running():
-                    finding = Finding.UNDO_FAILED
-                elif not await self.src.is_running():
-                    finding = Finding.SOURCE_DIED
-                elif phase is Phase.STREAMING and reachable:
-                    await self.src.settle(self.was_running)
-        if scope.cancelled_caught:
-            finding = Finding.UNDO_FAILED
-        elif completed is not None:
-            try:
-                return await self.complete(qmp, completed, runtime), None
-            except MigrationError as error:
-                return None, error
-        return None, await self._end_abort(phase, finding, cause)
-
-    async def _postcopy_exit(
-        self, qmp: SourceMonitor, cause: BaseException, runtime: SavedRuntime
-    ) -> tuple[MigrationResult | None, MigrationError | None]:
-        """After the switch to post-copy the target holds the newest guest state: the
-        source is never resumed and the target never killed. A cancel waits for the
-        migration to finish instead; a failure leaves both QEMUs for the operator."""
-        if isinstance(cause, anyio.get_cancelled_exc_class()):
-            self.log.warning("cancel requested during post-copy; finishing the migration")
-            with anyio.move_on_after(self.policy.cancel_timeout):
-                try:
-                    final = await watch_migration(
-                        qmp, None, self.policy, on_snapshot=lambda s: self._report(s, ())
-                    )
-                    return await self.complete(qmp, final, runtime), None
-                except MigrationError as error:
-                    return None, error
-                except KvmflowError as exc:
-                    cause = exc
-        self.log.error(
-            "post-copy failed; the target holds the newest guest state and the "
-            "source must not be resumed",
-            cause=repr(cause),
-        )
-        await self.phases.step(Step.GIVE_UP)
-        return None, await self._conclude(Phase.POSTCOPY, Finding.LEFT_AS_IS, cause)
-
-    async def _end_abort(
-        self, phase: MigrationPhase, finding: Finding, cause: BaseException
-    ) -> MigrationError:
-        """The abort is over: ``aborted`` if the source has the guest, else ``stranded``."""
-        source_has_it = INFO[outcome_of(phase, finding)].side is Side.SOURCE
-        await self.phases.step(Step.ABORT_DONE if source_has_it else Step.GIVE_UP)
-        return await self._conclude(phase, finding, cause)
-
-    async def _give_up(self, cause: BaseException) -> MigrationError:
-        """Neither copy can be vouched for: leave both for the operator."""
-        phase = self.phases.phase
-        self.log.error("migration stranded; both QEMUs left as they are", cause=repr(cause))
-        await self.phases.step(Step.GIVE_UP)
-        return await self._conclude(phase, Finding.LEFT_AS_IS, cause)
-
-    async def _conclude(
-        self, phase: MigrationPhase, finding: Finding, cause: BaseException
-    ) -> MigrationError:
-        """Record the outcome of (phase, finding) on the instance; the error that says it."""
-        outcome = outcome_of(phase, finding)
-        info = INFO[outcome]
-        node = self.target_hv.node.name if info.side is Side.TARGET else None
-        if info.side is Side.TARGET:
-            self.instance.hypervisor = self.target_hv
-        self.instance.machine.fire(info.event_for(self.was_running), node=node)
-        self.log.warning("migration ended", outcome=outcome.value, phase=phase.value)
-        return self._error(outcome, cause)
-
-    def _error(self, outcome: Outcome, cause: BaseException | str) -> MigrationError:
+    def error_for(self, outcome: Outcome, cause: BaseException | str) -> MigrationError:
         return outcome_error(
             outcome,
             self.name,

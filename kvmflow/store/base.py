@@ -21,9 +21,12 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import psutil
+
+if TYPE_CHECKING:
+    from kvmflow.errors import LeaseLostError
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,13 @@ class Store(Protocol):
         """Extend ``lease``; :class:`~kvmflow.errors.LeaseLostError` if it is no longer ours."""
         ...
 
+    async def renew_all(
+        self, leases: list[Lease], ttl: float
+    ) -> tuple[list[Lease], list[tuple[Lease, LeaseLostError]]]:
+        """Extend many leases in one write: those renewed, and each other one with why it
+        was lost (a controller holding a thousand operations renews them all at once)."""
+        ...
+
     async def release(self, lease: Lease) -> None:
         """Give the lease up (nothing happens if it was already taken over)."""
         ...
@@ -177,10 +187,11 @@ class Store(Protocol):
         ...
 
     async def record_progress(
-        self, lease: Lease, entry: JournalEntry, progress: dict[str, Any]
+        self, reports: list[tuple[Lease, JournalEntry, dict[str, Any]]]
     ) -> None:
-        """Replace the open entry's latest progress (the owner writes it at a bounded rate,
-        so that ``kvmflow jobs`` in any shell can show it), fenced."""
+        """Replace each open entry's latest progress, all in one write (the owner writes at
+        a bounded rate, so that ``kvmflow jobs`` in any shell can show it). A report whose
+        lease no longer holds is dropped."""
         ...
 
     async def request_cancel(self, instance: str, requested_by: str) -> Lease:
@@ -189,8 +200,8 @@ class Store(Protocol):
         when no operation holds it."""
         ...
 
-    async def cancel_requested(self, lease: Lease) -> str | None:
-        """Who asked the holder of ``lease`` to cancel, if anyone did."""
+    async def cancel_requests(self) -> dict[tuple[str, int], str]:
+        """Every cancel request standing: (instance, lease token) -> who asked."""
         ...
 
     async def unfinished(self) -> list[JournalEntry]:

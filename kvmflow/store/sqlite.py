@@ -119,6 +119,28 @@ class SQLiteStore:
 
         return await self._run(renew)
 
+    async def renew_all(
+        self, leases: list[Lease], ttl: float
+    ) -> tuple[list[Lease], list[tuple[Lease, LeaseLostError]]]:
+        def renew() -> tuple[list[Lease], list[tuple[Lease, LeaseLostError]]]:
+            renewed, lost = [], []
+            expires_at = time.time() + ttl
+            with self._write() as db:
+                for lease in leases:
+                    try:
+                        _prove(db, lease, self.path)
+                    except LeaseLostError as exc:
+                        lost.append((lease, exc))
+                        continue
+                    db.execute(
+                        "UPDATE leases SET expires_at = ? WHERE instance = ? AND token = ?",
+                        (expires_at, lease.instance, lease.token),
+                    )
+                    renewed.append(dataclasses.replace(lease, expires_at=expires_at))
+            return renewed, lost
+
+        return await self._run(renew)
+
     async def release(self, lease: Lease) -> None:
         def release() -> None:
             with self._write() as db:
@@ -149,14 +171,13 @@ class SQLiteStore:
 
         return await self._run(request)
 
-    async def cancel_requested(self, lease: Lease) -> str | None:
-        def read() -> str | None:
+    async def cancel_requests(self) -> dict[tuple[str, int], str]:
+        def read() -> dict[tuple[str, int], str]:
             with translated(self.path):
-                row = self._db.execute(
-                    "SELECT requested_by FROM cancel_requests WHERE instance = ? AND token = ?",
-                    (lease.instance, lease.token),
-                ).fetchone()
-            return str(row[0]) if row else None
+                rows = self._db.execute(
+                    "SELECT instance, token, requested_by FROM cancel_requests"
+                ).fetchall()
+            return {(row[0], row[1]): str(row[2]) for row in rows}
 
         return await self._run(read)
 
@@ -287,11 +308,16 @@ class SQLiteStore:
         return await self._run(finish)
 
     async def record_progress(
-        self, lease: Lease, entry: JournalEntry, progress: dict[str, Any]
+        self, reports: list[tuple[Lease, JournalEntry, dict[str, Any]]]
     ) -> None:
         def record() -> None:
-            with self._fenced(lease) as db:
-                _update_open(db, entry, self.path, "progress = ?", (_json(progress),))
+            with self._write() as db:
+                for lease, entry, progress in reports:
+                    if _holds(db, lease):  # progress of a lease lost is dropped, not fenced
+                        db.execute(
+                            "UPDATE journal SET progress = ? WHERE id = ? AND finished_at IS NULL",
+                            (_json(progress), entry.id),
+                        )
 
         await self._run(record)
 
@@ -356,6 +382,11 @@ def _prove(db: sqlite3.Connection, lease: Lease, path: str) -> None:
             f"the lease on {lease.instance} (token {lease.token}) expired; nothing was written",
             path=path,
         )
+
+
+def _holds(db: sqlite3.Connection, lease: Lease) -> bool:
+    held = _lease_row(db, lease.instance)
+    return held is not None and held.token == lease.token and held.expires_at > time.time()
 
 
 def _update_open(
