@@ -1,7 +1,10 @@
-"""Cost of one journal write (a phase change) in the SQLite store, against the worker
-thread hop every store call makes anyway, measured in the same run.
+"""Cost of the journal per migration phase: a phase step of the real
+:class:`~kvmflow.migration.phases.PhaseTracker` with the store's journal listener (what a
+migration under a guard does) against the same step with no store, and the bare store
+write against the worker-thread hop every store call makes anyway, all in one run,
+alternating so that each sees the same machine.
 
-Prints the medians and p99s in microseconds, and their ratio, as one JSON line. The store
+Prints the medians and p99s in microseconds, and the ratios, as one JSON line. The store
 file lives in a temporary directory on the machine's own disk (``--dir`` to choose), since
 ``synchronous=FULL`` makes every commit wait for the disk.
 """
@@ -19,6 +22,7 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 
+from kvmflow.migration.phases import PhaseChange, PhaseEvent, PhaseTracker
 from kvmflow.store import Owner, SQLiteStore
 
 
@@ -34,20 +38,48 @@ async def run(count: int, directory: str | None) -> dict[str, float]:
             entry = await store.begin(lease, "checking", {"source": "a", "target": "b"})
             hop: list[float] = []
             write: list[float] = []
-            for n in range(count):  # alternate, so that both see the same machine
+            bare_step: list[float] = []
+            journaled_step: list[float] = []
+
+            async def journal(change: PhaseChange) -> None:
+                """What a migration under a guard does with each step (HeldOperation.phase)."""
+                nonlocal entry
+                entry = await store.record_phase(
+                    lease, entry, change.after.value, {"step": change.event.value}
+                )
+
+            for n in range(count):  # alternate, so that all see the same machine
                 started = time.perf_counter()
                 await anyio.to_thread.run_sync(lambda: None)
                 hop.append((time.perf_counter() - started) * 1e6)
                 started = time.perf_counter()
                 entry = await store.record_phase(lease, entry, "streaming", {"n": n})
                 write.append((time.perf_counter() - started) * 1e6)
+                bare = PhaseTracker("bench", "a", "b")
+                started = time.perf_counter()
+                await bare.step(PhaseEvent.START_TARGET)
+                bare_step.append((time.perf_counter() - started) * 1e6)
+                journaled = PhaseTracker("bench", "a", "b")
+                journaled.add_listener(journal)
+                started = time.perf_counter()
+                await journaled.step(PhaseEvent.START_TARGET)
+                journaled_step.append((time.perf_counter() - started) * 1e6)
     result = {
         "hop_median_us": round(statistics.median(hop), 1),
         "hop_p99_us": round(percentile(hop, 0.99), 1),
         "write_median_us": round(statistics.median(write), 1),
         "write_p99_us": round(percentile(write, 0.99), 1),
     }
+    result |= {
+        "step_no_store_median_us": round(statistics.median(bare_step), 1),
+        "step_no_store_p99_us": round(percentile(bare_step, 0.99), 1),
+        "step_journaled_median_us": round(statistics.median(journaled_step), 1),
+        "step_journaled_p99_us": round(percentile(journaled_step, 0.99), 1),
+    }
     result["write_over_hop_median"] = round(result["write_median_us"] / result["hop_median_us"], 1)
+    result["journal_cost_per_phase_median_us"] = round(
+        result["step_journaled_median_us"] - result["step_no_store_median_us"], 1
+    )
     return result
 
 

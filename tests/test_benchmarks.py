@@ -28,7 +28,20 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
         (
             "store_writes.py",
             ["--count", "50"],
-            {"write_median_us", "write_p99_us", "hop_median_us", "write_over_hop_median"},
+            {
+                "write_median_us",
+                "write_p99_us",
+                "hop_median_us",
+                "write_over_hop_median",
+                "step_no_store_median_us",
+                "step_journaled_median_us",
+                "journal_cost_per_phase_median_us",
+            },
+        ),
+        (
+            "fleet.py",
+            ["--migrations", "20", "--gc", "tuned", "--store", "on"],
+            {"failed", "engine_core_share_in_flight", "completion_notice_ms_p99"},
         ),
         (
             "migration_latency.py",
@@ -48,3 +61,4 @@ def test_benchmark_prints_its_json_line(script: str, args: list[str], keys: set[
     assert result.returncode == 0, result.stderr[-2000:]
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert keys <= set(figures)
+    assert figures.get("failed", 0) == 0  # every migration of a fleet run completed

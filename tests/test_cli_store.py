@@ -148,6 +148,34 @@ def test_a_second_operation_during_a_migration_is_refused_naming_the_owner(
     assert slow_migration.poll() is None  # the migration goes on
 
 
+def test_info_during_a_migration_answers_at_once_with_the_operation(
+    config: Path, slow_migration: subprocess.Popen[str]
+) -> None:
+    info = kvmflow("info", "web1", "--json", config=config)
+    assert info.returncode == 0, info.stderr
+    data = json.loads(info.stdout)
+    assert (data["node"], data["run_state"], data["migration"]) == ("alpha", "running", "active")
+    assert data["operation"].startswith(f"migrate by kvmflow-cli (pid {slow_migration.pid}")
+
+
+def test_a_store_that_cannot_be_used_stops_the_command_before_anything_runs(
+    config: Path, runtime_root: Path, tmp_path: Path
+) -> None:
+    missing = tmp_path / "no-such-dir" / "store.sqlite"
+    refused = kvmflow("start", "web1", config=config, env={"KVMFLOW_STORE": str(missing)})
+    assert refused.returncode == 1
+    assert f"the store's directory {missing.parent} does not exist" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert qemus_under(runtime_root) == []
+    corrupt = tmp_path / "corrupt.sqlite"
+    corrupt.write_bytes(b"this is not a database, and it is kept as it is" * 100)
+    refused = kvmflow("start", "web1", config=config, env={"KVMFLOW_STORE": str(corrupt)})
+    assert refused.returncode == 1
+    assert "corrupt or not a store" in refused.stderr
+    assert corrupt.read_bytes().startswith(b"this is not a database")
+    assert qemus_under(runtime_root) == []
+
+
 def test_abort_from_another_shell_cancels_and_cleans_up(
     config: Path, runtime_root: Path, slow_migration: subprocess.Popen[str]
 ) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 import pytest
 
-from kvmflow.engine import Recovery, Verdict
+from kvmflow.engine import Engine, NodeEntry, Recovery, Verdict
 from kvmflow.engine.reality import CopyState, survey
 from kvmflow.guest import dirty_guest_spec, sweep_count, wait_for_sweeps
 from kvmflow.instance import Instance
@@ -234,3 +234,22 @@ async def test_a_running_copy_the_store_does_not_know_is_recorded(
     assert placement is not None
     assert placement.node == "node-b"
     assert await store.holder("unknown") is None
+
+
+async def test_entering_an_engine_recovers_what_a_dead_controller_left(
+    nodes: tuple[KvmHypervisor, KvmHypervisor],
+    runtime_root: Path,
+    dirty_guest: Path,
+    store: SQLiteStore,
+) -> None:
+    name = "kill-engine"
+    await start_guest(store, nodes[0], name, dirty_guest, mib=8)
+    code, output = await controller(
+        "migrate", store.path, str(runtime_root), name, "converging", "switched-over"
+    )
+    assert code == -signal.SIGKILL, output
+    guard = OperationGuard(store, Owner.this_process("engine"))
+    entries = [NodeEntry(hv, "127.0.0.1") for hv in nodes]
+    async with Engine(entries, guard=guard) as engine:
+        assert [(r.instance, r.verdict) for r in engine.recovered] == [(name, Verdict.FINISHED)]
+    await assert_one_copy_on(store, nodes, name, "node-b")

@@ -17,6 +17,7 @@ from rich.table import Table
 from kvmflow.cli.config import Config
 from kvmflow.cli.progress import MigrationBars
 from kvmflow.engine import Engine, Limits, NodeEntry
+from kvmflow.engine.reality import look
 from kvmflow.errors import ConfigError, FieldProblem, MisuseError, ValidationError
 from kvmflow.instance import Instance, InstanceState
 from kvmflow.instance.guard import OperationGuard
@@ -163,8 +164,15 @@ async def cmd_info(ctx: Context, name: str) -> int:
         )
         return EXIT_FAILED
     data = {"instance": name, "node": hv.node.name, "running": True, **asdict(info)}
-    async with hv.qmp(name, command_timeout=10) as qmp:
-        data["run_state"] = (await qmp.execute("query-status"))["status"]
+    # Over HMP, and the operation from the store: a migration in flight holds QMP.
+    copy = await look(hv, name)
+    data["run_state"] = copy.state.value if copy is not None else "stopped"
+    data["migration"] = copy.migration if copy is not None else None
+    async with ctx.guard() as guard:
+        holder = await guard.store.holder(name)
+        placed = await guard.store.placement(name)
+    data["operation"] = f"{holder.operation} by {holder.owner}" if holder else None
+    data["recorded_node"] = placed.node if placed else None
     table = make_table("field", "value")
     for key, value in data.items():
         table.add_row(key, str(value))
