@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import sys
 import tempfile
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import anyio
 import anyio.to_thread
+import structlog
 
 from kvmflow.migration.phases import PhaseChange, PhaseEvent, PhaseTracker
 from kvmflow.store import Owner, SQLiteStore
@@ -88,6 +90,8 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=2000)
     parser.add_argument("--dir", default=None, help="where the temporary store goes")
     args = parser.parse_args()
+    # As an embedding application would: the library's info lines are not printed.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     result = anyio.run(run, args.count, args.dir)
     for name, value in result.items():
         print(f"{name:>24}: {value}", file=sys.stderr)

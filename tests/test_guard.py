@@ -5,10 +5,11 @@ journal of a migration phase by phase."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -258,3 +259,54 @@ async def test_a_cancel_request_stops_the_operation_and_says_who_asked(
     assert await store.holder("asked") is None
     with pytest.raises(NothingToAbortError, match="nothing to abort"):
         await store.request_cancel("asked", "the operator")
+
+
+async def test_rounds_go_on_when_the_leading_operation_ends(store: SQLiteStore) -> None:
+    guard = OperationGuard(store, Owner.this_process("ctl-lead"), ttl=0.9)
+    done = {n: anyio.Event() for n in range(4)}
+    aborted: list[str] = []
+
+    async def holding(n: int) -> None:
+        try:
+            async with guard.hold(f"lead{n}", "migrate"):
+                await done[n].wait()
+        except OperationAbortedError as exc:
+            aborted.append(exc.requested_by)
+
+    async def until(condition: Callable[[], Awaitable[bool]]) -> None:
+        with anyio.fail_after(10):
+            while not await condition():  # the store can only be polled
+                await anyio.sleep(0.05)
+
+    async def leases_held() -> set[str]:
+        return {lease.instance for lease in await store.leases()}
+
+    async with anyio.create_task_group() as tg:
+        for n in range(4):  # the first keeper leads the rounds
+            tg.start_soon(holding, n)
+            await until(functools.partial(_has, leases_held, f"lead{n}"))
+        done[0].set()  # the leader leaves
+        await until(functools.partial(_lacks, leases_held, "lead0"))
+        after = {lease.instance: lease.expires_at for lease in await store.leases()}
+
+        async def renewed_since() -> bool:
+            leases = await store.leases()
+            return all(lease.expires_at > after[lease.instance] for lease in leases)
+
+        await until(renewed_since)  # a follower took the rounds over
+        await store.request_cancel("lead2", "the operator")
+        await until(functools.partial(_lacks, leases_held, "lead2"))
+        for event in done.values():
+            event.set()
+    assert aborted == ["the operator"]
+    assert [e.outcome for e in await store.history("lead2")] == [
+        "aborted: requested by the operator"
+    ]
+
+
+async def _has(names: Callable[[], Awaitable[set[str]]], name: str) -> bool:
+    return name in await names()
+
+
+async def _lacks(names: Callable[[], Awaitable[set[str]]], name: str) -> bool:
+    return name not in await names()

@@ -223,3 +223,29 @@ def test_owner_identity_survives_pid_reuse() -> None:
     assert Owner(me.controller, me.host, me.pid, me.pid_started - 100).alive() is False
     assert Owner("x", "another-host.example", 1, 0.0).alive() is None
     assert time.time() - me.pid_started >= 0
+
+
+async def test_concurrent_writes_share_commits_and_a_failing_one_fails_alone(
+    store_path: Path,
+) -> None:
+    async with await SQLiteStore.open(store_path) as store:
+        leases = [await store.acquire(f"vm{n}", ME, "migrate", 300) for n in range(40)]
+        entries = [await store.begin(lease, "checking", {}) for lease in leases]
+        await store.release(leases[7])  # vm7's writer lost its lease: only it must fail
+        failures: dict[str, BaseException] = {}
+        commits = store.commits
+
+        async def write(n: int) -> None:
+            try:
+                await store.record_phase(leases[n], entries[n], "streaming", {"n": n})
+            except LeaseLostError as exc:
+                failures[leases[n].instance] = exc
+
+        async with anyio.create_task_group() as tg:
+            for n in range(40):
+                tg.start_soon(write, n)
+        assert list(failures) == ["vm7"]
+        assert store.commits - commits <= 3  # 40 writes, a few group commits (fsyncs)
+        phases = {e.instance: (e.phase, e.details.get("n")) for e in await store.unfinished()}
+    assert phases.pop("vm7") == ("checking", None)  # its write was rolled back alone
+    assert phases == {f"vm{n}": ("streaming", n) for n in range(40) if n != 7}

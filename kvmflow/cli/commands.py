@@ -206,7 +206,7 @@ async def cmd_stop(ctx: Context, name: str, *, force: bool, timeout: float) -> i
             async with instance.operation("stop") as held:
                 await hv.cleanup(name)
                 if held is not None:
-                    await held.place(None)
+                    held.place(None)
             ctx.emit(
                 {"instance": name, "stopped": True, "was_running": False},
                 text=f"{name} was not running; cleaned up",

@@ -92,7 +92,7 @@ async def _record(
         return RecoveryReport(name, Verdict.WOULD, f"record it on {home.node} ({said})")
     try:
         async with recovery.guard.hold(name, "record", {"node": home.node}) as held:
-            await held.place(home.node)
+            held.place(home.node)
     except InstanceBusyError as exc:
         return RecoveryReport(name, Verdict.IN_FLIGHT, str(exc))
     return RecoveryReport(

@@ -253,10 +253,10 @@ class Recovery:
             if source is not None and source.alive:
                 if record.paused_by_us and source.state is CopyState.PAUSED:
                     await _cont(src_hv, name)
-                await held.place(record.source)
+                held.place(record.source)
                 return Verdict.ABORTED, why, record.source
             await _remove(src_hv, name, source)
-            await held.place(None)
+            held.place(None)
             return Verdict.RUNS_NOWHERE, why, None
         if plan is Plan.ADOPT:
             return await self._adopt(entry, record, held)
@@ -270,7 +270,7 @@ class Recovery:
                 raise RecoveryError(f"no runtime of {name} is left to save on {record.target}")
             await tgt_hv.save_runtime(runtime.spec, runtime)
         await _remove(src_hv, name, source)
-        await held.place(record.target)
+        held.place(record.target)
         return Verdict.FINISHED, why, record.target
 
     async def _adopt(
@@ -295,13 +295,13 @@ class Recovery:
         except MigrationError as error:
             side = INFO[error.outcome].side if error.outcome is not None else Side.UNKNOWN
             if side is Side.SOURCE:
-                await held.place(record.source)
+                held.place(record.source)
                 return Verdict.ABORTED, f"adopted and aborted: {error.outcome}", record.source
             if side is Side.TARGET:
-                await held.place(record.target)
+                held.place(record.target)
                 return Verdict.FINISHED, f"adopted: {error.outcome}", record.target
             return Verdict.AMBIGUOUS, f"adopted, then: {error}", None
-        await held.place(record.target)
+        held.place(record.target)
         return Verdict.ADOPTED, f"adopted from {record.phase}; it completed", record.target
 
     async def _settle_simple(
@@ -313,10 +313,10 @@ class Recovery:
         hv = self.hypervisor(node)
         copy = await look(hv, entry.instance)
         if copy is not None and copy.holds_guest:
-            await held.place(node)
+            held.place(node)
             return Verdict.SETTLED, f"{entry.operation} left it running on {node}", node
         await _remove(hv, entry.instance, copy)
-        await held.place(None)
+        held.place(None)
         return Verdict.SETTLED, f"{entry.operation} left nothing running on {node}", None
 
 

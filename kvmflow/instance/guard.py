@@ -4,24 +4,26 @@ store sees who acts on an instance, and a second one is refused.
 ``async with guard.hold(name, "migrate", details) as held:`` takes the instance's lease
 (refused at once with :class:`~kvmflow.errors.InstanceBusyError` naming the owner), opens
 a journal entry, and at the end closes the entry with its outcome and releases the lease,
-shielded. Beside the body a keeper task takes part in the guard's rounds (every
-:data:`CANCEL_POLL_SECONDS`, one round for all the operations the guard holds, done by
-whichever keeper comes first, so that a controller holding a thousand operations makes a
-few store calls a round, not a thousand):
+shielded. Beside each body runs a keeper task; one keeper at a time (the leader; when it
+leaves, the next follower takes over) runs the guard's rounds, every
+:data:`CANCEL_POLL_SECONDS`, for all the operations the guard holds, so that a controller
+holding a thousand operations makes a few store calls and one wake-up a round. A round:
 
-- renews the lease at a third of its time to live. If the lease is lost (the store says
-  another owner took it over), the body is cancelled and
+- renews each lease at a third of its time to live, all in one write. If a lease is lost
+  (the store says another owner took it over), its body is cancelled and
   :class:`~kvmflow.errors.LeaseLostError` is raised: a controller that lost its lease must
   not send another command;
-- looks for a cancel request (``kvmflow abort`` from any shell) every
-  :data:`CANCEL_POLL_SECONDS`; one cancels the body, which cleans up as for Ctrl-C, and
-  :class:`~kvmflow.errors.OperationAbortedError` is raised;
-- writes the body's latest progress (:meth:`HeldOperation.report`) at most once per
-  :data:`PROGRESS_EVERY_SECONDS`, so that other shells can show it without asking QEMU.
+- reads the cancel requests (``kvmflow abort`` from any shell); one cancels its body,
+  which cleans up as for Ctrl-C, and :class:`~kvmflow.errors.OperationAbortedError` is
+  raised;
+- writes the bodies' latest progress (:meth:`HeldOperation.report`), each at most once per
+  :data:`PROGRESS_EVERY_SECONDS` and at most :data:`PROGRESS_ROWS_PER_SECOND` in all, so
+  that other shells can show it without asking QEMU.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -33,14 +35,24 @@ import structlog
 
 from kvmflow._taskgroups import exit_task_group
 from kvmflow.errors import InstanceBusyError, KvmflowError, LeaseLostError, OperationAbortedError
-from kvmflow.store.base import JournalEntry, Lease, Owner, Placement, Store, busy_message
+from kvmflow.store.base import (
+    JournalEntry,
+    Lease,
+    Owner,
+    PlacementChange,
+    Store,
+    busy_message,
+)
 
 _log = structlog.get_logger("kvmflow.instance")
 
 #: How often the keeper looks for a cancel request: an abort takes effect within this.
 CANCEL_POLL_SECONDS = 0.5
-#: The owner's progress reaches the store at most this often.
+#: The owner's progress reaches the store at most this often per operation...
 PROGRESS_EVERY_SECONDS = 1.0
+#: ... and a guard writes at most this many progress reports a second in all (a thousand
+#: operations in flight report every 5 s each).
+PROGRESS_ROWS_PER_SECOND = 200
 
 
 @dataclass
@@ -54,9 +66,11 @@ class HeldOperation:
     lost: LeaseLostError | None = field(default=None)
     aborted: OperationAbortedError | None = field(default=None)
     keep_open: bool = False  # recovery: leave the entry open and the lease in place
+    placement: PlacementChange | None = None  # where the close records the instance
     _progress: dict[str, Any] | None = field(default=None, repr=False)
     _renewed_at: float = field(default_factory=time.monotonic, repr=False)
     _reported_at: float = field(default=0.0, repr=False)
+    _body: anyio.CancelScope | None = field(default=None, repr=False)
 
     def report(self, progress: dict[str, Any]) -> None:
         """Keep ``progress`` as the latest; the keeper writes it at a bounded rate."""
@@ -65,12 +79,10 @@ class HeldOperation:
     async def phase(self, phase: str, details: dict[str, Any] | None = None) -> None:
         self.entry = await self.store.record_phase(self.lease, self.entry, phase, details or {})
 
-    async def place(self, node: str | None) -> Placement | None:
-        """Record where the instance runs now (``None``: nowhere, it stopped)."""
-        if node is None:
-            await self.store.forget_placement(self.lease)
-            return None
-        return await self.store.record_placement(self.lease, node)
+    def place(self, node: str | None) -> None:
+        """Say where the instance runs now (``None``: nowhere, it stopped); recorded when
+        the operation closes, in the same transaction as its outcome."""
+        self.placement = PlacementChange(node)
 
 
 class OperationGuard:
@@ -81,8 +93,8 @@ class OperationGuard:
         self.owner = owner
         self.ttl = ttl
         self._held: dict[int, HeldOperation] = {}  # by lease token: what the rounds keep
-        self._round_lock = anyio.Lock()
-        self._last_round = 0.0
+        self._leader: HeldOperation | None = None  # whose keeper runs the rounds now
+        self._followers: collections.deque[tuple[HeldOperation, anyio.Event]] = collections.deque()
 
     async def check_free(self, instance: str) -> None:
         """Refuse at once (:class:`InstanceBusyError` naming the holder) if any process
@@ -159,27 +171,55 @@ class OperationGuard:
             raise held.lost
 
     async def _keep(self, held: HeldOperation, body: anyio.CancelScope) -> None:
-        """Take part in the rounds until one says the body must stop (see the module)."""
-        poll = self._poll
+        """Beside one body: lead the rounds while no other keeper does, else wait for a
+        turn (no periodic wake-ups for the followers: a thousand operations in flight cost
+        one wake-up a round). The leader's round cancels each body that must stop."""
+        held._body = body
         self._held[held.lease.token] = held
         try:
-            while held.lost is None and held.aborted is None:
-                await anyio.sleep(poll)
-                try:
-                    await self._round()
-                except KvmflowError as exc:  # the store hiccuped: the next round tries again
-                    _log.warning("lease keeper could not reach the store", error=str(exc))
-            if held.lost is not None:
-                _log.error("lease lost; stopping the operation", instance=held.lease.instance)
-            else:
-                _log.warning(
-                    "cancel requested through the store",
-                    instance=held.lease.instance,
-                    requested_by=held.aborted.requested_by if held.aborted else None,
-                )
-            body.cancel()
+            while True:
+                if self._leader is None:
+                    self._leader = held
+                    try:
+                        await self._lead()
+                    finally:
+                        self._leader = None
+                        self._hand_over()
+                turn = anyio.Event()
+                self._followers.append((held, turn))
+                await turn.wait()
         finally:
             self._held.pop(held.lease.token, None)
+
+    async def _lead(self) -> None:
+        while True:
+            await anyio.sleep(self._poll)
+            try:
+                with anyio.CancelScope(shield=True):  # a round runs whole, even for its leader
+                    await self._round()
+            except KvmflowError as exc:  # the store hiccuped: the next round tries again
+                _log.warning("lease keeper could not reach the store", error=str(exc))
+
+    def _hand_over(self) -> None:
+        """The leader is leaving: wake the next follower still held."""
+        while self._followers:
+            follower, turn = self._followers.popleft()
+            if follower.lease.token in self._held and follower is not self._leader:
+                turn.set()
+                return
+
+    def _stop(self, op: HeldOperation) -> None:
+        """Cancel the body of ``op`` (its lease was lost, or a cancel was asked)."""
+        if op.lost is not None:
+            _log.error("lease lost; stopping the operation", instance=op.lease.instance)
+        elif op.aborted is not None:
+            _log.warning(
+                "cancel requested through the store",
+                instance=op.lease.instance,
+                requested_by=op.aborted.requested_by,
+            )
+        if op._body is not None:
+            op._body.cancel()
 
     @property
     def _poll(self) -> float:
@@ -188,39 +228,34 @@ class OperationGuard:
     async def _round(self) -> None:
         """One round for every held operation: one read of the cancel requests, one write
         renewing the leases due, one write of the progress reported since."""
-        async with self._round_lock:
-            now = time.monotonic()
-            if now - self._last_round < self._poll * 0.9:
-                return  # another keeper did this round
-            self._last_round = now
-            held = list(self._held.values())
-            requests = await self.store.cancel_requests()
-            for op in held:
-                requester = requests.get((op.lease.instance, op.lease.token))
-                if requester is not None and op.aborted is None:
-                    op.aborted = OperationAbortedError(
-                        f"{op.lease.operation} of {op.lease.instance} was aborted on request "
-                        f"by {requester}; it was cleaned up as for a cancel",
-                        requested_by=requester,
-                    )
-            due = [op for op in held if now - op._renewed_at >= self.ttl / 3]
-            if due:
-                renewed, lost = await self.store.renew_all([op.lease for op in due], self.ttl)
-                by_token = {op.lease.token: op for op in due}
-                for lease in renewed:
-                    by_token[lease.token].lease, by_token[lease.token]._renewed_at = lease, now
-                for lease, exc in lost:
-                    by_token[lease.token].lost = exc
-            reports = [
-                op
-                for op in held
-                if op._progress is not None and now - op._reported_at >= PROGRESS_EVERY_SECONDS
-            ]
-            if reports:
-                batch = [(op.lease, op.entry, op._progress or {}) for op in reports]
-                for op in reports:
-                    op._progress, op._reported_at = None, now
-                await self.store.record_progress(batch)
+        now = time.monotonic()
+        held = list(self._held.values())
+        requests = await self.store.cancel_requests()
+        for op in held:
+            requester = requests.get((op.lease.instance, op.lease.token))
+            if requester is not None and op.aborted is None:
+                op.aborted = OperationAbortedError(
+                    f"{op.lease.operation} of {op.lease.instance} was aborted on request "
+                    f"by {requester}; it was cleaned up as for a cancel",
+                    requested_by=requester,
+                )
+                self._stop(op)
+        due = [op for op in held if now - op._renewed_at >= self.ttl / 3]
+        if due:
+            renewed, lost = await self.store.renew_all([op.lease for op in due], self.ttl)
+            by_token = {op.lease.token: op for op in due}
+            for lease in renewed:
+                by_token[lease.token].lease, by_token[lease.token]._renewed_at = lease, now
+            for lease, exc in lost:
+                by_token[lease.token].lost = exc
+                self._stop(by_token[lease.token])
+        every = max(PROGRESS_EVERY_SECONDS, len(held) / PROGRESS_ROWS_PER_SECOND)
+        reports = [op for op in held if op._progress is not None and now - op._reported_at >= every]
+        if reports:
+            batch = [(op.lease, op.entry, op._progress or {}) for op in reports]
+            for op in reports:
+                op._progress, op._reported_at = None, now
+            await self.store.record_progress(batch)
 
     async def _close(self, held: HeldOperation) -> None:
         if held.lost is not None:
@@ -228,7 +263,8 @@ class OperationGuard:
         if held.keep_open:
             return  # left for the operator; the lease (soon stale) still blocks others
         try:
-            await self.store.finish(held.lease, held.entry, held.outcome)
-            await self.store.release(held.lease)
+            await self.store.finish(
+                held.lease, held.entry, held.outcome, placement=held.placement, release=True
+            )
         except KvmflowError as exc:
             _log.error("could not close the operation in the store", error=str(exc))

@@ -104,7 +104,7 @@ class Instance:
                 raise
             self.machine.fire(InstanceEvent.STARTED)
             if held is not None:
-                await held.place(self.node_name)
+                held.place(self.node_name)
             return info
 
     async def reboot(self, *, force: bool = False) -> InstanceInfo:
@@ -122,12 +122,12 @@ class Instance:
                     else:
                         self.machine.fire(InstanceEvent.STOPPED)
                         if held is not None:
-                            await held.place(None)
+                            held.place(None)
                 raise
             for event in (InstanceEvent.STOPPED, InstanceEvent.START, InstanceEvent.STARTED):
                 self.machine.fire(event)
             if held is not None:
-                await held.place(self.node_name)
+                held.place(self.node_name)
             return info
 
     async def stop(self, *, force: bool = False, timeout: float = 30.0) -> None:
@@ -144,7 +144,7 @@ class Instance:
                 if not still_running:
                     self.machine.fire(InstanceEvent.STOPPED)
                     if held is not None:
-                        await held.place(None)
+                        held.place(None)
                 elif was_paused:
                     self.machine.fire(InstanceEvent.STOP_FAILED_PAUSED)
                 else:

@@ -128,10 +128,10 @@ async def migrate(
             except MigrationError as error:
                 held.outcome = str(error.outcome or "not-started")
                 if error.runs_on == target.node.name:  # moved, though not finished
-                    await held.place(target.node.name)
+                    held.place(target.node.name)
                 raise
             held.outcome = "moved"
-            await held.place(target.node.name)
+            held.place(target.node.name)
             return result
     finally:
         if isinstance(on_progress, BoundedFeed):

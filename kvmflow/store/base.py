@@ -80,6 +80,14 @@ class Placement:
 
 
 @dataclass(frozen=True)
+class PlacementChange:
+    """Where an operation leaves its instance, recorded as it closes: on ``node``, or
+    nowhere (``None``: it stopped)."""
+
+    node: str | None
+
+
+@dataclass(frozen=True)
 class JournalEntry:
     """One operation: what it meant to do, how far it got, how it ended."""
 
@@ -182,8 +190,18 @@ class Store(Protocol):
         """Move an open entry to ``phase`` (``details`` are merged in), fenced."""
         ...
 
-    async def finish(self, lease: Lease, entry: JournalEntry, outcome: str) -> JournalEntry:
-        """Close an entry with its outcome, fenced."""
+    async def finish(
+        self,
+        lease: Lease,
+        entry: JournalEntry,
+        outcome: str,
+        *,
+        placement: PlacementChange | None = None,
+        release: bool = False,
+    ) -> JournalEntry:
+        """Close an entry with its outcome, fenced; in the same transaction record the
+        ``placement`` it leaves and, with ``release``, give the lease up (one commit where
+        three would do, at the end of every operation)."""
         ...
 
     async def record_progress(

@@ -19,16 +19,34 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar, cast
 
 import anyio
 import anyio.to_thread
 
 from kvmflow.errors import InstanceBusyError, LeaseLostError, NothingToAbortError, StoreError
-from kvmflow.store.base import JournalEntry, Lease, Owner, Placement, busy_message
+from kvmflow.store.base import (
+    JournalEntry,
+    Lease,
+    Owner,
+    Placement,
+    PlacementChange,
+    busy_message,
+)
 from kvmflow.store.schema import DEFAULT_PATH, connect, translated
 
 T = TypeVar("T")
+
+
+@dataclass(eq=False)
+class _Write(Generic[T]):
+    """One write waiting for its group commit, and what came of it."""
+
+    work: Callable[[], T]
+    done: bool = False
+    result: T | None = None
+    error: BaseException | None = None
 
 
 class SQLiteStore:
@@ -39,6 +57,10 @@ class SQLiteStore:
         self.path = path
         self._db = connection
         self._limiter = anyio.CapacityLimiter(1)  # one thread touches the connection at a time
+        self._queue: list[_Write[Any]] = []  # writes waiting for the next group commit
+        self._committing = anyio.Lock()  # one group commit at a time
+        self._in_batch = False  # the worker thread is inside a group commit
+        self.commits = 0  # group commits made (each one fsync), for tests and benchmarks
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -61,19 +83,75 @@ class SQLiteStore:
     async def _run(self, work: Callable[[], T]) -> T:
         return await anyio.to_thread.run_sync(work, limiter=self._limiter)
 
+    async def _batched(self, work: Callable[[], T]) -> T:
+        """Run one write in the next group commit: every write queued while the previous
+        commit was on disk goes into one transaction, each in its own savepoint (a write
+        that fails is rolled back alone), so that many operations in flight share each
+        ``fsync`` instead of queueing one ``fsync`` each behind the others."""
+        item = _Write(work)
+        self._queue.append(item)
+        try:
+            async with self._committing:
+                if not item.done:
+                    batch, self._queue = self._queue, []
+                    await anyio.to_thread.run_sync(self._commit, batch, limiter=self._limiter)
+        except BaseException:
+            if not item.done and item in self._queue:  # cancelled before its batch began
+                self._queue.remove(item)
+            raise
+        if item.error is not None:
+            raise item.error
+        return cast(T, item.result)
+
+    def _commit(self, batch: list[_Write[Any]]) -> None:
+        """One transaction for ``batch`` (in the worker thread). If the transaction itself
+        fails (a full disk at the commit), every write of it fails with that error."""
+        db = self._db
+        try:
+            with translated(self.path):
+                db.execute("BEGIN IMMEDIATE")
+            self._in_batch = True
+            try:
+                for item in batch:
+                    try:
+                        item.result = item.work()
+                    except Exception as exc:  # this write's own failure: it alone fails
+                        item.error = exc
+            finally:
+                self._in_batch = False
+            with translated(self.path):
+                db.execute("COMMIT")
+            self.commits += 1
+        except Exception as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            for item in batch:
+                item.error, item.result = exc, None
+        finally:
+            for item in batch:
+                item.done = True
+
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, taken at once (``BEGIN IMMEDIATE``) so that checks and
-        writes inside it see no other writer; any failure rolls all of it back."""
+        """One write, taken at once (``BEGIN IMMEDIATE``) so that checks and writes inside
+        it see no other writer; inside a group commit, a savepoint of it. Any failure rolls
+        all of the write back."""
         db = self._db
+        begin, undo, end = (
+            ("SAVEPOINT one_write", "ROLLBACK TO one_write", "RELEASE one_write")
+            if self._in_batch
+            else ("BEGIN IMMEDIATE", "ROLLBACK", "COMMIT")
+        )
         with translated(self.path):
-            db.execute("BEGIN IMMEDIATE")
+            db.execute(begin)
             try:
                 yield db
             except BaseException:
-                db.execute("ROLLBACK")
+                db.execute(undo)
+                if self._in_batch:
+                    db.execute(end)
                 raise
-            db.execute("COMMIT")
+            db.execute(end)
 
     @contextmanager
     def _fenced(self, lease: Lease) -> Iterator[sqlite3.Connection]:
@@ -103,7 +181,7 @@ class SQLiteStore:
                 )
                 return lease
 
-        return await self._run(acquire)
+        return await self._batched(acquire)
 
     async def renew(self, lease: Lease, ttl: float) -> Lease:
         def renew() -> Lease:
@@ -117,7 +195,7 @@ class SQLiteStore:
                 )
                 return renewed
 
-        return await self._run(renew)
+        return await self._batched(renew)
 
     async def renew_all(
         self, leases: list[Lease], ttl: float
@@ -139,21 +217,14 @@ class SQLiteStore:
                     renewed.append(dataclasses.replace(lease, expires_at=expires_at))
             return renewed, lost
 
-        return await self._run(renew)
+        return await self._batched(renew)
 
     async def release(self, lease: Lease) -> None:
         def release() -> None:
             with self._write() as db:
-                db.execute(
-                    "DELETE FROM leases WHERE instance = ? AND token = ?",
-                    (lease.instance, lease.token),
-                )
-                db.execute(
-                    "DELETE FROM cancel_requests WHERE instance = ? AND token = ?",
-                    (lease.instance, lease.token),
-                )
+                _release(db, lease)
 
-        await self._run(release)
+        await self._batched(release)
 
     async def request_cancel(self, instance: str, requested_by: str) -> Lease:
         def request() -> Lease:
@@ -169,7 +240,7 @@ class SQLiteStore:
                 )
                 return held
 
-        return await self._run(request)
+        return await self._batched(request)
 
     async def cancel_requests(self) -> dict[tuple[str, int], str]:
         def read() -> dict[tuple[str, int], str]:
@@ -222,20 +293,17 @@ class SQLiteStore:
         def record() -> Placement:
             with self._fenced(lease) as db:
                 placement = Placement(lease.instance, node, lease.token, time.time())
-                db.execute(
-                    "INSERT OR REPLACE INTO placement VALUES (?, ?, ?, ?)",
-                    (placement.instance, node, lease.token, placement.updated_at),
-                )
+                _place(db, lease, node, placement.updated_at)
                 return placement
 
-        return await self._run(record)
+        return await self._batched(record)
 
     async def forget_placement(self, lease: Lease) -> None:
         def forget() -> None:
             with self._fenced(lease) as db:
-                db.execute("DELETE FROM placement WHERE instance = ?", (lease.instance,))
+                _place(db, lease, None, time.time())
 
-        await self._run(forget)
+        await self._batched(forget)
 
     # -------------------------------------------------------------------- journal
 
@@ -272,7 +340,7 @@ class SQLiteStore:
                     now,
                 )
 
-        return await self._run(begin)
+        return await self._batched(begin)
 
     async def record_phase(
         self, lease: Lease, entry: JournalEntry, phase: str, details: dict[str, Any]
@@ -290,9 +358,17 @@ class SQLiteStore:
                 )
             return _replace(entry, phase=phase, details=merged, updated_at=now)
 
-        return await self._run(record)
+        return await self._batched(record)
 
-    async def finish(self, lease: Lease, entry: JournalEntry, outcome: str) -> JournalEntry:
+    async def finish(
+        self,
+        lease: Lease,
+        entry: JournalEntry,
+        outcome: str,
+        *,
+        placement: PlacementChange | None = None,
+        release: bool = False,
+    ) -> JournalEntry:
         def finish() -> JournalEntry:
             now = time.time()
             with self._fenced(lease) as db:
@@ -303,23 +379,31 @@ class SQLiteStore:
                     "finished_at = ?, outcome = ?, updated_at = ?",
                     (now, outcome, now),
                 )
+                if placement is not None:
+                    _place(db, lease, placement.node, now)
+                if release:
+                    _release(db, lease)
             return _replace(entry, finished_at=now, outcome=outcome, updated_at=now)
 
-        return await self._run(finish)
+        return await self._batched(finish)
 
     async def record_progress(
         self, reports: list[tuple[Lease, JournalEntry, dict[str, Any]]]
     ) -> None:
         def record() -> None:
-            with self._write() as db:
-                for lease, entry, progress in reports:
-                    if _holds(db, lease):  # progress of a lease lost is dropped, not fenced
-                        db.execute(
-                            "UPDATE journal SET progress = ? WHERE id = ? AND finished_at IS NULL",
-                            (_json(progress), entry.id),
-                        )
+            rows = [
+                (_json(progress), entry.id, lease.instance, lease.token, time.time())
+                for lease, entry, progress in reports
+            ]
+            with self._write() as db:  # a report whose lease no longer holds is dropped
+                db.executemany(
+                    "UPDATE journal SET progress = ? WHERE id = ? AND finished_at IS NULL"
+                    " AND EXISTS (SELECT 1 FROM leases WHERE instance = ? AND token = ?"
+                    " AND expires_at > ?)",
+                    rows,
+                )
 
-        await self._run(record)
+        await self._batched(record)
 
     async def unfinished(self) -> list[JournalEntry]:
         def read() -> list[JournalEntry]:
@@ -384,9 +468,22 @@ def _prove(db: sqlite3.Connection, lease: Lease, path: str) -> None:
         )
 
 
-def _holds(db: sqlite3.Connection, lease: Lease) -> bool:
-    held = _lease_row(db, lease.instance)
-    return held is not None and held.token == lease.token and held.expires_at > time.time()
+def _place(db: sqlite3.Connection, lease: Lease, node: str | None, now: float) -> None:
+    if node is None:
+        db.execute("DELETE FROM placement WHERE instance = ?", (lease.instance,))
+    else:
+        db.execute(
+            "INSERT OR REPLACE INTO placement VALUES (?, ?, ?, ?)",
+            (lease.instance, node, lease.token, now),
+        )
+
+
+def _release(db: sqlite3.Connection, lease: Lease) -> None:
+    """The lease goes (if still ours), and any cancel request made of it."""
+    for table in ("leases", "cancel_requests"):
+        db.execute(
+            f"DELETE FROM {table} WHERE instance = ? AND token = ?", (lease.instance, lease.token)
+        )
 
 
 def _update_open(
