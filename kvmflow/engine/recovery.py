@@ -18,6 +18,8 @@ completed-on-source, source dead            resume the target (it holds the whol
 streaming, source dead                      kill the target (it never had the whole guest)
 target-may-run / switched-over / done,      finish: ``cont`` the target if needed, save its
 target alive                                runtime, end the source, record the target
+completed-on-source, ``cont`` may have      touch nothing (the target may have run the guest:
+been sent, target gone                      the source's state may be stale)
 aborted                                     clean the target, record the source
 two copies holding the guest, an            touch nothing, keep the entry open, say so
 unreachable copy, stranded, a target that
@@ -84,12 +86,16 @@ def judge(record: RecordedMigration, source: Copy | None, target: Copy | None) -
         if tgt_holds or (source is not None and source.migration in ("active", "completed")):
             return Plan.LEAVE, f"{phase}: the QEMUs say more happened than the journal"
         return Plan.CLEAN_TARGET, f"the stream never started ({phase})"
+    if phase is Phase.COMPLETED_ON_SOURCE and record.cont_may_be_sent and not tgt_alive:
+        return Plan.LEAVE, "the target may have run the guest (cont may have been sent) and is gone"
     if phase in ADOPTABLE:
         if src_alive and source is not None and source.state is not CopyState.FAILED:
             if phase is Phase.POSTCOPY and not tgt_alive:
                 return Plan.LEAVE, "post-copy, and the target (holding the newest state) died"
             return Plan.ADOPT, f"{phase} recorded; the source says {source.migration}"
-        if phase is Phase.COMPLETED_ON_SOURCE and tgt_alive and not tgt_holds:
+        if phase is Phase.COMPLETED_ON_SOURCE and target is not None and target.alive:
+            if target.state is CopyState.INMIGRATE:
+                return Plan.LEAVE, "the source died; the target is still loading: try again"
             return Plan.RESUME_TARGET, "the source died after sending everything"
         if phase is Phase.POSTCOPY:
             return Plan.LEAVE, "post-copy, and the source (holding pages) died"

@@ -58,6 +58,7 @@ class RecordedMigration:
     before: MigrationPhase | None  # the phase before the last step (the abort's origin)
     was_running: bool
     paused_by_us: bool
+    cont_may_be_sent: bool  # the dead controller may have started the target's vCPUs
     started_at: float  # time.time() of the intent
     deadline_at: float | None
 
@@ -81,6 +82,7 @@ class RecordedMigration:
                 Phase(before) if before else None,
                 bool(details.get("was_running", True)),
                 bool(details.get("paused_by_us", False)),
+                bool(details.get("cont_may_be_sent", False)),
                 started_at,
                 details.get("deadline_at"),
             )
@@ -141,6 +143,7 @@ async def adopt(
     run.started_at = time.monotonic() - max(0.0, time.time() - record.started_at)
     run.policy_engine = PolicyEngine(record.policy, instance.spec.memory_mib, run.started_at)
     run.was_running = record.was_running
+    run.may_take_back = not record.cont_may_be_sent
     if journal is not None:  # the store's journal, first: every step before it is taken
         run.phases.add_listener(lambda change: journal(*run.journal_step(change)))
         run.journal = lambda facts: journal(run.phases.phase.value, facts)

@@ -169,6 +169,7 @@ class Migration:
         self.phases = PhaseTracker(self.name, self.source.node.name, target.node.name, on_phase)
         self.undo = contextlib.AsyncExitStack()  # undo steps, dropped at the switch-over
         self.was_running = True
+        self.may_take_back = True  # False when the target may already have run the guest
         self.paused_ms: int | None = None
         self._target: MigrationTarget | None = None
         self._source: MigrationSource | None = None
@@ -191,6 +192,10 @@ class Migration:
                 "was_running": self.was_running,
                 "paused_by_us": self.src.paused_at is not None,
             }
+        if change.after is Phase.COMPLETED_ON_SOURCE:
+            # Written before `cont` may go to the target: from here, if the target dies,
+            # recovery cannot tell whether it ran the guest, and never resumes the source.
+            facts["cont_may_be_sent"] = self.was_running
         return change.after.value, facts
 
     @property
@@ -385,6 +390,9 @@ class Migration:
                     await self.phases.step(Step.CONT_UNANSWERED)
                     raise await aborts.give_up(self, exc) from exc
                 except (KvmflowError, TimeoutError) as exc:
+                    if not self.may_take_back:  # an earlier controller may have sent `cont`
+                        await self.phases.step(Step.CONT_UNANSWERED)
+                        raise await aborts.give_up(self, exc) from exc
                     raise await aborts.take_back(self, qmp, exc) from exc
                 await self.phases.step(Step.TARGET_TOOK_OVER)
             if self.src.paused_at is not None:
