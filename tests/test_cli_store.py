@@ -40,6 +40,7 @@ anyio.run(main)
 
 
 CLI = (sys.executable, "-m", "kvmflow.cli.main")
+FAST = ("--policy", "fixed", "--bandwidth", "1000", "--downtime", "2000")  # converges at once
 
 
 @pytest.fixture
@@ -115,8 +116,7 @@ def slow_migration(config: Path, runtime_root: Path) -> Iterator[subprocess.Pope
 
 def test_migrate_then_start_is_refused_where_the_guest_is_not(config: Path) -> None:
     assert kvmflow("start", "web1", config=config).returncode == 0
-    fast = ("--policy", "fixed", "--bandwidth", "1000", "--downtime", "2000")
-    moved = kvmflow("migrate", "web1", "beta", *fast, config=config)
+    moved = kvmflow("migrate", "web1", "beta", *FAST, config=config)
     assert moved.returncode == 0, moved.stderr
     again = kvmflow("start", "web1", config=config)  # the config still says alpha
     assert again.returncode == 1
@@ -198,11 +198,23 @@ def test_abort_from_another_shell_cancels_and_cleans_up(
     assert "nothing to abort" in nothing.stderr
 
 
-def test_start_while_another_shell_holds_the_lease_is_refused(
-    config: Path, own_store: Path
+@pytest.mark.parametrize(
+    ("held", "command", "running"),
+    [
+        ("start", ("start", "web1"), False),  # start vs start
+        ("reboot", ("migrate", "web1", "beta", *FAST), True),  # reboot vs migrate
+        ("migrate", ("stop", "web1", "--force"), True),  # migrate vs stop
+    ],
+    ids=["start-vs-start", "reboot-vs-migrate", "migrate-vs-stop"],
+)
+def test_an_operation_held_by_another_shell_refuses_ours(
+    config: Path, own_store: Path, held: str, command: tuple[str, ...], running: bool
 ) -> None:
+    if running:
+        assert kvmflow("start", "web1", config=config).returncode == 0
+    before = copies(config)
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(own_store), "web1", "start"],
+        [sys.executable, "-c", HOLDER, str(own_store), "web1", held],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -210,20 +222,21 @@ def test_start_while_another_shell_holds_the_lease_is_refused(
     try:
         assert holder.stdout is not None
         assert holder.stdout.readline() == "held\n"
-        refused = kvmflow("start", "web1", config=config)
+        refused = kvmflow(*command, config=config)
         assert refused.returncode == 1
-        assert "busy with 'start' by other-shell" in refused.stderr
-        assert copies(config) == []
+        assert f"busy with '{held}' by other-shell (pid {holder.pid}" in refused.stderr
+        assert "Traceback" not in refused.stderr
+        assert copies(config) == before  # nothing was touched
     finally:
         holder.communicate("")
     # The holder died without releasing: a plain operation may not take its lease over...
-    refused = kvmflow("start", "web1", config=config)
+    refused = kvmflow(*command, config=config)
     assert refused.returncode == 1
     assert "its owner process is gone; only recovery may take it over" in refused.stderr
     recovered = json.loads(kvmflow("recover", "--json", config=config).stdout)
     assert [(r["instance"], r["verdict"]) for r in recovered] == [("web1", "settled")]
-    started = kvmflow("start", "web1", config=config)  # ...recovery released it
-    assert started.returncode == 0, started.stderr
+    again = kvmflow(*command, config=config)  # ...recovery released it
+    assert again.returncode == 0, again.stderr
 
 
 def test_a_killed_migrate_command_is_recovered_by_kvmflow_recover(
