@@ -11,8 +11,9 @@ from dataclasses import asdict
 from typing import Any, TypeVar
 
 import anyio
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.table import Table
+from rich.text import Text
 
 from kvmflow.cli.config import Config
 from kvmflow.cli.progress import MigrationBars
@@ -111,7 +112,7 @@ class Context:
         elif table is not None:
             self.console.print(table)
         elif text is not None:
-            self.console.print(text, highlight=False)
+            self.console.print(text, highlight=False, markup=False)
 
 
 def resolve_store_path(flag: str | None, config: Config) -> str:
@@ -150,8 +151,18 @@ async def with_progress(
     return result
 
 
-def make_table(*columns: str) -> Table:
-    return Table(*columns, show_edge=False, header_style="bold")
+class PlainTable(Table):
+    """A table whose cells are shown as they are: text from outside (QEMU's answers, paths,
+    error messages such as ``[store /x]``) is never read as rich markup."""
+
+    def add_row(self, *cells: RenderableType | None, **options: Any) -> None:
+        super().add_row(
+            *(Text(cell) if isinstance(cell, str) else cell for cell in cells), **options
+        )
+
+
+def make_table(*columns: str, **options: Any) -> Table:
+    return PlainTable(*columns, **{"show_edge": False, "header_style": "bold", **options})
 
 
 async def cmd_info(ctx: Context, name: str) -> int:
@@ -242,7 +253,7 @@ async def cmd_monitor(
         raise MisuseError(f"{name} is not running; start it first")
     async with hv.qmp(name, command_timeout=30) as qmp:
         if hmp_line is not None:
-            output = await hmp_via_qmp(qmp, hmp_line, check=False)
+            output = await hmp_via_qmp(qmp, hmp_line)  # an HMP error is an error (exit 1)
             ctx.emit({"output": output}, text=output)
             return EXIT_OK
         assert qmp_command is not None
@@ -264,7 +275,7 @@ def console_command(ctx: Context, name: str) -> int:
     hv = anyio.run(ctx.locate, name)
     command = hv.console(ctx.spec(name))
     if isinstance(command, str):
-        ctx.console.print(command)
+        ctx.console.print(command, markup=False, highlight=False)
         return EXIT_FAILED
     if not ctx.as_json and sys.stdin.isatty():
         ctx.console.print("[dim]connected; Ctrl-] detaches[/]")

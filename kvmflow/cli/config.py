@@ -25,6 +25,9 @@ Every entry is checked before anything runs; errors name the entry.
 
 from __future__ import annotations
 
+import ipaddress
+import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,10 +35,11 @@ from typing import Any
 
 from kvmflow.errors import ConfigError, FieldProblem, ValidationError
 from kvmflow.kvm.runtime import DEFAULT_ROOT, RuntimePaths
-from kvmflow.kvm.spec import InstanceSpec
+from kvmflow.kvm.spec import SPEC_KEYS, InstanceSpec
 
 NODE_KEYS = {"runtime_root", "migration_address", "link_budget_mib"}
 STORE_KEYS = {"path"}
+NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,7 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
         node = _node(name, body, problems)
         if node is not None:
             config.nodes[name] = node
+    _distinct_roots(config, problems)
     if not config.nodes and "nodes" not in data:
         config.nodes["local"] = NodeConfig("local")
     for name, body in _table(data, "instances", problems).items():
@@ -114,6 +119,14 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
                     f"{entry}.node", node, f"one of the nodes: {', '.join(sorted(config.nodes))}"
                 )
             )
+        unknown = sorted(set(body) - SPEC_KEYS - {"node", "name"})
+        for key in unknown:
+            known = ", ".join(sorted((SPEC_KEYS - {"name"}) | {"node"}))
+            problems.append(
+                FieldProblem(f"{entry}.{key}", body[key], f"unknown key; known: {known}")
+            )
+        if unknown:
+            continue
         values = {k: v for k, v in body.items() if k != "node"}
         values["name"] = name
         try:
@@ -164,6 +177,14 @@ def _node(name: str, body: Any, problems: list[FieldProblem]) -> NodeConfig | No
         problems.append(FieldProblem(entry, body, "a table"))
         return None
     before = len(problems)
+    if not NODE_NAME.fullmatch(name):
+        problems.append(
+            FieldProblem(
+                entry,
+                name,
+                "a node name: letters, digits, '.', '_' and '-', starting with a letter or digit",
+            )
+        )
     for key in body:
         if key not in NODE_KEYS:
             problems.append(
@@ -181,8 +202,10 @@ def _node(name: str, body: Any, problems: list[FieldProblem]) -> NodeConfig | No
             FieldProblem(f"{entry}.runtime_root", p.value, p.allowed) for p in exc.problems
         ]
     address = body.get("migration_address", "127.0.0.1")
-    if not isinstance(address, str) or not address:
-        problems.append(FieldProblem(f"{entry}.migration_address", address, "an address"))
+    if not _is_ip(address):
+        problems.append(
+            FieldProblem(f"{entry}.migration_address", address, "an IPv4 or IPv6 address")
+        )
     budget = body.get("link_budget_mib")
     if budget is not None and (
         not isinstance(budget, int) or isinstance(budget, bool) or budget <= 0
@@ -193,6 +216,30 @@ def _node(name: str, body: Any, problems: list[FieldProblem]) -> NodeConfig | No
     if len(problems) > before:
         return None
     return NodeConfig(name, root, address, budget)
+
+
+def _is_ip(value: object) -> bool:
+    try:
+        ipaddress.ip_address(value if isinstance(value, str) else "")
+    except ValueError:
+        return False
+    return True
+
+
+def _distinct_roots(config: Config, problems: list[FieldProblem]) -> None:
+    """Two local nodes with one runtime root would be one node under two names."""
+    seen: dict[str, str] = {}
+    for name, node in config.nodes.items():
+        root = os.path.normpath(node.runtime_root)
+        if root in seen:
+            problems.append(
+                FieldProblem(
+                    f"nodes.{name}.runtime_root",
+                    node.runtime_root,
+                    f"a root of its own (nodes.{seen[root]} has it)",
+                )
+            )
+        seen.setdefault(root, name)
 
 
 def parse_node_flag(flag: str) -> NodeConfig:

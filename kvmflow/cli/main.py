@@ -25,7 +25,7 @@ from kvmflow.cli.commands import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE,
 from kvmflow.cli.config import Config, NodeConfig, load_config, parse_node_flag
 from kvmflow.cli.logs import configure_logging
 from kvmflow.engine import Limits
-from kvmflow.errors import KvmflowError, ValidationError
+from kvmflow.errors import FieldProblem, KvmflowError, ValidationError
 from kvmflow.tuning import tune_gc_for_fleet
 
 EPILOG = """\
@@ -237,7 +237,11 @@ def run(args: argparse.Namespace, console: Console) -> int:
         policy = commands.build_policy(
             args.policy, bandwidth=args.bandwidth, downtime=args.downtime, spec=None
         )
-        targets = [t for t in args.to.split(",") if t]
+        targets = [t.strip() for t in args.to.split(",") if t.strip()]
+        if not targets:
+            raise ValidationError(
+                [FieldProblem("--to", args.to, "one or more node names, comma-separated")]
+            )
         return anyio.run(
             lambda: commands.cmd_evacuate(
                 ctx,
@@ -277,8 +281,6 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, console: Console, progress: bool) -> int:
-    from rich.table import Table
-
     from kvmflow.cli.demo import demo_table, run_demo
 
     if args.guests < 1:
@@ -297,7 +299,7 @@ def cmd_demo(args: argparse.Namespace, console: Console, progress: bool) -> int:
             )
         )
     else:
-        table = Table(*rows[0], title="kvmflow demo summary", header_style="bold")
+        table = commands.make_table(*rows[0], title="kvmflow demo summary", show_edge=True)
         for row in rows[1:]:
             table.add_row(*row)
         console.print(table)
@@ -317,16 +319,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         if args.debug:
             raise
-        print(f"kvmflow: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return fail(args, exc, EXIT_USAGE)
     except KvmflowError as exc:
         if args.debug:
             raise
-        print(f"kvmflow: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return fail(args, exc, EXIT_FAILED)
     except KeyboardInterrupt:
         print("kvmflow: interrupted; everything started was stopped", file=sys.stderr)
         return 130
+
+
+#: What each exit code means, as ``--json`` errors say it.
+EXIT_MEANINGS = {
+    EXIT_FAILED: "the operation failed or was refused",
+    EXIT_USAGE: "bad usage or configuration",
+}
+
+
+def fail(args: argparse.Namespace, exc: KvmflowError, code: int) -> int:
+    """One line on stderr; with ``--json`` a JSON object (what, and the exit code's meaning)."""
+    if getattr(args, "json", False):
+        answer = {"error": str(exc), "kind": type(exc).__name__, "exit_code": code}
+        print(json.dumps(answer | {"meaning": EXIT_MEANINGS[code]}), file=sys.stderr)
+    else:
+        print(f"kvmflow: error: {exc}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -23,8 +23,8 @@ from types import TracebackType
 
 import anyio
 import anyio.abc
-import structlog
 
+from kvmflow._logging import get_logger
 from kvmflow._taskgroups import exit_task_group
 from kvmflow.engine.evacuation import Capacity, EvacuationPlan, EvacuationSummary, plan_moves
 from kvmflow.engine.events import (
@@ -53,7 +53,7 @@ from kvmflow.migration.migrate import migrate
 from kvmflow.migration.policy import MIB, MigrationPolicy
 from kvmflow.migration.results import MigrationProgress
 
-_log = structlog.get_logger("kvmflow.engine")
+_log = get_logger("kvmflow.engine")
 
 
 @dataclass

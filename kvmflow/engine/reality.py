@@ -15,8 +15,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import anyio
-import structlog
 
+from kvmflow._logging import get_logger
 from kvmflow.errors import KvmflowError, ValidationError
 from kvmflow.kvm.hypervisor import KvmHypervisor
 from kvmflow.kvm.spec import check_instance_name
@@ -24,7 +24,7 @@ from kvmflow.migration.hmp_monitor import HmpMigrationMonitor
 from kvmflow.monitor.hmp import HMPClient
 from kvmflow.monitor.queries import RunState, query_status
 
-_log = structlog.get_logger("kvmflow.engine")
+_log = get_logger("kvmflow.engine")
 
 #: How long one QEMU may take to say its state before it counts as unreachable.
 ASK_TIMEOUT = 5.0

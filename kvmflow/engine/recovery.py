@@ -41,8 +41,8 @@ import time
 from collections.abc import Mapping
 
 import anyio
-import structlog
 
+from kvmflow._logging import get_logger
 from kvmflow.engine.orphans import find_orphans
 from kvmflow.engine.reality import Copy, CopyState, look
 from kvmflow.engine.verdicts import NEEDS_OPERATOR, RecoveryReport, Verdict
@@ -57,7 +57,7 @@ from kvmflow.migration.outcome import INFO, Side
 from kvmflow.migration.phases import MigrationPhase, PhaseListener
 from kvmflow.store.base import JournalEntry, Lease
 
-_log = structlog.get_logger("kvmflow.engine")
+_log = get_logger("kvmflow.engine")
 Phase = MigrationPhase
 
 

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-import structlog
 
+from kvmflow._logging import get_logger
 from kvmflow._taskgroups import exit_task_group
 from kvmflow.errors import InstanceBusyError, KvmflowError, LeaseLostError, OperationAbortedError
 from kvmflow.store.base import (
@@ -44,7 +44,7 @@ from kvmflow.store.base import (
     busy_message,
 )
 
-_log = structlog.get_logger("kvmflow.instance")
+_log = get_logger("kvmflow.instance")
 
 #: How often the keeper looks for a cancel request: an abort takes effect within this.
 CANCEL_POLL_SECONDS = 0.5

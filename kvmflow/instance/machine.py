@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import anyio
-import structlog
 
+from kvmflow._logging import get_logger
 from kvmflow.errors import DeadlineError, IllegalTransitionError, InstanceBusyError
 from kvmflow.instance.states import InstanceEvent, InstanceState, next_state
 
@@ -47,7 +47,7 @@ class InstanceMachine:
         self.history: deque[Transition] = deque(maxlen=HISTORY_LENGTH)
         # Created when someone waits, so that machines can be built outside an event loop.
         self._changed: anyio.Event | None = None
-        self._log = structlog.get_logger("kvmflow.instance").bind(instance=name)
+        self._log = get_logger("kvmflow.instance").bind(instance=name)
 
     def can(self, event: InstanceEvent) -> bool:
         return next_state(self.state, event) is not None

@@ -15,8 +15,8 @@ import signal
 from dataclasses import dataclass
 
 import anyio
-import structlog
 
+from kvmflow._logging import get_logger
 from kvmflow.errors import (
     InstanceNotRunningError,
     InstanceRunningError,
@@ -36,7 +36,7 @@ from kvmflow.kvm.validation import validate_spec_on
 from kvmflow.monitor.qmp import QMPClient
 from kvmflow.node.base import Node, NodeInfo
 
-_log = structlog.get_logger("kvmflow.kvm")
+_log = get_logger("kvmflow.kvm")
 
 
 @dataclass(frozen=True)

@@ -95,8 +95,8 @@ class InstanceSpec:
         try:
             return cls(
                 name=values["name"],
-                memory_mib=int(values.get("memory_mib", 128)),
-                vcpus=int(values.get("vcpus", 1)),
+                memory_mib=_whole("memory_mib", values.get("memory_mib", 128)),
+                vcpus=_whole("vcpus", values.get("vcpus", 1)),
                 network_port=values.get("network_port"),
                 disks=tuple(
                     Disk(d["path"], DiskMode(d.get("mode", "rw"))) for d in values.get("disks", ())
@@ -112,6 +112,19 @@ class InstanceSpec:
             raise ValidationError(
                 [FieldProblem("instance", dict(values), f"malformed: {exc}")]
             ) from exc
+
+
+#: The keys an instance's description may have (what :meth:`InstanceSpec.from_dict` reads).
+SPEC_KEYS = frozenset(
+    {"name", "memory_mib", "vcpus", "network_port", "disks", "nics", "tags", "hvparams"}
+)
+
+
+def _whole(field: str, value: object) -> int:
+    """An integer as given: 64.9 or ``true`` is refused, not silently made 64 or 1."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValidationError([FieldProblem(field, value, "a whole number")])
+    return value
 
 
 def check_instance_name(name: object) -> str:

@@ -11,13 +11,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import structlog
-
+from kvmflow._logging import get_logger
 from kvmflow.errors import FieldProblem, UidPoolExhaustedError, ValidationError
 from kvmflow.kvm.runtime import RuntimePaths
 from kvmflow.node.base import Node
 
-_log = structlog.get_logger("kvmflow.kvm")
+_log = get_logger("kvmflow.kvm")
 
 
 def parse_uid_ranges(text: str) -> tuple[range, ...]:

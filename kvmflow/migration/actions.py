@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 import anyio
-import structlog
 
+from kvmflow._logging import get_logger
 from kvmflow.errors import KvmflowError
 from kvmflow.migration.decide import Decision
 from kvmflow.migration.errors import PolicyAbortError, PostcopyRecoveryError
@@ -20,7 +20,7 @@ from kvmflow.migration.policy import Action, MigrationPolicy
 from kvmflow.migration.target import MigrationTarget
 from kvmflow.monitor.queries import CommandRunner
 
-_log = structlog.get_logger("kvmflow.migration")
+_log = get_logger("kvmflow.migration")
 
 Hook = Callable[[], Awaitable[None]]
 

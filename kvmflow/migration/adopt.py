@@ -17,8 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import structlog
-
+from kvmflow._logging import get_logger
 from kvmflow.errors import KvmflowError, OperationAbortedError, RecoveryError
 from kvmflow.instance.instance import Instance
 from kvmflow.instance.states import InstanceEvent
@@ -33,7 +32,7 @@ from kvmflow.migration.results import MigrationResult, ProgressCallback
 from kvmflow.migration.watch import watch_migration
 
 Phase = MigrationPhase
-_log = structlog.get_logger("kvmflow.migration")
+_log = get_logger("kvmflow.migration")
 
 #: The phases from which an adopted migration resumes with its driver (the rest are
 #: finished or cleaned by recovery directly).

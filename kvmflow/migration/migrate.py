@@ -31,8 +31,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 import anyio
-import structlog
 
+from kvmflow._logging import get_logger
 from kvmflow.errors import ContUnanswered, KvmflowError, MisuseError
 from kvmflow.feed import BoundedFeed
 from kvmflow.instance.instance import Instance
@@ -61,7 +61,7 @@ from kvmflow.migration.watch import watch_migration
 from kvmflow.monitor.hmp import HMPClient
 from kvmflow.monitor.queries import RunState, query_status
 
-_log = structlog.get_logger("kvmflow.migration")
+_log = get_logger("kvmflow.migration")
 
 Phase, Step = MigrationPhase, PhaseEvent
 _POSTCOPY_STATUSES = (

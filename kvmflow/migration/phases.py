@@ -37,8 +37,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import structlog
-
+from kvmflow._logging import get_logger
 from kvmflow.errors import IllegalPhaseTransitionError
 
 
@@ -148,7 +147,7 @@ class PhaseTracker:
         self.phase = phase
         self.history: list[PhaseChange] = []
         self._listeners = [listener] if listener is not None else []
-        self._log = structlog.get_logger("kvmflow.migration").bind(
+        self._log = get_logger("kvmflow.migration").bind(
             instance=instance, source=source, target=target
         )
 

@@ -11,8 +11,8 @@ import time
 from typing import Literal, Protocol
 
 import anyio
-import structlog
 
+from kvmflow._logging import get_logger
 from kvmflow.errors import ConnectionLostError, KvmflowError
 from kvmflow.kvm.hypervisor import KvmHypervisor
 from kvmflow.migration.policy import MigrationPolicy
@@ -21,7 +21,7 @@ from kvmflow.migration.watch import query_migration
 from kvmflow.monitor.events import EventSubscription
 from kvmflow.monitor.queries import CommandRunner, RunState, Status, query_status
 
-_log = structlog.get_logger("kvmflow.migration")
+_log = get_logger("kvmflow.migration")
 
 #: How long to ask again for the final figures QEMU fills in just after ``completed``.
 FINAL_FIGURES_SECONDS = 2.0

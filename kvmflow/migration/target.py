@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 
 import anyio
-import structlog
 
+from kvmflow._logging import get_logger
 from kvmflow.errors import CommandError, ContUnanswered, KvmflowError
 from kvmflow.kvm.hypervisor import KvmHypervisor
 from kvmflow.kvm.runtime import SavedRuntime
@@ -23,7 +23,7 @@ from kvmflow.monitor.connection import ConnectionState
 from kvmflow.monitor.qmp import QMPClient
 from kvmflow.monitor.queries import RunState, query_status
 
-_log = structlog.get_logger("kvmflow.migration")
+_log = get_logger("kvmflow.migration")
 
 
 def uri_host(address: str) -> str:

@@ -14,8 +14,8 @@ import inspect
 from collections.abc import Awaitable, Callable
 
 import anyio
-import structlog
 
+from kvmflow._logging import get_logger
 from kvmflow.errors import CommandError, DeadlineError, MalformedReplyError
 from kvmflow.migration.errors import MigrationFailedError, TooManyBadAnswersError
 from kvmflow.migration.policy import MigrationPolicy
@@ -28,7 +28,7 @@ from kvmflow.migration.status import (
 from kvmflow.monitor.events import EventSubscription
 from kvmflow.monitor.queries import CommandRunner
 
-_log = structlog.get_logger("kvmflow.migration")
+_log = get_logger("kvmflow.migration")
 
 
 async def query_migration(qmp: CommandRunner, timeout: float) -> MigrationSnapshot | BadAnswer:

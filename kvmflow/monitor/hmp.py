@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Final
 
 import anyio
 import anyio.abc
-import structlog
 
+from kvmflow._logging import get_logger
 from kvmflow.errors import (
     CommandError,
     ConnectionLostError,
@@ -86,7 +86,7 @@ class HMPClient:
         self.banner = ""
         self._stream: anyio.abc.ByteStream | None = None
         self._lock = anyio.Lock()
-        self._log = structlog.get_logger("kvmflow.monitor").bind(monitor=self.name)
+        self._log = get_logger("kvmflow.monitor").bind(monitor=self.name)
 
     async def __aenter__(self) -> HMPClient:
         await self._open()

@@ -16,9 +16,9 @@ from typing import Any, Final
 
 import anyio
 import anyio.abc
-import structlog
 
 from kvmflow._fastpath import running_asyncio_loop
+from kvmflow._logging import get_logger
 from kvmflow._taskgroups import exit_task_group
 from kvmflow.errors import (
     CommandError,
@@ -74,7 +74,7 @@ class QMPClient:
         self.max_line_bytes = max_line_bytes
         self.state = ConnectionState.IDLE
         self.greeting: Greeting | None = None
-        self._log = structlog.get_logger("kvmflow.monitor").bind(monitor=self.name)
+        self._log = get_logger("kvmflow.monitor").bind(monitor=self.name)
         self._connection: MonitorConnection | None = None
         self._pending = PendingCalls(self.name)
         self._deadlines = Deadlines(self.name, self._pending.abandon)

@@ -24,13 +24,13 @@ from typing import Any
 import anyio
 import anyio.abc
 import asyncssh
-import structlog
 
+from kvmflow._logging import get_logger
 from kvmflow.errors import NodeError, SSHConnectError, SSHFailure, TransportError
 from kvmflow.monitor.transport import Connector, StreamFactoryConnector
 from kvmflow.node.base import CommandResult, NodeInfo, NodeLifecycle, node_errors
 
-_log = structlog.get_logger("kvmflow.node")
+_log = get_logger("kvmflow.node")
 
 
 @dataclass(frozen=True)
