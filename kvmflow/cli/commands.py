@@ -26,7 +26,7 @@ from kvmflow.kvm import KvmHypervisor, RuntimePaths, default_accelerator
 from kvmflow.kvm.spec import InstanceSpec
 from kvmflow.migration import MigrationPolicy
 from kvmflow.monitor import hmp_via_qmp
-from kvmflow.node import LocalNode
+from kvmflow.node import LocalNode, SSHNode
 from kvmflow.store import DEFAULT_PATH, Owner, SQLiteStore
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
@@ -46,10 +46,25 @@ class Context:
         accel = default_accelerator()
         self.hypervisors = {
             name: KvmHypervisor(
-                LocalNode(name), RuntimePaths(node.runtime_root), default_accelerator=accel
+                SSHNode(name, node.ssh) if node.ssh else LocalNode(name),
+                RuntimePaths(node.runtime_root),
+                default_accelerator=accel,
             )
             for name, node in config.nodes.items()
         }
+
+    def run(self, command: Callable[..., Awaitable[int]], *args: Any) -> int:
+        """Run one command, then close the nodes' connections (SSH), whatever happens."""
+
+        async def closing() -> int:
+            try:
+                return await command(*args)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    for hv in self.hypervisors.values():
+                        await hv.node.aclose()
+
+        return anyio.run(closing)
 
     @contextlib.asynccontextmanager
     async def guard(self) -> AsyncIterator[OperationGuard]:
@@ -60,7 +75,13 @@ class Context:
     def spec(self, name: str) -> InstanceSpec:
         entry = self.config.instances.get(name)
         if entry is None:
-            known = ", ".join(sorted(self.config.instances)) or "none configured"
+            known = ", ".join(sorted(self.config.instances)) or (
+                "none configured: no config file found at "
+                + ", ".join(self.config.searched)
+                + " (or pass -c FILE)"
+                if self.config.searched
+                else "none configured"
+            )
             raise ConfigError([FieldProblem("instance", name, f"a configured instance ({known})")])
         return entry.spec
 

@@ -6,6 +6,8 @@ Example (``examples/kvmflow.toml``)::
     path = "/var/lib/kvmflow/store.sqlite"  # the store of record every kvmflow shares
 
     [nodes.alpha]
+    host = "192.0.2.10"                # reached over SSH (without host: this machine)
+    user = "root"                      # port, identity_file, known_hosts: optional
     runtime_root = "/run/kvmflow"      # where pid files, sockets and runtimes live
     migration_address = "192.0.2.10"   # where this node's QEMUs listen for migrations
     link_budget_mib = 200              # optional: outbound bandwidth shared by migrations
@@ -36,9 +38,15 @@ from typing import Any
 from kvmflow.errors import ConfigError, FieldProblem, ValidationError
 from kvmflow.kvm.runtime import DEFAULT_ROOT, RuntimePaths
 from kvmflow.kvm.spec import SPEC_KEYS, InstanceSpec
+from kvmflow.node.ssh import SSHTarget
 
-NODE_KEYS = {"runtime_root", "migration_address", "link_budget_mib"}
+SSH_KEYS = {"host", "port", "user", "identity_file", "known_hosts"}
+NODE_KEYS = {"runtime_root", "migration_address", "link_budget_mib", *SSH_KEYS}
 STORE_KEYS = {"path"}
+HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.:-]{0,252}")
+USER_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+#: Where the command line looks for its configuration, in order (the first that exists).
+CONFIG_SEARCH = ("$KVMFLOW_CONFIG", "./kvmflow.toml", "/etc/kvmflow/kvmflow.toml")
 NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
 
@@ -48,6 +56,7 @@ class NodeConfig:
     runtime_root: str = DEFAULT_ROOT
     migration_address: str = "127.0.0.1"
     link_budget_mib: int | None = None
+    ssh: SSHTarget | None = None  # None: this machine
 
 
 @dataclass(frozen=True)
@@ -59,15 +68,29 @@ class InstanceConfig:
 @dataclass
 class Config:
     path: Path | None
+    searched: tuple[str, ...] = ()  # where a config file was looked for (none was found)
     nodes: dict[str, NodeConfig] = field(default_factory=dict)
     instances: dict[str, InstanceConfig] = field(default_factory=dict)
     store_path: str | None = None  # [store] path; None: $KVMFLOW_STORE or the default
 
 
+def find_config() -> Path | None:
+    """The configuration file the command line uses when ``-c`` is not given: the first of
+    :data:`CONFIG_SEARCH` that exists (``$KVMFLOW_CONFIG`` must exist if it is set)."""
+    named = os.environ.get("KVMFLOW_CONFIG")
+    if named:
+        return Path(named)
+    for candidate in CONFIG_SEARCH[1:]:
+        if Path(candidate).is_file():
+            return Path(candidate)
+    return None
+
+
 def load_config(path: Path | None) -> Config:
-    """Read and check a configuration file; ``None`` gives one local node and no instances."""
+    """Read and check a configuration file; ``None`` gives one local node and no instances
+    (and remembers where a file was looked for, so that errors can say it)."""
     if path is None:
-        return Config(None, {"local": NodeConfig("local")})
+        return Config(None, CONFIG_SEARCH, {"local": NodeConfig("local")})
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
@@ -213,9 +236,42 @@ def _node(name: str, body: Any, problems: list[FieldProblem]) -> NodeConfig | No
         problems.append(
             FieldProblem(f"{entry}.link_budget_mib", budget, "a positive integer (MiB/s)")
         )
+    ssh = _ssh_target(entry, body, problems)
     if len(problems) > before:
         return None
-    return NodeConfig(name, root, address, budget)
+    return NodeConfig(name, root, address, budget, ssh)
+
+
+def _ssh_target(entry: str, body: dict[str, Any], problems: list[FieldProblem]) -> SSHTarget | None:
+    """A node with ``host`` is reached over SSH (the key's file and the known hosts must be
+    given as paths; host key checking cannot be turned off from the file)."""
+    given = SSH_KEYS & set(body)
+    if not given:
+        return None
+    host = body.get("host")
+    if not isinstance(host, str) or not HOST_NAME.fullmatch(host):
+        problems.append(FieldProblem(f"{entry}.host", host, "a host name or IP address"))
+    port = body.get("port", 22)
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        problems.append(FieldProblem(f"{entry}.port", port, "a TCP port, 1 to 65535"))
+    user = body.get("user", "root")
+    if not isinstance(user, str) or not USER_NAME.fullmatch(user):
+        problems.append(FieldProblem(f"{entry}.user", user, "a user name"))
+    paths = {}
+    for key in ("identity_file", "known_hosts"):
+        value = body.get(key)
+        if value is not None and (not isinstance(value, str) or not value.startswith(("/", "~"))):
+            problems.append(FieldProblem(f"{entry}.{key}", value, "an absolute path (or ~/...)"))
+        paths[key] = value
+    if problems or not isinstance(host, str):
+        return None
+    return SSHTarget(
+        host,
+        port,
+        user,
+        client_keys=(paths["identity_file"],) if paths["identity_file"] else (),
+        known_hosts=paths["known_hosts"] or "~/.ssh/known_hosts",
+    )
 
 
 def _is_ip(value: object) -> bool:
@@ -227,10 +283,10 @@ def _is_ip(value: object) -> bool:
 
 
 def _distinct_roots(config: Config, problems: list[FieldProblem]) -> None:
-    """Two local nodes with one runtime root would be one node under two names."""
-    seen: dict[str, str] = {}
+    """Two nodes on one machine with one runtime root would be one node under two names."""
+    seen: dict[tuple[str, str], str] = {}
     for name, node in config.nodes.items():
-        root = os.path.normpath(node.runtime_root)
+        root = (node.ssh.host if node.ssh else "", os.path.normpath(node.runtime_root))
         if root in seen:
             problems.append(
                 FieldProblem(

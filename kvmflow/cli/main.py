@@ -22,7 +22,7 @@ from rich.console import Console
 
 from kvmflow.cli import commands, records
 from kvmflow.cli.commands import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, Context
-from kvmflow.cli.config import Config, NodeConfig, load_config, parse_node_flag
+from kvmflow.cli.config import Config, NodeConfig, find_config, load_config, parse_node_flag
 from kvmflow.cli.logs import configure_logging
 from kvmflow.engine import Limits
 from kvmflow.errors import FieldProblem, KvmflowError, ValidationError
@@ -56,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         type=Path,
         metavar="FILE",
-        help="TOML file with [nodes.*] and [instances.*] (see "
-        "examples/kvmflow.toml); without it: one local node, no instances",
+        help="TOML file with [store], [nodes.*] and [instances.*] (see "
+        "examples/kvmflow.toml); default: $KVMFLOW_CONFIG, ./kvmflow.toml, "
+        "/etc/kvmflow/kvmflow.toml; without any: one local node, no instances",
     )
     parser.add_argument(
         "--node",
@@ -177,7 +178,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         print(shellcode(["kvmflow"], shell=args.shell))
         return EXIT_OK
     ctx = Context(
-        add_flag_nodes(load_config(args.config), args.extra_nodes),
+        add_flag_nodes(load_config(args.config or find_config()), args.extra_nodes),
         console,
         as_json=as_json,
         store_path=args.store,
@@ -185,45 +186,45 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if args.command == "console":
         return commands.console_command(ctx, args.name)
     if args.command == "list":
-        return anyio.run(records.cmd_list, ctx)
+        return ctx.run(records.cmd_list, ctx)
     if args.command == "jobs":
-        return anyio.run(records.cmd_jobs, ctx)
+        return ctx.run(records.cmd_jobs, ctx)
     if args.command == "abort":
-        return anyio.run(records.cmd_abort, ctx, args.name)
+        return ctx.run(records.cmd_abort, ctx, args.name)
     if args.command == "recover":
-        return anyio.run(
+        return ctx.run(
             lambda: records.cmd_recover(
                 ctx, dry_run=args.dry_run, abort=args.abort, clean_orphans=args.clean_orphans
             )
         )
     if args.command == "info":
-        return anyio.run(commands.cmd_info, ctx, args.name)
+        return ctx.run(commands.cmd_info, ctx, args.name)
     if args.command == "start":
-        return anyio.run(commands.cmd_start, ctx, args.name)
+        return ctx.run(commands.cmd_start, ctx, args.name)
     if args.command == "stop":
-        return anyio.run(
+        return ctx.run(
             lambda: commands.cmd_stop(ctx, args.name, force=args.force, timeout=args.timeout)
         )
     if args.command == "reboot":
-        return anyio.run(lambda: commands.cmd_reboot(ctx, args.name, force=args.force))
+        return ctx.run(lambda: commands.cmd_reboot(ctx, args.name, force=args.force))
     if args.command == "monitor":
-        return anyio.run(
+        return ctx.run(
             lambda: commands.cmd_monitor(
                 ctx, args.name, qmp_command=args.qmp, arguments=args.args, hmp_line=args.hmp
             )
         )
     if args.command == "plan":
-        return anyio.run(
+        return ctx.run(
             lambda: commands.cmd_plan(ctx, args.file, run=args.mode == "run", progress=progress)
         )
     if args.command == "node-info":
-        return anyio.run(commands.cmd_node_info, ctx, args.node)
+        return ctx.run(commands.cmd_node_info, ctx, args.node)
     if args.command == "migrate":
         spec = ctx.spec(args.name)
         policy = commands.build_policy(
             args.policy, bandwidth=args.bandwidth, downtime=args.downtime, spec=spec
         )
-        return anyio.run(
+        return ctx.run(
             lambda: commands.cmd_migrate(
                 ctx,
                 args.name,
@@ -242,7 +243,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
             raise ValidationError(
                 [FieldProblem("--to", args.to, "one or more node names, comma-separated")]
             )
-        return anyio.run(
+        return ctx.run(
             lambda: commands.cmd_evacuate(
                 ctx,
                 args.node,
