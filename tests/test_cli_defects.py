@@ -13,6 +13,7 @@ import pytest
 from rich.console import Console
 
 from kvmflow.cli.commands import make_table
+from kvmflow.errors import ValidationError
 from tests.test_cli_commands import kvmflow
 
 
@@ -109,3 +110,89 @@ def test_hmp_output_is_printed_as_qemu_wrote_it_and_errors_exit_1(running: Path)
     assert bogus.returncode == 1
     assert "unknown command" in bogus.stderr
     assert "Traceback" not in bogus.stderr
+
+
+def test_version_and_pause_resume(running: Path) -> None:
+    version = kvmflow("--version")
+    assert version.returncode == 0
+    assert version.stdout.startswith("kvmflow 0.")
+    paused = kvmflow("pause", "m1", "--json", config=running)
+    assert paused.returncode == 0, paused.stderr
+    assert json.loads(paused.stdout)["state"] == "paused"
+    info = json.loads(kvmflow("info", "m1", "--json", config=running).stdout)
+    assert info["run_state"] == "paused"
+    again = kvmflow("pause", "m1", config=running)
+    assert again.returncode == 1
+    assert "pause needs it running" in again.stderr
+    resumed = kvmflow("resume", "m1", "--json", config=running)
+    assert json.loads(resumed.stdout)["state"] == "running"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--bandwidth", "0"), "--bandwidth=0: a positive integer"),
+        (("--timeout", "0"), "--timeout=0.0: seconds, above 0"),
+        (("--multifd", "0"), "--multifd=0: 1 or more channels"),
+    ],
+)
+def test_policy_flag_errors_name_the_flag(
+    running: Path, flags: tuple[str, ...], message: str
+) -> None:
+    done = kvmflow("migrate", "m1", "a", *flags, config=running)
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert "Limits(" not in done.stderr
+
+
+def test_migrate_knobs_make_the_policy_they_say() -> None:
+    from kvmflow.cli.policies import PolicyFlags, build_policy
+    from kvmflow.migration.policy import Action
+
+    policy = build_policy(
+        PolicyFlags(timeout=20, postcopy=True, auto_converge=True, max_downtime=800), None
+    )
+    assert policy.deadline_seconds(64) == policy.deadline_seconds(65536) == 20
+    assert policy.deadline_actions == (Action.POSTCOPY,)
+    assert policy.stall_actions[-1] is Action.POSTCOPY
+    assert policy.downtime_ceiling_ms == 800
+    capabilities = {c["capability"] for c in policy.source_capabilities()}
+    assert {"postcopy-ram", "auto-converge"} <= capabilities
+    parallel = build_policy(PolicyFlags(multifd=4), None)
+    assert parallel.capabilities.multifd_channels == 4
+    assert "multifd" in {c["capability"] for c in parallel.target_capabilities()}
+    with pytest.raises(ValidationError, match="cannot combine multifd with postcopy"):
+        build_policy(PolicyFlags(multifd=4, postcopy=True), None)
+
+
+def test_evacuate_without_to_uses_every_other_node_and_each_instances_parameters(
+    runtime_root: Path, own_store: Path
+) -> None:
+    import anyio
+
+    from kvmflow.store import SQLiteStore
+
+    config = write_config(
+        runtime_root / "k.toml",
+        f'[nodes.a]\nruntime_root = "{runtime_root}/a"\n'
+        f'[nodes.b]\nruntime_root = "{runtime_root}/b"\n'
+        '[instances.e1]\nnode = "a"\nmemory_mib = 64\n'
+        "hvparams = { migration_port = 0, migration_downtime = 30, "
+        "migration_bandwidth = 900 }\n",
+    )
+    assert kvmflow("start", "e1", config=config).returncode == 0
+    dry = json.loads(kvmflow("evacuate", "a", "--dry-run", "--json", config=config).stdout)
+    assert dry["plan"] == [{"instance": "e1", "target": "b", "memory_mib": 64}]
+    done = kvmflow("evacuate", "a", "--json", config=config)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["moved"] == [{"instance": "e1", "target": "b"}]
+
+    async def recorded_policy() -> dict[str, object]:
+        async with await SQLiteStore.open(own_store) as store:
+            (entry,) = [e for e in await store.history("e1") if e.operation == "migrate"]
+            policy: dict[str, object] = entry.details["policy"]
+            return policy
+
+    policy = anyio.run(recorded_policy)
+    assert (policy["downtime_ms"], policy["bandwidth_mib"]) == (30, 900)  # its own hvparams
+    kvmflow("stop", "e1", "--force", config=config)

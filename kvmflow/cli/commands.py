@@ -266,6 +266,22 @@ async def cmd_reboot(ctx: Context, name: str, *, force: bool) -> int:
     return EXIT_OK
 
 
+async def cmd_pause_resume(ctx: Context, name: str, pause: bool) -> int:
+    async with ctx.guard() as guard:
+        hv = await ctx.locate(name, guard)
+        if not await hv.is_running(name):
+            raise MisuseError(f"{name} is not running on {hv.node.name}")
+        instance = await Instance.attach(ctx.spec(name), hv)
+        instance.guard = guard
+        await (instance.pause() if pause else instance.resume())
+    verb = "paused" if pause else "resumed"
+    ctx.emit(
+        {"instance": name, "node": hv.node.name, "state": instance.machine.state.value},
+        text=f"{verb} {name} on {hv.node.name}",
+    )
+    return EXIT_OK
+
+
 async def cmd_monitor(
     ctx: Context, name: str, *, qmp_command: str | None, arguments: str | None, hmp_line: str | None
 ) -> int:
@@ -328,25 +344,6 @@ async def cmd_node_info(ctx: Context, node: str | None) -> int:
     return EXIT_OK
 
 
-def build_policy(
-    name: str, *, bandwidth: int | None, downtime: int | None, spec: InstanceSpec | None
-) -> MigrationPolicy:
-    overrides: dict[str, Any] = {}
-    if bandwidth is not None:
-        overrides["bandwidth_mib"] = bandwidth
-    if downtime is not None:
-        overrides["downtime_ms"] = downtime
-    if name == "ancestor":
-        return MigrationPolicy.ancestor(spec.hvparams if spec else None, **overrides)
-    if name == "fixed":
-        return MigrationPolicy.fixed(**overrides)
-    if spec is not None:
-        return MigrationPolicy.from_hvparams(spec.hvparams, **overrides)
-    if downtime is not None:
-        overrides.setdefault("downtime_ceiling_ms", max(2000, downtime))
-    return MigrationPolicy(**overrides)
-
-
 async def cmd_migrate(
     ctx: Context, name: str, target: str, *, live: bool, policy: MigrationPolicy, progress: bool
 ) -> int:
@@ -387,7 +384,7 @@ async def cmd_evacuate(
     targets: list[str],
     *,
     dry_run: bool,
-    policy: MigrationPolicy,
+    policy: MigrationPolicy | None,
     limits: Limits,
     progress: bool,
 ) -> int:

@@ -20,10 +20,12 @@ import argcomplete
 from argcomplete.shell_integration import shellcode
 from rich.console import Console
 
+from kvmflow import __version__
 from kvmflow.cli import commands, records
 from kvmflow.cli.commands import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, Context
 from kvmflow.cli.config import Config, NodeConfig, find_config, load_config, parse_node_flag
 from kvmflow.cli.logs import configure_logging
+from kvmflow.cli.policies import PolicyFlags, add_policy_flags, build_policy
 from kvmflow.engine import Limits
 from kvmflow.errors import FieldProblem, KvmflowError, ValidationError
 from kvmflow.tuning import tune_gc_for_fleet
@@ -75,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the store of record (SQLite); default: $KVMFLOW_STORE, the config's "
         "[store] path, or /var/lib/kvmflow/store.sqlite",
     )
+    parser.add_argument("--version", action="version", version=f"kvmflow {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     parser.add_argument("-q", "--quiet", action="count", default=0, help="less log output")
     parser.add_argument("--log-json", action="store_true", help="log as JSON lines on stderr")
@@ -86,17 +89,6 @@ def build_parser() -> argparse.ArgumentParser:
         if json_flag:
             p.add_argument("--json", action="store_true", help="print JSON instead of tables")
         return p
-
-    def policy_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--policy",
-            choices=["default", "ancestor", "fixed"],
-            default="default",
-            help="default: kvmflow's converging policy; ancestor: Ganeti's fixed "
-            "limits; fixed: fixed limits with kvmflow's tolerance",
-        )
-        p.add_argument("--bandwidth", type=int, metavar="MIB_S", help="bandwidth limit, MiB/s")
-        p.add_argument("--downtime", type=int, metavar="MS", help="initial downtime limit, ms")
 
     command("list", "every instance: each copy's state on every node, and what disagrees")
     command("jobs", "operations in flight (from any shell), with phase and progress")
@@ -119,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("reboot", "stop and start again with the same hardware")
     p.add_argument("name")
     p.add_argument("--force", action="store_true", help="kill instead of powering down")
+    command("pause", "stop the guest's vCPUs (QMP stop); memory and process stay").add_argument(
+        "name"
+    )
+    command("resume", "start a paused guest's vCPUs again (QMP cont)").add_argument("name")
     command("console", "attach to the serial console (Ctrl-] detaches)").add_argument("name")
     p = command("monitor", "send one QMP command or HMP line and print the answer")
     p.add_argument("name")
@@ -130,14 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("target", help="target node")
     p.add_argument("--non-live", action="store_true", help="pause the guest during the copy")
-    policy_options(p)
+    add_policy_flags(p)
     p = command("evacuate", "move every instance off a node")
     p.add_argument("node")
-    p.add_argument("--to", required=True, metavar="NODE[,NODE...]", help="target nodes")
+    p.add_argument(
+        "--to", metavar="NODE[,NODE...]", help="target nodes (default: every other node)"
+    )
     p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     p.add_argument("--max-out", type=int, default=2, help="outbound migrations per node")
     p.add_argument("--max-in", type=int, default=2, help="inbound migrations per node")
-    policy_options(p)
+    add_policy_flags(p)
     command("node-info", "memory and CPUs of nodes").add_argument("node", nargs="?")
     p = command("plan", "validate or run a plan file of starts, stops and migrations")
     p.add_argument("mode", choices=["validate", "run"])
@@ -197,6 +195,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
                 ctx, dry_run=args.dry_run, abort=args.abort, clean_orphans=args.clean_orphans
             )
         )
+    if args.command in ("pause", "resume"):
+        return ctx.run(commands.cmd_pause_resume, ctx, args.name, args.command == "pause")
     if args.command == "info":
         return ctx.run(commands.cmd_info, ctx, args.name)
     if args.command == "start":
@@ -221,9 +221,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         return ctx.run(commands.cmd_node_info, ctx, args.node)
     if args.command == "migrate":
         spec = ctx.spec(args.name)
-        policy = commands.build_policy(
-            args.policy, bandwidth=args.bandwidth, downtime=args.downtime, spec=spec
-        )
+        policy = build_policy(PolicyFlags.from_args(args), spec)
         return ctx.run(
             lambda: commands.cmd_migrate(
                 ctx,
@@ -235,26 +233,40 @@ def run(args: argparse.Namespace, console: Console) -> int:
             )
         )
     if args.command == "evacuate":
-        policy = commands.build_policy(
-            args.policy, bandwidth=args.bandwidth, downtime=args.downtime, spec=None
-        )
-        targets = [t.strip() for t in args.to.split(",") if t.strip()]
+        # Without policy flags every instance migrates under its own parameters.
+        flags = PolicyFlags.from_args(args)
+        shared = build_policy(flags, None) if flags.given else None
+        if args.to is None:  # any other node with room, as gnt-node evacuate does
+            targets = [name for name in ctx.config.nodes if name != args.node]
+        else:
+            targets = [t.strip() for t in args.to.split(",") if t.strip()]
         if not targets:
             raise ValidationError(
                 [FieldProblem("--to", args.to, "one or more node names, comma-separated")]
             )
+        limits = evacuation_limits(args.max_out, args.max_in)
         return ctx.run(
             lambda: commands.cmd_evacuate(
                 ctx,
                 args.node,
                 targets,
                 dry_run=args.dry_run,
-                policy=policy,
-                limits=Limits(args.max_out, args.max_in),
+                policy=shared,
+                limits=limits,
                 progress=progress,
             )
         )
     raise AssertionError(args.command)  # pragma: no cover
+
+
+def evacuation_limits(max_out: int, max_in: int) -> Limits:
+    try:
+        return Limits(max_out, max_in)
+    except ValidationError as exc:
+        names = {"max_outbound": "--max-out", "max_inbound": "--max-in"}
+        raise ValidationError(
+            [FieldProblem(names.get(p.field, p.field), p.value, p.allowed) for p in exc.problems]
+        ) from exc
 
 
 def add_flag_nodes(config: Config, flags: list[str]) -> Config:
@@ -326,7 +338,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         return fail(args, exc, EXIT_FAILED)
     except KeyboardInterrupt:
-        print("kvmflow: interrupted; everything started was stopped", file=sys.stderr)
+        print(
+            "kvmflow: interrupted; what was in flight was cancelled and cleaned up "
+            "(kvmflow list shows what runs now)",
+            file=sys.stderr,
+        )
         return 130
 
 
