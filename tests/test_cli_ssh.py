@@ -96,6 +96,12 @@ memory_mib = 64
     assert refused.returncode == 1
     assert "refused our key" in refused.stderr
     assert "Traceback" not in refused.stderr
+    verify = kvmflow("verify", "--json", config=path)
+    assert verify.returncode == 1
+    (finding,) = json.loads(verify.stdout)
+    assert finding["subject"] == "node alpha"
+    assert "unreachable" in finding["finding"]
+    assert "refused our key" in finding["finding"]
 
 
 @pytest.mark.parametrize(

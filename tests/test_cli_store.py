@@ -253,6 +253,12 @@ def test_a_killed_migrate_command_is_recovered_by_kvmflow_recover(
     assert refused.returncode == 1
     assert "only recovery may take it over" in refused.stderr
 
+    verify = kvmflow("verify", "--json", config=config)
+    assert verify.returncode == 1
+    findings = [f["finding"] for f in json.loads(verify.stdout)]
+    assert any("inmigrate copy on beta" in f for f in findings), findings
+    assert any("left open at streaming" in f and "run kvmflow recover" in f for f in findings)
+
     dry = kvmflow("recover", "--dry-run", "--json", config=config)
     assert dry.returncode == 0, dry.stderr
     assert [(r["instance"], r["verdict"]) for r in json.loads(dry.stdout)] == [("web1", "would")]
@@ -267,3 +273,6 @@ def test_a_killed_migrate_command_is_recovered_by_kvmflow_recover(
     again = kvmflow("recover", config=config)
     assert again.returncode == 0
     assert "nothing to recover" in again.stdout
+    verified = kvmflow("verify", config=config)
+    assert verified.returncode == 0, verified.stdout
+    assert "no findings" in verified.stdout

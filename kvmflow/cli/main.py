@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("list", "every instance: each copy's state on every node, and what disagrees")
     command("jobs", "operations in flight (from any shell), with phase and progress")
+    command("verify", "check the fleet: nodes reachable, each instance once where recorded")
     p = command("abort", "ask the owner of an operation in flight to cancel it")
     p.add_argument("name")
     p = command("recover", "after a controller died: finish, adopt or clean every operation")
@@ -187,6 +188,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
         return ctx.run(records.cmd_list, ctx)
     if args.command == "jobs":
         return ctx.run(records.cmd_jobs, ctx)
+    if args.command == "verify":
+        return ctx.run(records.cmd_verify, ctx)
     if args.command == "abort":
         return ctx.run(records.cmd_abort, ctx, args.name)
     if args.command == "recover":

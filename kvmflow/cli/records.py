@@ -14,7 +14,7 @@ import anyio
 from kvmflow.cli.commands import EXIT_FAILED, EXIT_OK, Context, make_table
 from kvmflow.engine.reality import Copy, survey
 from kvmflow.engine.recovery import Recovery
-from kvmflow.errors import MisuseError
+from kvmflow.errors import KvmflowError, MisuseError
 from kvmflow.store.base import JournalEntry, Lease, Placement
 
 #: How long ``kvmflow abort`` waits for the owner to finish cleaning up.
@@ -111,6 +111,45 @@ def _holder_text(lease: Lease | None) -> str | None:
         return None
     gone = lease.expires_at <= time.time() or lease.owner.alive() is False
     return f"{lease.operation} by {lease.owner}" + (" (owner gone: recover)" if gone else "")
+
+
+async def cmd_verify(ctx: Context) -> int:
+    """A fleet check, as ``gnt-cluster verify``: every node reachable, every instance
+    running exactly once where the store records it, no stale files, no leftover copies,
+    no operation whose owner is gone. Exit 1 on any finding."""
+    findings: list[dict[str, str]] = []
+    for name, hv in ctx.hypervisors.items():
+        try:
+            await hv.node.list_dir(hv.paths.root)
+        except KvmflowError as exc:
+            findings.append({"subject": f"node {name}", "finding": f"unreachable: {exc}"})
+    async with ctx.guard() as guard:
+        store = guard.store
+        placements = {p.instance: p for p in await store.placements()}
+        found = await survey(ctx.hypervisors, set(placements))
+        for name in sorted(set(placements) | set(found)):
+            for flag in disagreements(found.get(name, []), placements.get(name)):
+                findings.append({"subject": f"instance {name}", "finding": flag})
+        for entry in await store.unfinished():
+            row = _job_row(entry, await store.holder(entry.instance))
+            if not row["owner_alive"]:
+                findings.append(
+                    {
+                        "subject": f"instance {entry.instance}",
+                        "finding": f"{entry.operation} left open at {entry.phase} by "
+                        f"{row['owner']}, who is gone: run kvmflow recover",
+                    }
+                )
+    table = make_table("subject", "finding")
+    for finding in findings:
+        table.add_row(finding["subject"], finding["finding"])
+    nodes = len(ctx.hypervisors)
+    ctx.emit(
+        findings,
+        table if findings else None,
+        f"fleet verified: {nodes} node(s), {len(placements)} recorded instance(s), no findings",
+    )
+    return EXIT_FAILED if findings else EXIT_OK
 
 
 async def cmd_jobs(ctx: Context) -> int:

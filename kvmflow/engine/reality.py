@@ -144,7 +144,11 @@ async def survey(
             here = wanted
 
         async def one(name: str) -> None:
-            copy = await look(hv, name)
+            try:
+                copy = await look(hv, name)
+            except KvmflowError as exc:  # the node cannot be asked now: say so, go on
+                _log.warning("copy could not be looked at", node=hv.node.name, error=str(exc))
+                return
             if copy is not None:
                 found.setdefault(name, []).append(copy)
 
