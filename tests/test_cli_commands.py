@@ -104,13 +104,18 @@ def test_instance_lifecycle_through_the_cli(config: Path) -> None:
     stopped = kvmflow("stop", "cli1", "--force", config=config)
     assert stopped.returncode == 0, stopped.stderr
     assert "stopped cli1 on beta" in stopped.stdout
-    listed = json.loads(kvmflow("list", "--json", config=config).stdout)
+    assert json.loads(kvmflow("list", "--json", config=config).stdout) == []  # stopped: hidden
+    listed = json.loads(kvmflow("list", "--all", "--json", config=config).stdout)
     assert [(r["instance"], r["state"], r["copies"], r["flags"]) for r in listed] == [
         ("cli1", "stopped", [], [])
     ]
     gone = kvmflow("info", "cli1", config=config)
-    assert gone.returncode == 1
-    assert "not running" in gone.stdout
+    assert gone.returncode == 0, gone.stderr
+    assert "stopped" in gone.stdout
+    stopped_info = json.loads(kvmflow("info", "cli1", "--json", config=config).stdout)
+    assert (stopped_info["running"], stopped_info["run_state"]) == (False, "stopped")
+    assert (stopped_info["configured_node"], stopped_info["memory_mib"]) == ("alpha", 64)
+    assert stopped_info["hvparams"]["migration_bandwidth"] == 500
 
 
 def test_errors_and_exit_codes(config: Path, tmp_path: Path) -> None:

@@ -196,3 +196,26 @@ def test_evacuate_without_to_uses_every_other_node_and_each_instances_parameters
     policy = anyio.run(recorded_policy)
     assert (policy["downtime_ms"], policy["bandwidth_mib"]) == (30, 900)  # its own hvparams
     kvmflow("stop", "e1", "--force", config=config)
+
+
+def test_list_options_as_gnt_instance_list_has_them(running: Path) -> None:
+    plain = kvmflow(
+        "list",
+        "-o",
+        "instance,state,node,memory_mib",
+        "--separator",
+        "|",
+        "--no-headers",
+        config=running,
+    )
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout == "m1|running|a|64\n"
+    headed = kvmflow("list", "-o", "instance,state", "--separator", ",", config=running)
+    assert headed.stdout.splitlines() == ["instance,state", "m1,running"]
+    picked = json.loads(kvmflow("list", "-o", "instance,pid", "--json", config=running).stdout)
+    assert list(picked[0]) == ["instance", "pid"]
+    assert json.loads(kvmflow("list", "--on", "elsewhere", "--json", config=running).stdout) == []
+    assert json.loads(kvmflow("list", "--tag", "web", "--json", config=running).stdout) == []
+    bad = kvmflow("list", "-o", "instance,colour", config=running)
+    assert bad.returncode == 2
+    assert "-o='instance,colour': fields among instance, state" in bad.stderr

@@ -64,7 +64,7 @@ kernel_args = "mib=48 pause=0", serial_console = false }}
 
 
 def listed(config: Path) -> dict[str, Any]:
-    done = kvmflow("list", "--json", config=config)
+    done = kvmflow("list", "--all", "--json", config=config)
     assert done.returncode == 0, done.stderr
     rows: list[dict[str, Any]] = json.loads(done.stdout)
     return {row["instance"]: row for row in rows}

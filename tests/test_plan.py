@@ -115,7 +115,7 @@ def test_plan_runs_and_a_second_run_redoes_nothing(config: Path, tmp_path: Path)
     refused = kvmflow("-c", str(config), "plan", "run", str(bad))
     assert refused.returncode == 2
     assert "step[1].target" in refused.stderr
-    listed = json.loads(kvmflow("-c", str(config), "list", "--json").stdout)
+    listed = json.loads(kvmflow("-c", str(config), "list", "--all", "--json").stdout)
     assert {row["state"] for row in listed} == {"stopped"}  # nothing ran
 
     first = kvmflow("-c", str(config), "plan", "run", str(plan), "--json")
@@ -126,7 +126,7 @@ def test_plan_runs_and_a_second_run_redoes_nothing(config: Path, tmp_path: Path)
     outcomes = json.loads(second.stdout)
     assert [s["outcome"] for s in outcomes] == ["skipped"] * 5
     assert {s["detail"] for s in outcomes} == {"done in an earlier run"}
-    listed = json.loads(kvmflow("-c", str(config), "list", "--json").stdout)
+    listed = json.loads(kvmflow("-c", str(config), "list", "--all", "--json").stdout)
     assert [(r["instance"], r["state"], r["node"]) for r in listed] == [
         ("p1", "running", "beta"),
         ("p2", "stopped", None),

@@ -187,27 +187,40 @@ def make_table(*columns: str, **options: Any) -> Table:
 
 
 async def cmd_info(ctx: Context, name: str) -> int:
-    hv = await ctx.locate(name)
-    info = await hv.info(name)
-    if info is None:
-        ctx.emit(
-            {"instance": name, "running": False},
-            text=f"{name} is not running (configured on {hv.node.name})",
-        )
-        return EXIT_FAILED
-    data = {"instance": name, "node": hv.node.name, "running": True, **asdict(info)}
-    # Over HMP, and the operation from the store: a migration in flight holds QMP.
-    copy = await look(hv, name)
-    data["run_state"] = copy.state.value if copy is not None else "stopped"
-    data["migration"] = copy.migration if copy is not None else None
+    """The full picture of one instance, running or not: its description (the running
+    copy's own, else the configuration's), where it runs, is configured and is recorded, its
+    run state, its sockets and the operation in flight with its phase."""
     async with ctx.guard() as guard:
+        hv = await ctx.locate(name, guard)
+        copy = await look(hv, name)  # over HMP: a migration in flight holds QMP
         holder = await guard.store.holder(name)
         placed = await guard.store.placement(name)
-    data["operation"] = f"{holder.operation} by {holder.owner}" if holder else None
-    data["recorded_node"] = placed.node if placed else None
+        open_entries = [e for e in await guard.store.unfinished() if e.instance == name]
+        runtime = await hv.load_runtime(name) if copy is not None and copy.alive else None
+    configured = ctx.config.instances.get(name)
+    # The running copy's own description, else the configuration's (or the usual error).
+    spec = runtime.spec if runtime is not None else ctx.spec(name)
+    running = copy is not None and copy.holds_guest
+    data: dict[str, Any] = {
+        "instance": name,
+        "running": running,
+        "run_state": copy.state.value if copy is not None else "stopped",
+        "node": hv.node.name if running else None,
+        "configured_node": configured.node if configured else None,
+        "recorded_node": placed.node if placed else None,
+        "pid": copy.pid if copy is not None else None,
+        "migration": copy.migration if copy is not None else None,
+        "operation": f"{holder.operation} by {holder.owner}" if holder else None,
+        "phase": open_entries[-1].phase if open_entries else None,
+        **{k: v for k, v in spec.to_dict().items() if k != "name"},
+        "qmp_socket": hv.paths.qmp_socket(name),
+        "hmp_socket": hv.paths.hmp_socket(name),
+        "serial_socket": hv.paths.serial_socket(name),
+        "stale_files": list(copy.stale_files) if copy is not None else [],
+    }
     table = make_table("field", "value")
     for key, value in data.items():
-        table.add_row(key, str(value))
+        table.add_row(key, json.dumps(value) if isinstance(value, dict | list) else str(value))
     ctx.emit(data, table)
     return EXIT_OK
 

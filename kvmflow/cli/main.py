@@ -26,6 +26,7 @@ from kvmflow.cli.commands import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE,
 from kvmflow.cli.config import Config, NodeConfig, find_config, load_config, parse_node_flag
 from kvmflow.cli.logs import configure_logging
 from kvmflow.cli.policies import PolicyFlags, add_policy_flags, build_policy
+from kvmflow.cli.records import LIST_FIELDS
 from kvmflow.engine import Limits
 from kvmflow.errors import FieldProblem, KvmflowError, ValidationError
 from kvmflow.tuning import tune_gc_for_fleet
@@ -90,7 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true", help="print JSON instead of tables")
         return p
 
-    command("list", "every instance: each copy's state on every node, and what disagrees")
+    p = command("list", "every instance: each copy's state on every node, and what disagrees")
+    p.add_argument("--all", action="store_true", help="also instances stopped as they should be")
+    p.add_argument(
+        "-o", dest="fields", metavar="FIELD,...", help="columns: " + ", ".join(LIST_FIELDS)
+    )
+    p.add_argument("--no-headers", action="store_true", help="no header line")
+    p.add_argument("--separator", metavar="SEP", help="plain lines, fields joined by SEP")
+    p.add_argument("--on", dest="on_node", metavar="NODE", help="only instances with a copy there")
+    p.add_argument("--tag", metavar="TAG", help="only instances with this tag")
     command("jobs", "operations in flight (from any shell), with phase and progress")
     command("verify", "check the fleet: nodes reachable, each instance once where recorded")
     p = command("abort", "ask the owner of an operation in flight to cancel it")
@@ -185,7 +194,15 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if args.command == "console":
         return commands.console_command(ctx, args.name)
     if args.command == "list":
-        return ctx.run(records.cmd_list, ctx)
+        view = records.ListView.parse(
+            args.fields,
+            all=args.all,
+            headers=not args.no_headers,
+            separator=args.separator,
+            node=args.on_node,
+            tag=args.tag,
+        )
+        return ctx.run(records.cmd_list, ctx, view)
     if args.command == "jobs":
         return ctx.run(records.cmd_jobs, ctx)
     if args.command == "verify":

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -14,7 +15,7 @@ import anyio
 from kvmflow.cli.commands import EXIT_FAILED, EXIT_OK, Context, make_table
 from kvmflow.engine.reality import Copy, survey
 from kvmflow.engine.recovery import Recovery
-from kvmflow.errors import KvmflowError, MisuseError
+from kvmflow.errors import FieldProblem, KvmflowError, MisuseError, ValidationError
 from kvmflow.store.base import JournalEntry, Lease, Placement
 
 #: How long ``kvmflow abort`` waits for the owner to finish cleaning up.
@@ -42,7 +43,8 @@ def disagreements(copies: list[Copy], placed: Placement | None) -> list[str]:
     return flags
 
 
-async def cmd_list(ctx: Context) -> int:
+async def cmd_list(ctx: Context, view: ListView | None = None) -> int:
+    view = view or ListView()
     async with ctx.guard() as guard:
         store = guard.store
         placements = {p.instance: p for p in await store.placements()}
@@ -64,24 +66,94 @@ async def cmd_list(ctx: Context) -> int:
                     "pid": home.pid if home else None,
                     "memory_mib": info.memory_mib if info else None,
                     "vcpus": info.vcpus if info else None,
+                    "tags": list(ctx.config.instances[name].spec.tags)
+                    if name in ctx.config.instances
+                    else [],
                     "copies": [_copy_row(c) for c in copies],
                     "operation": _holder_text(holder),
                     "flags": disagreements(copies, placed),
                 }
             )
-    table = make_table("instance", "state", "node", "copies", "operation", "flags")
-    for row in rows:
-        copies_text = ", ".join(f"{c['node']}: {c['state']}" for c in row["copies"]) or "-"
-        table.add_row(
-            row["instance"],
-            row["state"],
-            row["node"] or "-",
-            copies_text,
-            row["operation"] or "-",
-            "; ".join(row["flags"]) or "-",
-        )
-    ctx.emit(rows, table if rows else None, "no instances configured, recorded or running")
+    rows = [row for row in rows if view.shows(row)]
+    if ctx.as_json:
+        ctx.emit([{f: row[f] for f in view.fields} for row in rows] if view.chosen else rows)
+        return EXIT_OK
+    lines = [[_cell(row[field]) for field in view.fields] for row in rows]
+    if view.separator is not None:
+        if view.headers:
+            print(view.separator.join(view.fields))
+        for line in lines:
+            print(view.separator.join(line))
+        return EXIT_OK
+    table = make_table(*view.fields, show_header=view.headers)
+    for line in lines:
+        table.add_row(*line)
+    ctx.emit(rows, table if rows else None, "no instances to show (--all shows stopped ones)")
     return EXIT_OK
+
+
+#: What ``list -o`` may show, and what it shows by default.
+LIST_FIELDS = (
+    "instance",
+    "state",
+    "node",
+    "recorded_node",
+    "pid",
+    "memory_mib",
+    "vcpus",
+    "tags",
+    "copies",
+    "operation",
+    "flags",
+)
+DEFAULT_LIST_FIELDS = ("instance", "state", "node", "copies", "operation", "flags")
+
+
+@dataclass(frozen=True)
+class ListView:
+    """Which rows and columns ``list`` prints, and how (``gnt-instance list`` habits)."""
+
+    all: bool = False  # also instances that are stopped and need nothing
+    fields: tuple[str, ...] = DEFAULT_LIST_FIELDS
+    chosen: bool = False  # -o was given (JSON keeps only those keys then)
+    headers: bool = True
+    separator: str | None = None  # plain lines instead of a table
+    node: str | None = None
+    tag: str | None = None
+
+    @classmethod
+    def parse(cls, fields: str | None, **options: Any) -> ListView:
+        if fields is None:
+            return cls(**options)
+        chosen = tuple(f.strip() for f in fields.split(",") if f.strip())
+        unknown = [f for f in chosen if f not in LIST_FIELDS]
+        if unknown or not chosen:
+            raise ValidationError(
+                [FieldProblem("-o", fields, f"fields among {', '.join(LIST_FIELDS)}")]
+            )
+        return cls(fields=chosen, chosen=True, **options)
+
+    def shows(self, row: dict[str, Any]) -> bool:
+        if not self.all and row["state"] == "stopped" and not row["copies"] and not row["flags"]:
+            return False
+        if self.node is not None and self.node not in (
+            row["node"],
+            *(copy["node"] for copy in row["copies"]),
+        ):
+            return False
+        return self.tag is None or self.tag in row["tags"]
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        parts = [
+            f"{item['node']}:{item['state']}" if isinstance(item, dict) else str(item)
+            for item in value
+        ]
+        return "; ".join(parts) if parts else "-"
+    return str(value)
 
 
 def _state(copies: list[Copy], placed: Placement | None) -> str:
