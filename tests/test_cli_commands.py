@@ -176,6 +176,12 @@ def test_demo_with_two_guests(sockdir: Path) -> None:
     assert report["accelerator"] in ("kvm", "tcg")
     assert [m["outcome"] for m in report["migrations"]] == ["completed", "completed"]
     assert [m["load"] for m in report["migrations"]] == ["idle", "light"]
+    for migration in report["migrations"]:  # numbers with units in the keys, no display text
+        assert isinstance(migration["seconds"], float)
+        assert isinstance(migration["downtime_ms"], int)
+        assert isinstance(migration["transferred_bytes"], int)
+        assert migration["transferred_bytes"] > 0
+        assert isinstance(migration["actions"], list)
     assert qemus_under(sockdir) == []
     assert list(sockdir.iterdir()) == []  # the demo removed its root
 

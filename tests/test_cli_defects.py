@@ -219,3 +219,44 @@ def test_list_options_as_gnt_instance_list_has_them(running: Path) -> None:
     bad = kvmflow("list", "-o", "instance,colour", config=running)
     assert bad.returncode == 2
     assert "-o='instance,colour': fields among instance, state" in bad.stderr
+
+
+def test_reboot_says_what_it_waits_for_and_keeps_to_its_timeout(running: Path) -> None:
+    rebooted = kvmflow("reboot", "m1", "--timeout", "0.5", config=running)
+    assert rebooted.returncode == 0, rebooted.stderr
+    assert "asked m1 on a to power off (ACPI); it is killed if it has not in 0.5 s" in (
+        rebooted.stderr
+    )
+    assert "rebooted m1 on a" in rebooted.stdout
+    assert json.loads(kvmflow("info", "m1", "--json", config=running).stdout)["running"]
+    bad = kvmflow("reboot", "m1", "--timeout", "-1", config=running)
+    assert bad.returncode == 2
+    assert "--timeout=-1.0: 0 or more seconds" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("words", "completions"),
+    [("start w", "web1 web2"), ("migrate web1 b", "beta"), ("evacuate a", "alpha"), ("node-info b", "beta")],
+)
+def test_shell_completion_offers_names_from_the_config(
+    runtime_root: Path, tmp_path: Path, words: str, completions: str
+) -> None:
+    config = write_config(
+        runtime_root / "k.toml",
+        f'[nodes.alpha]\nruntime_root = "{runtime_root}/a"\n'
+        f'[nodes.beta]\nruntime_root = "{runtime_root}/b"\n'
+        '[instances.web1]\nnode = "alpha"\n[instances.web2]\nnode = "beta"\n'
+        '[instances.db1]\nnode = "alpha"\n',
+    )
+    line = f"kvmflow -c {config} {words}"
+    out = tmp_path / "completions"
+    done = kvmflow(
+        env={
+            "_ARGCOMPLETE": "1",
+            "COMP_LINE": line,
+            "COMP_POINT": str(len(line)),
+            "_ARGCOMPLETE_STDOUT_FILENAME": str(out),
+        }
+    )
+    assert done.returncode == 0, done.stderr
+    assert sorted(out.read_text().split()) == completions.split()

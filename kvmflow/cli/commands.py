@@ -127,6 +127,16 @@ class Context:
             recover_on_enter=False,
         )
 
+    def say_waiting(self, instance: Instance, *, force: bool, timeout: float) -> None:
+        """Tell the operator (on stderr, never under --json) what a stop waits for."""
+        if force or self.as_json or not instance.spec.hvparams.acpi:
+            return
+        print(
+            f"kvmflow: asked {instance.name} on {instance.node_name} to power off (ACPI); "
+            f"it is killed if it has not in {timeout:g} s",
+            file=sys.stderr,
+        )
+
     def emit(self, data: Any, table: Table | None = None, text: str | None = None) -> None:
         if self.as_json:
             print(json.dumps(data, default=str))
@@ -257,6 +267,7 @@ async def cmd_stop(ctx: Context, name: str, *, force: bool, timeout: float) -> i
                 text=f"{name} was not running; cleaned up",
             )
             return EXIT_OK
+        ctx.say_waiting(instance, force=force, timeout=timeout)
         await instance.stop(force=force, timeout=timeout)
     ctx.emit(
         {"instance": name, "stopped": True, "was_running": True},
@@ -265,13 +276,16 @@ async def cmd_stop(ctx: Context, name: str, *, force: bool, timeout: float) -> i
     return EXIT_OK
 
 
-async def cmd_reboot(ctx: Context, name: str, *, force: bool) -> int:
+async def cmd_reboot(ctx: Context, name: str, *, force: bool, timeout: float) -> int:
+    if timeout < 0:
+        raise ValidationError([FieldProblem("--timeout", timeout, "0 or more seconds")])
     async with ctx.guard() as guard:
         hv = await ctx.locate(name, guard)
         if not await hv.is_running(name):
             raise MisuseError(f"{name} is not running on {hv.node.name}; start it instead")
         instance = Instance(ctx.spec(name), hv, InstanceState.RUNNING, guard=guard)
-        info = await instance.reboot(force=force)
+        ctx.say_waiting(instance, force=force, timeout=timeout)
+        info = await instance.reboot(force=force, timeout=timeout)
     ctx.emit(
         {"instance": name, "node": hv.node.name, "pid": info.pid},
         text=f"rebooted {name} on {hv.node.name} (pid {info.pid})",

@@ -47,6 +47,25 @@ exit codes: 0 ok, 1 operation failed, 2 usage or configuration error, 3 batch pa
 """
 
 
+def _configured(parsed_args: argparse.Namespace) -> Config | None:
+    try:
+        return load_config(getattr(parsed_args, "config", None) or find_config())
+    except KvmflowError:
+        return None  # a broken config completes nothing; the command itself will say why
+
+
+def complete_instances(prefix: str, parsed_args: argparse.Namespace, **_: object) -> list[str]:
+    """Shell completion of instance names from the configuration (argcomplete)."""
+    config = _configured(parsed_args)
+    return sorted(n for n in (config.instances if config else ()) if n.startswith(prefix))
+
+
+def complete_nodes(prefix: str, parsed_args: argparse.Namespace, **_: object) -> list[str]:
+    """Shell completion of node names from the configuration (argcomplete)."""
+    config = _configured(parsed_args)
+    return sorted(n for n in (config.nodes if config else ()) if n.startswith(prefix))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvmflow",
@@ -103,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     command("jobs", "operations in flight (from any shell), with phase and progress")
     command("verify", "check the fleet: nodes reachable, each instance once where recorded")
     p = command("abort", "ask the owner of an operation in flight to cancel it")
-    p.add_argument("name")
+    p.add_argument("name").completer = complete_instances  # type: ignore[attr-defined]
     p = command("recover", "after a controller died: finish, adopt or clean every operation")
     p.add_argument("--dry-run", action="store_true", help="say what would be done, change nothing")
     p.add_argument("--abort", action="store_true", help="cancel migrations still streaming")
@@ -112,33 +131,39 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="remove leftover copies that hold no guest, once the real copy is verified",
     )
-    command("info", "show one instance").add_argument("name")
-    command("start", "start an instance from the configuration").add_argument("name")
+    command("info", "show one instance").add_argument("name").completer = complete_instances  # type: ignore[attr-defined]
+    command("start", "start an instance from the configuration").add_argument(
+        "name"
+    ).completer = complete_instances  # type: ignore[attr-defined]
     p = command("stop", "stop an instance (ACPI power-down, then kill)")
-    p.add_argument("name")
+    p.add_argument("name").completer = complete_instances  # type: ignore[attr-defined]
     p.add_argument("--force", action="store_true", help="kill at once")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for power-off")
     p = command("reboot", "stop and start again with the same hardware")
-    p.add_argument("name")
+    p.add_argument("name").completer = complete_instances  # type: ignore[attr-defined]
     p.add_argument("--force", action="store_true", help="kill instead of powering down")
-    command("pause", "stop the guest's vCPUs (QMP stop); memory and process stay").add_argument(
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for power-off")
+    p = command("pause", "stop the guest's vCPUs (QMP stop); memory and process stay")
+    p.add_argument("name").completer = complete_instances  # type: ignore[attr-defined]
+    command("resume", "start a paused guest's vCPUs again (QMP cont)").add_argument(
         "name"
-    )
-    command("resume", "start a paused guest's vCPUs again (QMP cont)").add_argument("name")
-    command("console", "attach to the serial console (Ctrl-] detaches)").add_argument("name")
+    ).completer = complete_instances  # type: ignore[attr-defined]
+    command("console", "attach to the serial console (Ctrl-] detaches)").add_argument(
+        "name"
+    ).completer = complete_instances  # type: ignore[attr-defined]
     p = command("monitor", "send one QMP command or HMP line and print the answer")
-    p.add_argument("name")
+    p.add_argument("name").completer = complete_instances  # type: ignore[attr-defined]
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--qmp", metavar="COMMAND", help="a QMP command, e.g. query-status")
     what.add_argument("--hmp", metavar="LINE", help='an HMP line, e.g. "info status"')
     p.add_argument("--args", metavar="JSON", help="QMP arguments as a JSON object")
     p = command("migrate", "live-migrate one instance to another node")
-    p.add_argument("name")
-    p.add_argument("target", help="target node")
+    p.add_argument("name").completer = complete_instances  # type: ignore[attr-defined]
+    p.add_argument("target", help="target node").completer = complete_nodes  # type: ignore[attr-defined]
     p.add_argument("--non-live", action="store_true", help="pause the guest during the copy")
     add_policy_flags(p)
     p = command("evacuate", "move every instance off a node")
-    p.add_argument("node")
+    p.add_argument("node").completer = complete_nodes  # type: ignore[attr-defined]
     p.add_argument(
         "--to", metavar="NODE[,NODE...]", help="target nodes (default: every other node)"
     )
@@ -146,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-out", type=int, default=2, help="outbound migrations per node")
     p.add_argument("--max-in", type=int, default=2, help="inbound migrations per node")
     add_policy_flags(p)
-    command("node-info", "memory and CPUs of nodes").add_argument("node", nargs="?")
+    command("node-info", "memory and CPUs of nodes").add_argument(
+        "node", nargs="?"
+    ).completer = complete_nodes  # type: ignore[attr-defined]
     p = command("plan", "validate or run a plan file of starts, stops and migrations")
     p.add_argument("mode", choices=["validate", "run"])
     p.add_argument("file", help="plan file (TOML, or JSON with a .json name)")
@@ -226,7 +253,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
             lambda: commands.cmd_stop(ctx, args.name, force=args.force, timeout=args.timeout)
         )
     if args.command == "reboot":
-        return ctx.run(lambda: commands.cmd_reboot(ctx, args.name, force=args.force))
+        return ctx.run(
+            lambda: commands.cmd_reboot(ctx, args.name, force=args.force, timeout=args.timeout)
+        )
     if args.command == "monitor":
         return ctx.run(
             lambda: commands.cmd_monitor(
@@ -322,12 +351,23 @@ def cmd_demo(args: argparse.Namespace, console: Console, progress: bool) -> int:
         lambda: run_demo(args.guests, console, show_progress=progress, bandwidth_mib=args.bandwidth)
     )
     rows = demo_table(report)
-    if args.json:
+    if args.json:  # numbers, with their units in the key names (as migrate --json)
         print(
             json.dumps(
                 {
                     "accelerator": report.accelerator,
-                    "migrations": [dict(zip(rows[0], row, strict=True)) for row in rows[1:]],
+                    "migrations": [
+                        {
+                            "instance": row.instance,
+                            "load": row.profile,
+                            "outcome": row.outcome,
+                            "seconds": round(row.seconds, 3) if row.seconds is not None else None,
+                            "downtime_ms": row.downtime_ms,
+                            "transferred_bytes": row.moved_bytes,
+                            "actions": row.actions,
+                        }
+                        for row in report.rows
+                    ],
                 }
             )
         )

@@ -107,13 +107,13 @@ class Instance:
                 held.place(self.node_name)
             return info
 
-    async def reboot(self, *, force: bool = False) -> InstanceInfo:
+    async def reboot(self, *, force: bool = False, timeout: float = 30.0) -> InstanceInfo:
         """Stop the instance and start it again with the same hardware, on the same node,
         as one operation (so that nothing can come in between)."""
         async with self.operation("reboot") as held:
             self.machine.fire(InstanceEvent.STOP)
             try:
-                info = await self.hypervisor.reboot(self.spec, force=force)
+                info = await self.hypervisor.reboot(self.spec, force=force, timeout=timeout)
             except BaseException:
                 with anyio.CancelScope(shield=True):
                     running = await self.hypervisor.is_running(self.name)

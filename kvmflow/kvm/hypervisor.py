@@ -355,12 +355,15 @@ class KvmHypervisor:
             return True
         return False
 
-    async def reboot(self, spec: InstanceSpec, *, force: bool = False) -> InstanceInfo:
-        """Stop and start again from the saved runtime (same hardware, current security)."""
+    async def reboot(
+        self, spec: InstanceSpec, *, force: bool = False, timeout: float = 30.0
+    ) -> InstanceInfo:
+        """Stop (an ACPI power-off for up to ``timeout`` seconds, then a kill) and start again
+        from the saved runtime (same hardware, current security)."""
         runtime = await self.load_runtime(spec.name)
         if runtime is None:
             raise InstanceNotRunningError(f"instance {spec.name} has no saved runtime to reboot")
-        await self.stop(spec.name, force=force, acpi=spec.hvparams.acpi)
+        await self.stop(spec.name, force=force, acpi=spec.hvparams.acpi, timeout=timeout)
         return await self.start(spec, runtime=runtime)
 
     # --------------------------------------------------------------------- cleanup
