@@ -236,7 +236,12 @@ def test_reboot_says_what_it_waits_for_and_keeps_to_its_timeout(running: Path) -
 
 @pytest.mark.parametrize(
     ("words", "completions"),
-    [("start w", "web1 web2"), ("migrate web1 b", "beta"), ("evacuate a", "alpha"), ("node-info b", "beta")],
+    [
+        ("start w", "web1 web2"),
+        ("migrate web1 b", "beta"),
+        ("evacuate a", "alpha"),
+        ("node-info b", "beta"),
+    ],
 )
 def test_shell_completion_offers_names_from_the_config(
     runtime_root: Path, tmp_path: Path, words: str, completions: str

@@ -249,3 +249,27 @@ async def test_concurrent_writes_share_commits_and_a_failing_one_fails_alone(
         phases = {e.instance: (e.phase, e.details.get("n")) for e in await store.unfinished()}
     assert phases.pop("vm7") == ("checking", None)  # its write was rolled back alone
     assert phases == {f"vm{n}": ("streaming", n) for n in range(40) if n != 7}
+
+
+async def test_an_older_store_is_migrated_on_open_keeping_its_records(store_path: Path) -> None:
+    import sqlite3
+
+    from kvmflow.store.schema import MIGRATIONS
+
+    db = sqlite3.connect(store_path)
+    for statement in MIGRATIONS[1]:  # a store as the first kvmflow with a store wrote it
+        db.execute(statement)
+    db.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    db.execute("INSERT INTO placement VALUES ('vm1', 'alpha', 1, 0.0)")
+    db.commit()
+    db.close()
+    async with await SQLiteStore.open(store_path) as store:
+        placement = await store.placement("vm1")
+        assert placement is not None
+        assert placement.node == "alpha"  # kept
+        assert await store.cancel_requests() == {}  # version 2's table
+        assert await store.fence("alpha") is None  # version 3's table
+    db = sqlite3.connect(store_path)
+    (version,) = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    db.close()
+    assert int(version) == SCHEMA_VERSION

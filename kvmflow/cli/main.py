@@ -171,6 +171,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-out", type=int, default=2, help="outbound migrations per node")
     p.add_argument("--max-in", type=int, default=2, help="inbound migrations per node")
     add_policy_flags(p)
+    p = command("node", "act on a node: powercycle (sync, then an immediate reset: a fence)")
+    p.add_argument("action", choices=["powercycle"])
+    p.add_argument("node").completer = complete_nodes  # type: ignore[attr-defined]
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.add_argument(
+        "--allow-this-machine", action="store_true", help="even if it is kvmflow's own machine"
+    )
+    p = command("failover", "start an instance elsewhere when its node is lost (never twice)")
+    p.add_argument("name").completer = complete_instances  # type: ignore[attr-defined]
+    p.add_argument("--to", required=True, metavar="NODE", help="where to start it")
+    p.add_argument(
+        "--node-is-down",
+        action="store_true",
+        help="you know the lost node is down (recorded as a fence); else it must be power-cycled",
+    )
     command("node-info", "memory and CPUs of nodes").add_argument(
         "node", nargs="?"
     ).completer = complete_nodes  # type: ignore[attr-defined]
@@ -232,6 +247,16 @@ def run(args: argparse.Namespace, console: Console) -> int:
         return ctx.run(records.cmd_list, ctx, view)
     if args.command == "jobs":
         return ctx.run(records.cmd_jobs, ctx)
+    if args.command == "node":
+        return ctx.run(
+            lambda: records.cmd_powercycle(
+                ctx, args.node, confirmed=args.yes, allow_this_machine=args.allow_this_machine
+            )
+        )
+    if args.command == "failover":
+        return ctx.run(
+            lambda: records.cmd_failover(ctx, args.name, args.to, node_is_down=args.node_is_down)
+        )
     if args.command == "verify":
         return ctx.run(records.cmd_verify, ctx)
     if args.command == "abort":

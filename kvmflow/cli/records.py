@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -13,9 +14,11 @@ from typing import Any
 import anyio
 
 from kvmflow.cli.commands import EXIT_FAILED, EXIT_OK, Context, make_table
+from kvmflow.engine.failover import failover
 from kvmflow.engine.reality import Copy, survey
 from kvmflow.engine.recovery import Recovery
 from kvmflow.errors import FieldProblem, KvmflowError, MisuseError, ValidationError
+from kvmflow.node.power import is_this_machine, powercycle
 from kvmflow.store.base import JournalEntry, Lease, Placement
 
 #: How long ``kvmflow abort`` waits for the owner to finish cleaning up.
@@ -222,6 +225,54 @@ async def cmd_verify(ctx: Context) -> int:
         f"fleet verified: {nodes} node(s), {len(placements)} recorded instance(s), no findings",
     )
     return EXIT_FAILED if findings else EXIT_OK
+
+
+async def cmd_powercycle(
+    ctx: Context, node: str, *, confirmed: bool, allow_this_machine: bool
+) -> int:
+    """Power-cycle a node (the fence of last resort) and record the fence in the store."""
+    hv = ctx.hypervisor(node)
+    if is_this_machine(hv.node) and not allow_this_machine:
+        raise MisuseError(
+            f"node {node} is the machine kvmflow runs on; pass --allow-this-machine to "
+            "power-cycle it anyway"
+        )
+    if not confirmed:
+        if not sys.stdin.isatty():
+            raise ValidationError(
+                [FieldProblem("--yes", False, "needed to power-cycle a node off a terminal")]
+            )
+        typed = await anyio.to_thread.run_sync(
+            input, f"power-cycle {node} now (an immediate reset)? type its name to confirm: "
+        )
+        if typed.strip() != node:
+            raise MisuseError(f"not confirmed ({typed.strip()!r} is not {node!r}); nothing done")
+    async with ctx.guard() as guard:
+        await powercycle(hv.node, allow_this_machine=allow_this_machine)
+        fence = await guard.store.record_fence(node, str(guard.owner), "powercycle")
+    ctx.emit(
+        {"node": node, "fenced_at": fence.at, "how": fence.how},
+        text=f"power-cycled {node}; recorded as fenced (failover may now start its instances)",
+    )
+    return EXIT_OK
+
+
+async def cmd_failover(ctx: Context, name: str, target: str, *, node_is_down: bool) -> int:
+    ctx.hypervisor(target)
+    async with ctx.guard() as guard:
+        info = await failover(
+            ctx.spec(name),
+            target,
+            ctx.hypervisors,
+            guard,
+            node_is_down=node_is_down,
+            by=str(guard.owner),
+        )
+    ctx.emit(
+        {"instance": name, "node": target, "pid": info.pid},
+        text=f"failed {name} over to {target} (pid {info.pid})",
+    )
+    return EXIT_OK
 
 
 async def cmd_jobs(ctx: Context) -> int:

@@ -80,6 +80,17 @@ class Placement:
 
 
 @dataclass(frozen=True)
+class Fence:
+    """A node made certainly down at ``at`` (time.time()): power-cycled, or stated down by an
+    operator; failover trusts it for placements older than that."""
+
+    node: str
+    at: float
+    by: str
+    how: str  # "powercycle" or "stated-down"
+
+
+@dataclass(frozen=True)
 class PlacementChange:
     """Where an operation leaves its instance, recorded as it closes: on ``node``, or
     nowhere (``None``: it stopped)."""
@@ -156,6 +167,14 @@ class Store(Protocol):
 
     async def release(self, lease: Lease) -> None:
         """Give the lease up (nothing happens if it was already taken over)."""
+        ...
+
+    async def record_fence(self, node: str, by: str, how: str) -> Fence:
+        """Note that ``node`` was fenced now (no lease: it concerns a node, not an instance)."""
+        ...
+
+    async def fence(self, node: str) -> Fence | None:
+        """The latest fence of ``node``, if any."""
         ...
 
     async def leases(self) -> list[Lease]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from kvmflow.errors import StoreError, StoreSchemaError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DEFAULT_PATH = "/var/lib/kvmflow/store.sqlite"
 
 #: version -> the statements that bring a store from the version before to it.
@@ -42,6 +42,11 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE TABLE cancel_requests (instance TEXT NOT NULL, token INTEGER NOT NULL,"
         " requested_by TEXT NOT NULL, requested_at REAL NOT NULL,"
         " PRIMARY KEY (instance, token))",
+    ),
+    # 3: nodes fenced (power-cycled, or stated down by an operator), for failover.
+    3: (
+        "CREATE TABLE fences (node TEXT PRIMARY KEY, at REAL NOT NULL, by TEXT NOT NULL,"
+        " how TEXT NOT NULL)",
     ),
 }
 

@@ -27,6 +27,7 @@ import anyio.to_thread
 
 from kvmflow.errors import InstanceBusyError, LeaseLostError, NothingToAbortError, StoreError
 from kvmflow.store.base import (
+    Fence,
     JournalEntry,
     Lease,
     Owner,
@@ -249,6 +250,28 @@ class SQLiteStore:
                     "SELECT instance, token, requested_by FROM cancel_requests"
                 ).fetchall()
             return {(row[0], row[1]): str(row[2]) for row in rows}
+
+        return await self._run(read)
+
+    async def record_fence(self, node: str, by: str, how: str) -> Fence:
+        def record() -> Fence:
+            fence = Fence(node, time.time(), by, how)
+            with self._write() as db:
+                db.execute(
+                    "INSERT OR REPLACE INTO fences VALUES (?, ?, ?, ?)",
+                    (node, fence.at, by, how),
+                )
+            return fence
+
+        return await self._batched(record)
+
+    async def fence(self, node: str) -> Fence | None:
+        def read() -> Fence | None:
+            with translated(self.path):
+                row = self._db.execute(
+                    "SELECT node, at, by, how FROM fences WHERE node = ?", (node,)
+                ).fetchone()
+            return Fence(*row) if row else None
 
         return await self._run(read)
 
