@@ -195,6 +195,7 @@ def test_progress_bars_render_on_a_terminal() -> None:
         total=128 << 20,
         throughput_mbps=167.8,
         dirty_sync_count=2,
+        dirty_pages_rate=2560,  # 10 MiB/s of 4 KiB pages
     )
     estimate = Estimate(False, None, 20 << 20, 50 << 20, 32 << 20)
     report = MigrationProgress("web1", "a", "b", 3.0, snapshot, 200, estimate)
@@ -210,11 +211,15 @@ def test_progress_bars_render_on_a_terminal() -> None:
         bars.progress.refresh()
         text = console.export_text()
         assert "web1 a->b" in text
-        assert "64.0 MiB/128.0 MiB" in text
-        assert "21.0 MB/s" in text
+        assert "32.0 MiB left of 128.0 MiB" in text  # QEMU's remaining, not bytes sent
+        assert "sent 20.0 MiB/s" in text  # 167.8 Mbit/s, in the unit of the sizes
+        assert "dirtied 10.0 MiB/s" in text
+        assert "pass 2" in text
         assert "not converging" in text
-        assert "dt 200 ms" in text
+        assert "downtime limit 200 ms" in text
         assert "raise-downtime" in text
+        (bar,) = [task for task in bars.progress.tasks if task.description == "web1 a->b"]
+        assert (bar.completed, bar.total) == (96 << 20, 128 << 20)  # fills as remaining falls
         bars.handle(MigrationCompleted(1, "web1", "a", "b", None))
         bars.progress.refresh()
     assert "done" in console.export_text()

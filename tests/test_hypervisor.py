@@ -34,7 +34,7 @@ from kvmflow.kvm import (
 )
 from kvmflow.kvm.hvparams import BootOrder, DiskType, SecurityModel
 from kvmflow.monitor import RunState, query_status
-from kvmflow.node import LocalNode
+from kvmflow.node import LocalNode, SSHNode, SSHTarget
 from kvmflow.node.base import CommandResult
 from tests.tls import make_x509_dir
 
@@ -392,11 +392,25 @@ async def test_node_info_and_console(hv: KvmHypervisor) -> None:
     assert node.cpu_sockets >= 1
     assert node.numa_nodes >= 1
     command = hv.console(small("vm-x"))
+    lock = hv.paths.serial_socket("vm-x") + ".lock"
     assert isinstance(command, list)
-    assert command[0] == "socat"
+    assert command[:5] == ["flock", "-n", "-E", "75", lock]  # one console at a time
+    assert command[5] == "socat"
     assert command[-1] == f"UNIX-CONNECT:{hv.paths.serial_socket('vm-x')}"
-    assert "escape=0x1d" in command[1]
+    assert "escape=0x1d" in command[6]
+    assert hv.console(small("vm-x"), terminal=False)[6] == "STDIO"  # no raw mode on a pipe
+    assert lock in hv.paths.instance_files("vm-x")  # cleanup removes it
     assert "no serial console" in str(hv.console(small("vm-x", serial_console=False)))
+    remote = KvmHypervisor(
+        SSHNode("far", SSHTarget("198.51.100.7", 2222, "ops", ("/k/id",), "/k/known")),
+        hv.paths,
+    ).console(small("vm-x"))
+    assert isinstance(remote, list)
+    assert remote[:4] == ["ssh", "-t", "-p", "2222"]
+    assert remote[6:8] == ["-i", "/k/id"]
+    assert "UserKnownHostsFile=/k/known" in remote
+    assert remote[-2] == "ops@198.51.100.7"
+    assert remote[-1].startswith(f"flock -n -E 75 {lock} socat")
 
 
 async def test_a_qemu_whose_pid_file_vanished_is_still_found_and_stopped(

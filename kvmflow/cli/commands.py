@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict
@@ -23,6 +24,7 @@ from kvmflow.errors import ConfigError, FieldProblem, MisuseError, ValidationErr
 from kvmflow.instance import Instance, InstanceState
 from kvmflow.instance.guard import OperationGuard
 from kvmflow.kvm import KvmHypervisor, RuntimePaths, default_accelerator
+from kvmflow.kvm.console import BUSY_EXIT
 from kvmflow.kvm.spec import InstanceSpec
 from kvmflow.migration import MigrationPolicy
 from kvmflow.monitor import hmp_via_qmp
@@ -335,19 +337,39 @@ async def cmd_monitor(
 
 
 def console_command(ctx: Context, name: str) -> int:
-    """Replace this process with the console command (or say why there is none)."""
+    """Attach this terminal to the instance's serial console until Ctrl-] (or the end of
+    the copy), then say how it ended: detached, the guest migrated away, or it stopped."""
     hv = anyio.run(ctx.locate, name)
-    command = hv.console(ctx.spec(name))
+    if not anyio.run(hv.is_running, name):
+        raise MisuseError(f"{name} is not running; start it first")
+    terminal = sys.stdin.isatty()
+    command = hv.console(ctx.spec(name), terminal=terminal)
     if isinstance(command, str):
         ctx.console.print(command, markup=False, highlight=False)
         return EXIT_FAILED
-    if not ctx.as_json and sys.stdin.isatty():
-        ctx.console.print("[dim]connected; Ctrl-] detaches[/]")
     if ctx.as_json:
         print(json.dumps({"command": command}))
         return EXIT_OK
-    os.execvp(command[0], command)
-    return EXIT_FAILED  # pragma: no cover
+    if terminal:
+        print(f"kvmflow: console of {name} on {hv.node.name}; Ctrl-] detaches", file=sys.stderr)
+    ended = subprocess.run(command, check=False)
+    if ended.returncode == BUSY_EXIT:
+        raise MisuseError(
+            f"another console is attached to {name} on {hv.node.name} (one at a time): "
+            "detach that one first"
+        )
+    now = anyio.run(ctx.locate, name)
+    if not anyio.run(now.is_running, name):
+        print(f"kvmflow: {name} stopped; the console ended", file=sys.stderr)
+    elif now.node.name != hv.node.name:
+        print(
+            f"kvmflow: {name} migrated to {now.node.name}; the console ended there "
+            f"(kvmflow console {name} attaches again)",
+            file=sys.stderr,
+        )
+    elif ended.returncode != 0:
+        raise MisuseError(f"the console of {name} failed (exit {ended.returncode})")
+    return EXIT_OK
 
 
 async def cmd_node_info(ctx: Context, node: str | None) -> int:
@@ -494,7 +516,7 @@ async def cmd_plan(ctx: Context, path: str, *, run: bool, progress: bool) -> int
             engine,
             lambda: run_plan(engine, steps, journal_path(Path(path))),
             enabled=progress,
-            total=len(steps),
+            total=sum(step.action == "migrate" for step in steps),  # the bars count migrations
         )
     rows = [
         {

@@ -1,13 +1,17 @@
 """Live progress bars for migrations (rich), fed by engine events.
 
-One bar per migration shows transferred of total, throughput, remaining bytes, the
-estimate, the downtime limit in force and the policy's latest action; an overall bar counts
-finished migrations. Nothing is drawn when output is not a terminal or in ``--json`` mode.
+One bar per migration shows what an operator needs to judge it: the bar fills as QEMU's
+``remaining`` falls (not bytes sent against RAM size, which overshoots while the guest
+dirties memory), then the rate sent against the rate the guest dirties (both MiB/s), the
+pass (dirty-sync count), the downtime limit in force, the policy's estimate and its latest
+action. An overall bar counts finished migrations. Nothing is drawn when output is not a
+terminal or in ``--json`` mode.
 """
 
 from __future__ import annotations
 
 from types import TracebackType
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
@@ -24,6 +28,16 @@ from kvmflow.engine.events import (
 )
 
 MIB = 1024 * 1024
+#: Every text column of a bar, empty.
+_BLANK: dict[str, Any] = {
+    "moved": "",
+    "rate": "",
+    "left": "",
+    "passes": "",
+    "eta": "",
+    "downtime": "",
+    "action": "",
+}
 
 
 def human_bytes(value: float) -> str:
@@ -45,6 +59,7 @@ class MigrationBars:
             TextColumn("{task.fields[moved]}"),
             TextColumn("{task.fields[rate]}"),
             TextColumn("{task.fields[left]}"),
+            TextColumn("{task.fields[passes]}"),
             TextColumn("[cyan]{task.fields[eta]}"),
             TextColumn("{task.fields[downtime]}"),
             TextColumn("[magenta]{task.fields[action]}"),
@@ -64,12 +79,7 @@ class MigrationBars:
                 self._overall = self.progress.add_task(
                     "[bold]all migrations",
                     total=self._total,
-                    moved="",
-                    rate="",
-                    left="",
-                    eta="",
-                    downtime="",
-                    action="",
+                    **_BLANK,
                 )
         return self
 
@@ -91,12 +101,7 @@ class MigrationBars:
             self._tasks[event.migration_id] = self.progress.add_task(
                 f"{event.instance} {event.source}->{event.target}",
                 total=None,
-                moved="queued",
-                rate="",
-                left="",
-                eta="",
-                downtime="",
-                action="",
+                **(_BLANK | {"moved": "queued"}),
             )
         elif task is None:
             return
@@ -108,12 +113,13 @@ class MigrationBars:
             self.progress.update(
                 task,
                 total=snap.total or None,
-                completed=snap.transferred,
-                moved=f"{human_bytes(snap.transferred)}/{human_bytes(snap.total)}",
-                rate=f"{snap.throughput_mbps / 8:.1f} MB/s",
-                left=f"{human_bytes(snap.remaining)} left",
+                completed=max(0, snap.total - snap.remaining),
+                moved=f"{human_bytes(snap.remaining)} left of {human_bytes(snap.total)}",
+                rate=f"sent {snap.throughput_mbps * 1e6 / 8 / MIB:.1f} MiB/s",
+                left=f"dirtied {snap.dirty_bytes_rate / MIB:.1f} MiB/s",
+                passes=f"pass {snap.dirty_sync_count}",
                 eta=str(report.estimate) if report.estimate else snap.status.value,
-                downtime=f"dt {report.downtime_limit_ms} ms",
+                downtime=f"downtime limit {report.downtime_limit_ms} ms",
             )
         elif isinstance(event, PolicyActionTaken) and event.decision is not None:
             self.progress.update(task, action=event.decision.name)

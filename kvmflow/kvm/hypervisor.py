@@ -35,6 +35,7 @@ from kvmflow.kvm.uidpool import UidPool
 from kvmflow.kvm.validation import validate_spec_on
 from kvmflow.monitor.qmp import QMPClient
 from kvmflow.node.base import Node, NodeInfo
+from kvmflow.node.ssh import SSHNode
 
 _log = get_logger("kvmflow.kvm")
 
@@ -151,9 +152,10 @@ class KvmHypervisor:
     async def node_info(self) -> NodeInfo:
         return await self.node.node_info()
 
-    def console(self, spec: InstanceSpec) -> list[str] | str:
-        """The console command for ``spec`` (see :mod:`kvmflow.kvm.console`)."""
-        return console_command(spec, self.paths)
+    def console(self, spec: InstanceSpec, *, terminal: bool = True) -> list[str] | str:
+        """The console command for ``spec`` on this node (see :mod:`kvmflow.kvm.console`)."""
+        ssh = self.node.target if isinstance(self.node, SSHNode) else None
+        return console_command(spec, self.paths, terminal=terminal, ssh=ssh)
 
     def qmp(
         self, name: str, *, connect_timeout: float = 5.0, command_timeout: float | None = None

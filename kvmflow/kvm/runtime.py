@@ -83,6 +83,7 @@ class RuntimePaths:
             self.qmp_socket(name),
             self.hmp_socket(name),
             self.serial_socket(name),
+            self.serial_socket(name) + ".lock",  # a console's lock (kvmflow.kvm.console)
             self.runtime_file(name),
         ]
 
