@@ -276,3 +276,29 @@ def test_a_killed_migrate_command_is_recovered_by_kvmflow_recover(
     verified = kvmflow("verify", config=config)
     assert verified.returncode == 0, verified.stdout
     assert "no findings" in verified.stdout
+
+
+@pytest.mark.parametrize(
+    ("sig", "code", "said"),
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated (SIGTERM)")],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_a_migrate_command_stopped_by_a_signal_cleans_up_as_for_a_cancel(
+    config: Path,
+    runtime_root: Path,
+    slow_migration: subprocess.Popen[str],
+    sig: signal.Signals,
+    code: int,
+    said: str,
+) -> None:
+    slow_migration.send_signal(sig)
+    _, stderr = slow_migration.communicate(timeout=60)
+    assert slow_migration.returncode == code, stderr
+    assert f"kvmflow: {said}; what was in flight was cancelled and cleaned up" in stderr
+    assert "Traceback" not in stderr
+    assert "CancelledError" not in stderr
+    assert copies(config) == [("alpha", "running")]
+    assert qemus_under(runtime_root / "beta") == []
+    assert json.loads(kvmflow("jobs", "--json", config=config).stdout) == []
+    verified = kvmflow("verify", config=config)  # nothing was left for recovery
+    assert verified.returncode == 0, verified.stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -60,7 +61,7 @@ class Context:
 
         async def closing() -> int:
             try:
-                return await command(*args)
+                return await until_terminated(command, *args)
             finally:
                 with anyio.CancelScope(shield=True):
                     for hv in self.hypervisors.values():
@@ -146,6 +147,40 @@ class Context:
             self.console.print(table)
         elif text is not None:
             self.console.print(text, highlight=False, markup=False)
+
+
+class Terminated(Exception):
+    """The command got SIGTERM: it was cancelled and cleaned up as for Ctrl-C."""
+
+
+async def until_terminated(command: Callable[..., Awaitable[int]], *args: Any) -> int:
+    """Run ``command``; SIGTERM (systemd, kill) cancels it as Ctrl-C does, so that what is
+    in flight is cleaned up instead of left for recovery, then :class:`Terminated`."""
+    failure: Exception | None = None
+    result = EXIT_FAILED
+    terminated = False
+    with anyio.open_signal_receiver(signal.SIGTERM) as signals:
+        async with anyio.create_task_group() as tg:
+
+            async def watch() -> None:
+                nonlocal terminated
+                async for _ in signals:
+                    terminated = True
+                    tg.cancel_scope.cancel()
+                    return
+
+            tg.start_soon(watch)
+            try:
+                result = await command(*args)
+            except Exception as exc:  # raised as it is below, not in an ExceptionGroup
+                failure = exc
+            finally:
+                tg.cancel_scope.cancel()
+    if terminated:
+        raise Terminated
+    if failure is not None:
+        raise failure
+    return result
 
 
 def resolve_store_path(flag: str | None, config: Config) -> str:

@@ -4,7 +4,7 @@
 Exit codes: 0 success; 1 an operation failed (or was refused: the instance is busy, another
 copy runs; or recovery found something an operator must decide); 2 bad usage, bad
 configuration or an unknown instance or node; 3 a batch (evacuation, plan) partly failed;
-130 interrupted.
+130 interrupted (Ctrl-C), 143 terminated (SIGTERM): both cancel and clean up what was in flight.
 """
 
 from __future__ import annotations
@@ -422,6 +422,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         return fail(args, exc, EXIT_FAILED)
+    except commands.Terminated:
+        print(
+            "kvmflow: terminated (SIGTERM); what was in flight was cancelled and cleaned up "
+            "(kvmflow list shows what runs now)",
+            file=sys.stderr,
+        )
+        return 143
     except KeyboardInterrupt:
         print(
             "kvmflow: interrupted; what was in flight was cancelled and cleaned up "

@@ -151,7 +151,8 @@ class OperationGuard:
                 if held.aborted is not None:
                     held.outcome = f"aborted: requested by {held.aborted.requested_by}"
                 elif held.outcome == "done":
-                    held.outcome = f"failed: {exc!r}"
+                    cancelled = isinstance(exc, anyio.get_cancelled_exc_class())
+                    held.outcome = "cancelled" if cancelled else f"failed: {exc!r}"
                 renewer.cancel_scope.cancel()
                 absorbed = await exit_task_group(renewer, type(exc), exc, exc.__traceback__)
                 # The keeper cancelled the body: say why.

@@ -30,12 +30,22 @@ if TYPE_CHECKING:
 Phase, Step = MigrationPhase, PhaseEvent
 
 
+def describe(cause: BaseException) -> str:
+    """What stopped a migration, for a log line: a cancel is "cancelled" (its repr names
+    tasks and file paths nobody needs), kvmflow's errors say their message."""
+    if isinstance(cause, anyio.get_cancelled_exc_class()):
+        return "cancelled"
+    if isinstance(cause, KvmflowError):
+        return f"{type(cause).__name__}: {cause}"
+    return repr(cause)
+
+
 async def take_back(run: Migration, qmp: SourceMonitor, cause: BaseException) -> MigrationError:
     """The source sent everything but the target did not get the guest going (it died
     loading the final device state, hung, or refused ``cont``): the guest never ran
     there, so the source (in ``postmigrate``, its disks handed over) takes it back with
     ``cont``, as libvirt does, once the target is gone."""
-    run.log.warning("target never took over; resuming the source", cause=repr(cause))
+    run.log.warning("target never took over; resuming the source", cause=describe(cause))
     await run.phases.step(Step.ABORT)
     finding = Finding.SOURCE_KEPT
     with anyio.move_on_after(run.policy.cleanup_timeout) as scope:
@@ -84,7 +94,7 @@ async def abort(
 ) -> tuple[MigrationResult | None, MigrationError | None]:
     """Cancel the stream and unwind the undo stack within one deadline."""
     phase = run.phases.phase
-    run.log.warning("migration aborting", phase=phase.value, cause=repr(cause))
+    run.log.warning("migration aborting", phase=phase.value, cause=describe(cause))
     await run.phases.step(Step.ABORT)
     finding = Finding.SOURCE_KEPT
     completed: MigrationSnapshot | None = None
@@ -142,7 +152,7 @@ async def postcopy_exit(
     run.log.error(
         "post-copy failed; the target holds the newest guest state and the "
         "source must not be resumed",
-        cause=repr(cause),
+        cause=describe(cause),
     )
     await run.phases.step(Step.GIVE_UP)
     return None, await conclude(run, Phase.POSTCOPY, Finding.LEFT_AS_IS, cause)
@@ -160,7 +170,7 @@ async def end_abort(
 async def give_up(run: Migration, cause: BaseException) -> MigrationError:
     """Neither copy can be vouched for: leave both for the operator."""
     phase = run.phases.phase
-    run.log.error("migration stranded; both QEMUs left as they are", cause=repr(cause))
+    run.log.error("migration stranded; both QEMUs left as they are", cause=describe(cause))
     await run.phases.step(Step.GIVE_UP)
     return await conclude(run, phase, Finding.LEFT_AS_IS, cause)
 
