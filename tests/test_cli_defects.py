@@ -185,7 +185,12 @@ def test_evacuate_without_to_uses_every_other_node_and_each_instances_parameters
     assert dry["plan"] == [{"instance": "e1", "target": "b", "memory_mib": 64}]
     done = kvmflow("evacuate", "a", "--json", config=config)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["moved"] == [{"instance": "e1", "target": "b"}]
+    (moved,) = json.loads(done.stdout)["moved"]
+    assert (moved["instance"], moved["target"]) == ("e1", "b")
+    # The summary has the figures the demo's table has, as numbers.
+    assert moved["seconds"] > 0
+    assert isinstance(moved["downtime_ms"], int)
+    assert moved["transferred_bytes"] > 0
 
     async def recorded_policy() -> dict[str, object]:
         async with await SQLiteStore.open(own_store) as store:
@@ -265,3 +270,21 @@ def test_shell_completion_offers_names_from_the_config(
     )
     assert done.returncode == 0, done.stderr
     assert sorted(out.read_text().split()) == completions.split()
+
+
+def test_the_readme_cli_reference_lists_every_command_and_flag_of_help() -> None:
+    import argparse
+    import re
+
+    from kvmflow.cli.main import build_parser
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("## Command line", 1)[1].split("```", 2)[1]
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for name, sub in commands.choices.items():
+        assert re.search(rf"\bkvmflow\b[^\n]* {re.escape(name)}\b", block), f"{name} missing"
+        for action in sub._actions:
+            for flag in action.option_strings:
+                if flag.startswith("--") and flag not in ("--help", "--json"):
+                    assert flag in block, f"{name} {flag} is not in the README's reference"

@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from kvmflow.cli.config import Config
-from kvmflow.cli.progress import MigrationBars
+from kvmflow.cli.progress import MigrationBars, human_bytes
 from kvmflow.engine import Engine, Limits, NodeEntry
 from kvmflow.engine.reality import look
 from kvmflow.errors import ConfigError, FieldProblem, MisuseError, ValidationError
@@ -505,18 +505,36 @@ async def cmd_evacuate(
         "moved": [{"instance": i, "target": t} for i, t in summary.moved],
         "failed": [{"instance": i, "reason": r} for i, r in summary.failed],
     }
-    table = make_table("instance", "target", "memory", "outcome")
-    moved = dict(summary.moved)
+    results = summary.results
+    data["moved"] = [
+        {
+            "instance": i,
+            "target": t,
+            "seconds": round(results[i].elapsed, 3) if i in results else None,
+            "downtime_ms": results[i].downtime_ms if i in results else None,
+            "transferred_bytes": results[i].final.transferred if i in results else None,
+        }
+        for i, t in summary.moved
+    ]
+    table = make_table("instance", "target", "memory", "outcome", "time", "downtime", "moved")
     failed = dict(summary.failed)
     for instance, target, memory in plan.moves:
-        outcome = (
-            "planned"
-            if dry_run
-            else ("moved" if instance in moved else f"failed: {failed.get(instance, '?')}")
+        result = results.get(instance)
+        if dry_run:
+            outcome = "planned"
+        else:
+            outcome = "moved" if result else f"failed: {failed.get(instance, '?')}"
+        table.add_row(
+            instance,
+            target,
+            f"{memory} MiB",
+            outcome,
+            f"{result.elapsed:.1f} s" if result else "-",
+            f"{result.downtime_ms} ms" if result and result.downtime_ms is not None else "-",
+            human_bytes(result.final.transferred) if result else "-",
         )
-        table.add_row(instance, target, f"{memory} MiB", outcome)
     for instance, reason in plan.unplaceable:
-        table.add_row(instance, "-", "-", f"unplaceable: {reason}")
+        table.add_row(instance, "-", "-", f"unplaceable: {reason}", "-", "-", "-")
     ctx.emit(data, table)
     if summary.failed or plan.unplaceable:
         return EXIT_PARTIAL

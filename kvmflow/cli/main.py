@@ -43,7 +43,8 @@ examples:
   kvmflow -c kvmflow.toml abort web1        ask the owner of web1's operation to cancel
   kvmflow -c kvmflow.toml recover --dry-run after a controller died: what would be done
 
-exit codes: 0 ok, 1 operation failed, 2 usage or configuration error, 3 batch partly failed
+exit codes: 0 ok, 1 operation failed or refused, 2 usage or configuration error,
+3 batch partly failed, 130 interrupted, 143 terminated
 """
 
 

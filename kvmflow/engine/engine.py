@@ -483,6 +483,7 @@ class Engine:
             try:
                 result = await ticket.wait()
                 summary.moved.append((result.instance, result.target))
+                summary.results[result.instance] = result
             except KvmflowError as exc:
                 summary.failed.append((ticket.instance.name, str(exc)))
             except Exception as exc:  # a bug in one migration: the others still count

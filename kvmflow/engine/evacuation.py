@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kvmflow.migration.results import MigrationResult
+
 
 @dataclass
 class EvacuationPlan:
@@ -28,6 +30,7 @@ class EvacuationSummary:
     moved: list[tuple[str, str]] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     dry_run: bool = False
+    results: dict[str, MigrationResult] = field(default_factory=dict)  # by instance moved
 
     @property
     def ok(self) -> bool:
