@@ -5,6 +5,9 @@ file, known hosts), and every command works on them as on local nodes."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ import pytest
 from kvmflow.testing.sshd import SSHFleet
 from tests.conftest import qemus_under
 from tests.test_cli_commands import kvmflow
+from tests.test_cli_console import locked
 
 FAST = ("--policy", "fixed", "--bandwidth", "1000", "--downtime", "2000")
 
@@ -53,6 +57,11 @@ def test_every_command_works_on_ssh_nodes(ssh_config: Path, runtime_root: Path) 
     assert (info["node"], info["run_state"]) == ("alpha", "running")
     status = kvmflow("monitor", "s1", "--qmp", "query-status", "--json", config=ssh_config)
     assert json.loads(status.stdout)["status"] == "running"
+    assert kvmflow("pause", "s1", config=ssh_config).returncode == 0
+    info = json.loads(kvmflow("info", "s1", "--json", config=ssh_config).stdout)
+    assert info["run_state"] == "paused"
+    assert kvmflow("resume", "s1", config=ssh_config).returncode == 0
+    attach_console_over_ssh(ssh_config, runtime_root)
 
     moved = kvmflow("migrate", "s1", "beta", *FAST, "--json", config=ssh_config)
     assert moved.returncode == 0, moved.stderr
@@ -65,13 +74,41 @@ def test_every_command_works_on_ssh_nodes(ssh_config: Path, runtime_root: Path) 
     assert qemus_under(runtime_root / "alpha") == []
 
     assert kvmflow("reboot", "s1", "--force", config=ssh_config).returncode == 0
+    back = kvmflow("evacuate", "beta", "--json", config=ssh_config)  # to every other node
+    assert back.returncode == 0, back.stderr
+    assert [m["target"] for m in json.loads(back.stdout)["moved"]] == ["alpha"]
+    verified = kvmflow("verify", config=ssh_config)
+    assert verified.returncode == 0, verified.stdout
     stopped = kvmflow("stop", "s1", "--force", config=ssh_config)
     assert stopped.returncode == 0, stopped.stderr
-    assert "stopped s1 on beta" in stopped.stdout
+    assert "stopped s1 on alpha" in stopped.stdout
     assert qemus_under(runtime_root) == []
     nothing = kvmflow("recover", config=ssh_config)
     assert nothing.returncode == 0
     assert "nothing to recover" in nothing.stdout
+
+
+def attach_console_over_ssh(config: Path, runtime_root: Path) -> None:
+    """A console through ``ssh`` holds the node's lock; a second one is refused."""
+    console = subprocess.Popen(
+        [sys.executable, "-m", "kvmflow.cli.main", "-c", str(config), "console", "s1"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        lock = runtime_root / "alpha" / "ctrl" / "s1.serial.lock"
+        deadline = time.monotonic() + 30
+        while not (lock.exists() and locked(lock)):  # attached, over SSH
+            assert console.poll() is None, console.communicate()
+            assert time.monotonic() < deadline
+        second = kvmflow("console", "s1", config=config)
+        assert second.returncode == 1
+        assert "another console is attached to s1 on alpha" in second.stderr
+    finally:
+        console.kill()
+        console.communicate()
 
 
 def test_an_ssh_node_that_refuses_us_is_a_clear_error(

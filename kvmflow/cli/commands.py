@@ -69,6 +69,18 @@ class Context:
 
         return anyio.run(closing)
 
+    def located_running(self, name: str) -> KvmHypervisor | None:
+        """Where ``name`` runs now (None: nowhere), asked in one event loop of its own."""
+
+        async def ask() -> int:
+            hv = await self.locate(name)
+            found.append(hv if await hv.is_running(name) else None)
+            return EXIT_OK
+
+        found: list[KvmHypervisor | None] = []
+        self.run(ask)
+        return found[0]
+
     @contextlib.asynccontextmanager
     async def guard(self) -> AsyncIterator[OperationGuard]:
         """The store, open for one command, and this process's leases in it."""
@@ -374,8 +386,8 @@ async def cmd_monitor(
 def console_command(ctx: Context, name: str) -> int:
     """Attach this terminal to the instance's serial console until Ctrl-] (or the end of
     the copy), then say how it ended: detached, the guest migrated away, or it stopped."""
-    hv = anyio.run(ctx.locate, name)
-    if not anyio.run(hv.is_running, name):
+    hv = ctx.located_running(name)
+    if hv is None:
         raise MisuseError(f"{name} is not running; start it first")
     terminal = sys.stdin.isatty()
     command = hv.console(ctx.spec(name), terminal=terminal)
@@ -393,8 +405,8 @@ def console_command(ctx: Context, name: str) -> int:
             f"another console is attached to {name} on {hv.node.name} (one at a time): "
             "detach that one first"
         )
-    now = anyio.run(ctx.locate, name)
-    if not anyio.run(now.is_running, name):
+    now = ctx.located_running(name)
+    if now is None:
         print(f"kvmflow: {name} stopped; the console ended", file=sys.stderr)
     elif now.node.name != hv.node.name:
         print(

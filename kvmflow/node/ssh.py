@@ -189,8 +189,10 @@ class SSHNode(NodeLifecycle):
         return self._connection is not None and not self._connection.is_closed()
 
     async def aclose(self) -> None:
-        """Close the shared connection (it reopens on next use)."""
+        """Close the shared connection (it reopens on next use, also in another event loop:
+        the lock is made again there)."""
         connection, self._connection, self._sftp = self._connection, None, None
+        self._lock = None
         if connection is not None:
             connection.close()
             with contextlib.suppress(Exception):
