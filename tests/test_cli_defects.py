@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from kvmflow.cli.commands import make_table
+from kvmflow.cli.context import make_table
 from kvmflow.errors import ValidationError
 from tests.test_cli_commands import kvmflow
 

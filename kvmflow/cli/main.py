@@ -22,8 +22,16 @@ from rich.console import Console
 
 from kvmflow import __version__
 from kvmflow.cli import commands, records
-from kvmflow.cli.commands import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, Context
 from kvmflow.cli.config import Config, NodeConfig, find_config, load_config, parse_node_flag
+from kvmflow.cli.context import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    EXIT_USAGE,
+    Context,
+    Terminated,
+    make_table,
+)
 from kvmflow.cli.logs import configure_logging
 from kvmflow.cli.policies import PolicyFlags, add_policy_flags, build_policy
 from kvmflow.cli.records import LIST_FIELDS
@@ -398,7 +406,7 @@ def cmd_demo(args: argparse.Namespace, console: Console, progress: bool) -> int:
             )
         )
     else:
-        table = commands.make_table(*rows[0], title="kvmflow demo summary", show_edge=True)
+        table = make_table(*rows[0], title="kvmflow demo summary", show_edge=True)
         for row in rows[1:]:
             table.add_row(*row)
         console.print(table)
@@ -423,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         return fail(args, exc, EXIT_FAILED)
-    except commands.Terminated:
+    except Terminated:
         print(
             "kvmflow: terminated (SIGTERM); what was in flight was cancelled and cleaned up "
             "(kvmflow list shows what runs now)",

@@ -13,7 +13,7 @@ from typing import Any
 
 import anyio
 
-from kvmflow.cli.commands import EXIT_FAILED, EXIT_OK, Context, make_table
+from kvmflow.cli.context import EXIT_FAILED, EXIT_OK, Context, make_table
 from kvmflow.engine.failover import failover
 from kvmflow.engine.reality import Copy, survey
 from kvmflow.engine.recovery import Recovery
