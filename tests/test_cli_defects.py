@@ -288,3 +288,14 @@ def test_the_readme_cli_reference_lists_every_command_and_flag_of_help() -> None
             for flag in action.option_strings:
                 if flag.startswith("--") and flag not in ("--help", "--json"):
                     assert flag in block, f"{name} {flag} is not in the README's reference"
+
+
+def test_recover_resolve_wants_name_equals_node(runtime_root: Path) -> None:
+    config = write_config(
+        runtime_root / "k.toml", f'[nodes.a]\nruntime_root = "{runtime_root}/a"\n'
+    )
+    done = kvmflow("recover", "--resolve", "web1", config=config)
+    assert done.returncode == 2
+    assert "--resolve='web1': NAME=NODE, once per instance" in done.stderr
+    nothing = kvmflow("recover", "--resolve", "web1=a", config=config)
+    assert nothing.returncode == 0  # nothing to resolve: nothing was touched

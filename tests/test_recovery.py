@@ -21,10 +21,13 @@ import pytest
 
 from kvmflow.engine import Engine, NodeEntry, Recovery, Verdict
 from kvmflow.engine.reality import CopyState, survey
+from kvmflow.engine.resolve import keep_only
+from kvmflow.errors import RecoveryError
 from kvmflow.guest import dirty_guest_spec, sweep_count, wait_for_sweeps
 from kvmflow.instance import Instance
 from kvmflow.instance.guard import OperationGuard
 from kvmflow.kvm import HvParams, InstanceSpec, KvmHypervisor
+from kvmflow.migration import MigrationPolicy
 from kvmflow.store import Owner, SQLiteStore
 from tests.conftest import qemus_under
 
@@ -253,3 +256,59 @@ async def test_entering_an_engine_recovers_what_a_dead_controller_left(
     async with Engine(entries, guard=guard) as engine:
         assert [(r.instance, r.verdict) for r in engine.recovered] == [(name, Verdict.FINISHED)]
     await assert_one_copy_on(store, nodes, name, "node-b")
+
+
+async def test_the_operator_resolves_what_recovery_leaves_alone(
+    nodes: tuple[KvmHypervisor, KvmHypervisor], store: SQLiteStore
+) -> None:
+    source, target = nodes
+    spec = InstanceSpec("stuck", memory_mib=64, hvparams=HvParams(migration_port=0))
+    await Instance(spec, source, guard=OperationGuard(store, Owner.this_process("t"))).start()
+    await target.start(spec)  # a second running copy: both may have run
+    # ...and a stranded migration entry of a controller that is gone.
+    gone = Owner("dead-controller", Owner.this_process().host, 2**22 + 7, 0.0)
+    lease = await store.acquire("stuck", gone, "migrate", 30)
+    details = {
+        "source": "node-a",
+        "target": "node-b",
+        "address": "127.0.0.1",
+        "port": 4444,
+        "policy": MigrationPolicy().as_record(),
+    }
+    await store.begin(lease, "stranded", details)
+    guard = OperationGuard(store, Owner.this_process("test-recovery"))
+    hypervisors = {hv.node.name: hv for hv in nodes}
+
+    (report,) = await Recovery(hypervisors, guard).run()
+    assert report.verdict is Verdict.AMBIGUOUS
+    assert "--resolve stuck=NODE" in report.detail
+    assert await source.is_running("stuck")
+    assert await target.is_running("stuck")  # touched nothing
+
+    with pytest.raises(RecoveryError, match="no node 'nowhere'"):
+        await keep_only("stuck", "nowhere", hypervisors)
+    (report,) = await Recovery(hypervisors, guard, resolve={"stuck": "node-b"}).run()
+    assert (report.verdict, report.runs_on) == (Verdict.RESOLVED, "node-b")
+    assert "removed the running copy on node-a" in report.detail
+    assert not await source.is_running("stuck")
+    assert await target.is_running("stuck")
+    assert await store.unfinished() == []
+    assert await store.holder("stuck") is None
+    placement = await store.placement("stuck")
+    assert placement is not None
+    assert placement.node == "node-b"
+
+
+async def test_two_running_copies_without_an_entry_are_resolved_on_the_operators_word(
+    nodes: tuple[KvmHypervisor, KvmHypervisor], store: SQLiteStore
+) -> None:
+    source, target = nodes
+    spec = InstanceSpec("twice2", memory_mib=64, hvparams=HvParams(migration_port=0))
+    await Instance(spec, source, guard=OperationGuard(store, Owner.this_process("t"))).start()
+    await target.start(spec)
+    guard = OperationGuard(store, Owner.this_process("test-recovery"))
+    hypervisors = {hv.node.name: hv for hv in nodes}
+    (report,) = await Recovery(hypervisors, guard, resolve={"twice2": "node-a"}).run()
+    assert report.verdict is Verdict.RESOLVED
+    assert await source.is_running("twice2")
+    assert not await target.is_running("twice2")

@@ -140,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="remove leftover copies that hold no guest, once the real copy is verified",
     )
+    p.add_argument(
+        "--resolve",
+        action="append",
+        default=[],
+        metavar="NAME=NODE",
+        help="an instance recovery left to you: keep its copy on NODE, remove the others",
+    )
     command("info", "show one instance").add_argument("name").completer = complete_instances  # type: ignore[attr-defined]
     command("start", "start an instance from the configuration").add_argument(
         "name"
@@ -273,7 +280,11 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if args.command == "recover":
         return ctx.run(
             lambda: records.cmd_recover(
-                ctx, dry_run=args.dry_run, abort=args.abort, clean_orphans=args.clean_orphans
+                ctx,
+                dry_run=args.dry_run,
+                abort=args.abort,
+                clean_orphans=args.clean_orphans,
+                resolve=resolutions(args.resolve),
             )
         )
     if args.command in ("pause", "resume"):
@@ -340,6 +351,17 @@ def run(args: argparse.Namespace, console: Console) -> int:
             )
         )
     raise AssertionError(args.command)  # pragma: no cover
+
+
+def resolutions(flags: list[str]) -> dict[str, str]:
+    """``--resolve NAME=NODE`` flags as a mapping (each checked)."""
+    resolved: dict[str, str] = {}
+    for flag in flags:
+        name, sep, node = flag.partition("=")
+        if not sep or not name or not node or name in resolved:
+            raise ValidationError([FieldProblem("--resolve", flag, "NAME=NODE, once per instance")])
+        resolved[name] = node
+    return resolved
 
 
 def evacuation_limits(max_out: int, max_in: int) -> Limits:

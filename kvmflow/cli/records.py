@@ -357,10 +357,22 @@ async def cmd_abort(ctx: Context, name: str, *, wait: float = ABORT_WAIT_SECONDS
     return EXIT_OK
 
 
-async def cmd_recover(ctx: Context, *, dry_run: bool, abort: bool, clean_orphans: bool) -> int:
+async def cmd_recover(
+    ctx: Context,
+    *,
+    dry_run: bool,
+    abort: bool,
+    clean_orphans: bool,
+    resolve: dict[str, str] | None = None,
+) -> int:
     async with ctx.guard() as guard:
         recovery = Recovery(
-            ctx.hypervisors, guard, abort=abort, dry_run=dry_run, clean_orphans=clean_orphans
+            ctx.hypervisors,
+            guard,
+            abort=abort,
+            dry_run=dry_run,
+            clean_orphans=clean_orphans,
+            resolve=resolve,
         )
         reports = await recovery.run()
     rows = [

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from kvmflow.engine.reality import Copy, survey
+from kvmflow.engine.resolve import keep_only
 from kvmflow.engine.verdicts import RecoveryReport, Verdict
 from kvmflow.errors import InstanceBusyError, KvmflowError
 
@@ -35,9 +36,16 @@ async def find_orphans(recovery: Recovery, *, skip: set[str]) -> list[RecoveryRe
         holding = [c for c in copies if c.holds_guest]
         leftovers = [c for c in copies if not c.holds_guest]
         if len(holding) > 1:
+            if name in recovery.resolve and not recovery.dry_run:
+                reports.append(await _resolved(recovery, name, recovery.resolve[name]))
+                continue
             nodes = ", ".join(f"{c.node} ({c.state})" for c in holding)
             reports.append(
-                RecoveryReport(name, Verdict.AMBIGUOUS, f"two copies hold the guest: {nodes}")
+                RecoveryReport(
+                    name,
+                    Verdict.AMBIGUOUS,
+                    f"two copies hold the guest: {nodes} (--resolve {name}=NODE keeps one)",
+                )
             )
             continue
         home = holding[0] if holding else None
@@ -80,6 +88,20 @@ async def _leftover(recovery: Recovery, name: str, copy: Copy, home: Copy) -> Re
     except KvmflowError as exc:
         return RecoveryReport(name, Verdict.FAILED, f"the {copy.state} copy on {copy.node}: {exc}")
     return RecoveryReport(name, Verdict.ORPHAN_REMOVED, f"{copy.state} copy on {copy.node}; {why}")
+
+
+async def _resolved(recovery: Recovery, name: str, node: str) -> RecoveryReport:
+    """Two copies hold the guest and the operator said which one is real."""
+    try:
+        async with recovery.guard.hold(name, "resolve", {"node": node}) as held:
+            detail = await keep_only(name, node, recovery.hypervisors)
+            held.place(node)
+            held.outcome = detail
+    except InstanceBusyError as exc:
+        return RecoveryReport(name, Verdict.IN_FLIGHT, str(exc))
+    except KvmflowError as exc:
+        return RecoveryReport(name, Verdict.FAILED, str(exc))
+    return RecoveryReport(name, Verdict.RESOLVED, detail, runs_on=node)
 
 
 async def _record(

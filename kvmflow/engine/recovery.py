@@ -45,6 +45,7 @@ import anyio
 from kvmflow._logging import get_logger
 from kvmflow.engine.orphans import find_orphans
 from kvmflow.engine.reality import Copy, CopyState, look
+from kvmflow.engine.resolve import keep_only
 from kvmflow.engine.verdicts import NEEDS_OPERATOR, RecoveryReport, Verdict
 from kvmflow.errors import InstanceBusyError, KvmflowError, RecoveryError
 from kvmflow.instance.guard import HeldOperation, OperationGuard
@@ -127,8 +128,10 @@ class Recovery:
         dry_run: bool = False,
         clean_orphans: bool = False,
         on_phase: PhaseListener | None = None,
+        resolve: Mapping[str, str] | None = None,
     ) -> None:
         self.hypervisors = hypervisors
+        self.resolve = dict(resolve or {})  # instance -> the node whose copy an operator keeps
         self.guard = guard
         self.store = guard.store
         self.abort = abort
@@ -213,11 +216,21 @@ class Recovery:
                 verdict, detail, node = await self._plan_only(entry)
                 return report(verdict, detail, node)
             async with self.guard.resume(entry) as held:
+                # Open until a verdict settles it: a step that fails leaves the entry (and
+                # the lease, soon stale) for the next recovery, never closed as "failed".
+                held.keep_open = True
+                if entry.instance in self.resolve:
+                    node = self.resolve[entry.instance]
+                    detail = await keep_only(entry.instance, node, self.hypervisors)
+                    held.place(node)
+                    held.outcome, held.keep_open = f"recovered: {detail}", False
+                    return report(Verdict.RESOLVED, detail, node)
                 verdict, detail, node = await self._act(entry, held)
-                if verdict in NEEDS_OPERATOR:
-                    held.keep_open = True
-                else:
+                if verdict is Verdict.AMBIGUOUS:
+                    detail += f" (--resolve {entry.instance}=NODE keeps that node's copy)"
+                if verdict not in NEEDS_OPERATOR:
                     held.outcome = f"recovered: {verdict.value}: {detail}"
+                    held.keep_open = False
                 return report(verdict, detail, node)
         except InstanceBusyError as exc:
             return report(Verdict.IN_FLIGHT, str(exc))

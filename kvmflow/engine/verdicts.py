@@ -23,6 +23,7 @@ class Verdict(enum.StrEnum):
     RECORDED = "recorded"  # one copy runs and the store did not say where: now it does
     CRASHED = "crashed"  # the store says it runs, no process does (files named)
     WOULD = "would"  # dry run: what would be done
+    RESOLVED = "resolved"  # an operator said which copy is the guest (recover --resolve)
 
 
 #: Verdicts after which ``kvmflow recover`` exits non-zero.

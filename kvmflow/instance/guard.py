@@ -261,8 +261,12 @@ class OperationGuard:
     async def _close(self, held: HeldOperation) -> None:
         if held.lost is not None:
             return  # not ours any more: the new owner (recovery) closes the entry
-        if held.keep_open:
-            return  # left for the operator; the lease (soon stale) still blocks others
+        if held.keep_open:  # left for recovery or the operator: the entry stays open, and
+            try:  # the lease stays too, but expired, so that only recovery takes it over
+                await self.store.abandon(held.lease)
+            except KvmflowError as exc:
+                _log.error("could not leave the lease for recovery", error=str(exc))
+            return
         try:
             await self.store.finish(
                 held.lease, held.entry, held.outcome, placement=held.placement, release=True

@@ -165,6 +165,11 @@ class Store(Protocol):
         was lost (a controller holding a thousand operations renews them all at once)."""
         ...
 
+    async def abandon(self, lease: Lease) -> None:
+        """Leave ``lease`` for recovery: it stays (plain operations are refused) but expired
+        now, so that any recovery, also one of this process, may take it over."""
+        ...
+
     async def release(self, lease: Lease) -> None:
         """Give the lease up (nothing happens if it was already taken over)."""
         ...

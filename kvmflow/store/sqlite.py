@@ -124,6 +124,16 @@ class SQLiteStore(GroupCommitter):
 
         return await self._batched(renew)
 
+    async def abandon(self, lease: Lease) -> None:
+        def abandon() -> None:
+            with self._write() as db:
+                db.execute(
+                    "UPDATE leases SET expires_at = ? WHERE instance = ? AND token = ?",
+                    (time.time(), lease.instance, lease.token),
+                )
+
+        await self._batched(abandon)
+
     async def release(self, lease: Lease) -> None:
         def release() -> None:
             with self._write() as db:
