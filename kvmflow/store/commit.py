@@ -48,6 +48,15 @@ class GroupCommitter:
     async def _run(self, work: Callable[[], T]) -> T:
         return await anyio.to_thread.run_sync(work, limiter=self._limiter)
 
+    async def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """The rows of one read, its failures said as :class:`~kvmflow.errors.StoreError`."""
+
+        def read() -> list[tuple[Any, ...]]:
+            with translated(self.path):
+                return self._db.execute(sql, params).fetchall()
+
+        return await self._run(read)
+
     async def _batched(self, work: Callable[[], T]) -> T:
         """Run one write in the next group commit: every write queued while the previous
         commit was on disk goes into one transaction, each in its own savepoint (a write

@@ -33,7 +33,7 @@ from kvmflow.store.base import (
     busy_message,
 )
 from kvmflow.store.commit import GroupCommitter
-from kvmflow.store.schema import DEFAULT_PATH, connect, translated
+from kvmflow.store.schema import DEFAULT_PATH, connect
 
 
 class SQLiteStore(GroupCommitter):
@@ -158,14 +158,8 @@ class SQLiteStore(GroupCommitter):
         return await self._batched(request)
 
     async def cancel_requests(self) -> dict[tuple[str, int], str]:
-        def read() -> dict[tuple[str, int], str]:
-            with translated(self.path):
-                rows = self._db.execute(
-                    "SELECT instance, token, requested_by FROM cancel_requests"
-                ).fetchall()
-            return {(row[0], row[1]): str(row[2]) for row in rows}
-
-        return await self._run(read)
+        rows = await self._query("SELECT instance, token, requested_by FROM cancel_requests")
+        return {(row[0], row[1]): str(row[2]) for row in rows}
 
     async def record_fence(self, node: str, by: str, how: str) -> Fence:
         def record() -> Fence:
@@ -180,51 +174,24 @@ class SQLiteStore(GroupCommitter):
         return await self._batched(record)
 
     async def fence(self, node: str) -> Fence | None:
-        def read() -> Fence | None:
-            with translated(self.path):
-                row = self._db.execute(
-                    "SELECT node, at, by, how FROM fences WHERE node = ?", (node,)
-                ).fetchone()
-            return Fence(*row) if row else None
-
-        return await self._run(read)
+        rows = await self._query("SELECT node, at, by, how FROM fences WHERE node = ?", (node,))
+        return Fence(*rows[0]) if rows else None
 
     async def leases(self) -> list[Lease]:
-        def read() -> list[Lease]:
-            with translated(self.path):
-                names = [
-                    row[0]
-                    for row in self._db.execute("SELECT instance FROM leases ORDER BY instance")
-                ]
-                return [lease for name in names if (lease := _lease_row(self._db, name))]
-
-        return await self._run(read)
+        return [_lease(row) for row in await self._query(f"{_LEASES} ORDER BY instance")]
 
     async def holder(self, instance: str) -> Lease | None:
-        return await self._run(lambda: _lease_row(self._db, instance))
+        rows = await self._query(f"{_LEASES} WHERE instance = ?", (instance,))
+        return _lease(rows[0]) if rows else None
 
     # ------------------------------------------------------------------ placement
 
     async def placement(self, instance: str) -> Placement | None:
-        def read() -> Placement | None:
-            with translated(self.path):
-                row = self._db.execute(
-                    "SELECT instance, node, token, updated_at FROM placement WHERE instance = ?",
-                    (instance,),
-                ).fetchone()
-            return Placement(*row) if row else None
-
-        return await self._run(read)
+        rows = await self._query(f"{_PLACEMENTS} WHERE instance = ?", (instance,))
+        return Placement(*rows[0]) if rows else None
 
     async def placements(self) -> list[Placement]:
-        def read() -> list[Placement]:
-            with translated(self.path):
-                rows = self._db.execute(
-                    "SELECT instance, node, token, updated_at FROM placement ORDER BY instance"
-                ).fetchall()
-            return [Placement(*row) for row in rows]
-
-        return await self._run(read)
+        return [Placement(*row) for row in await self._query(f"{_PLACEMENTS} ORDER BY instance")]
 
     async def record_placement(self, lease: Lease, node: str) -> Placement:
         def record() -> Placement:
@@ -343,25 +310,14 @@ class SQLiteStore(GroupCommitter):
         await self._batched(record)
 
     async def unfinished(self) -> list[JournalEntry]:
-        def read() -> list[JournalEntry]:
-            with translated(self.path):
-                rows = self._db.execute(
-                    "SELECT * FROM journal WHERE finished_at IS NULL ORDER BY id"
-                ).fetchall()
-            return [_entry(row) for row in rows]
-
-        return await self._run(read)
+        rows = await self._query("SELECT * FROM journal WHERE finished_at IS NULL ORDER BY id")
+        return [_entry(row) for row in rows]
 
     async def history(self, instance: str, limit: int = 20) -> list[JournalEntry]:
-        def read() -> list[JournalEntry]:
-            with translated(self.path):
-                rows = self._db.execute(
-                    "SELECT * FROM journal WHERE instance = ? ORDER BY id DESC LIMIT ?",
-                    (instance, limit),
-                ).fetchall()
-            return [_entry(row) for row in reversed(rows)]
-
-        return await self._run(read)
+        rows = await self._query(
+            "SELECT * FROM journal WHERE instance = ? ORDER BY id DESC LIMIT ?", (instance, limit)
+        )
+        return [_entry(row) for row in reversed(rows)]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -377,15 +333,21 @@ def _owner_row(owner: Owner) -> tuple[str, str, int, float]:
     return (owner.controller, owner.host, owner.pid, owner.pid_started)
 
 
-def _lease_row(db: sqlite3.Connection, instance: str) -> Lease | None:
-    row = db.execute(
-        "SELECT instance, controller, host, pid, pid_started, operation, token, expires_at"
-        " FROM leases WHERE instance = ?",
-        (instance,),
-    ).fetchone()
-    if row is None:
-        return None
+#: The columns a Lease or a Placement is made of, in order.
+_LEASES = (
+    "SELECT instance, controller, host, pid, pid_started, operation, token, expires_at FROM leases"
+)
+_PLACEMENTS = "SELECT instance, node, token, updated_at FROM placement"
+
+
+def _lease(row: tuple[Any, ...]) -> Lease:
     return Lease(row[0], Owner(row[1], row[2], row[3], row[4]), row[5], row[6], row[7])
+
+
+def _lease_row(db: sqlite3.Connection, instance: str) -> Lease | None:
+    """The lease on ``instance`` inside a transaction of the caller."""
+    row = db.execute(f"{_LEASES} WHERE instance = ?", (instance,)).fetchone()
+    return _lease(row) if row else None
 
 
 def _prove(db: sqlite3.Connection, lease: Lease, path: str) -> None:
