@@ -6,12 +6,13 @@ import contextlib
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from kvmflow.kvm import KvmHypervisor, ScratchQemu, start_scratch_qemu
+from kvmflow.store import SQLiteStore
 from kvmflow.testing import local_hypervisors
 
 
@@ -28,6 +29,13 @@ def own_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "cli-store.sqlite"
     monkeypatch.setenv("KVMFLOW_STORE", str(path))
     return path
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    """A store of record of the test's own, open (for tests that use the library's)."""
+    async with await SQLiteStore.open(tmp_path / "store.sqlite") as opened:
+        yield opened
 
 
 @pytest.fixture

@@ -39,6 +39,23 @@ def locked(lock: Path) -> bool:
     return probe.returncode == 75
 
 
+def attached_console(config: Path, name: str, lock: Path) -> subprocess.Popen[str]:
+    """``kvmflow console NAME`` in a child, returned once it holds ``lock`` (attached)."""
+    console = subprocess.Popen(
+        [sys.executable, "-m", "kvmflow.cli.main", "-c", str(config), "console", name],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while not (lock.exists() and locked(lock)):  # the lock can only be polled
+        if console.poll() is not None or time.monotonic() > deadline:
+            console.kill()
+            raise AssertionError(f"the console never attached: {console.communicate()}")
+    return console
+
+
 def test_console_on_a_stopped_instance_is_refused(config: Path) -> None:
     done = kvmflow("console", "c1", config=config)
     assert done.returncode == 1
@@ -50,19 +67,9 @@ def test_one_console_at_a_time_and_a_word_when_the_guest_migrates(
     config: Path, runtime_root: Path
 ) -> None:
     assert kvmflow("start", "c1", config=config).returncode == 0
-    first = subprocess.Popen(
-        [sys.executable, "-m", "kvmflow.cli.main", "-c", str(config), "console", "c1"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    lock = runtime_root / "alpha" / "ctrl" / "c1.serial.lock"
+    first = attached_console(config, "c1", lock)
     try:
-        lock = runtime_root / "alpha" / "ctrl" / "c1.serial.lock"
-        deadline = time.monotonic() + 30
-        while not (lock.exists() and locked(lock)):  # the first console is attached
-            assert first.poll() is None, first.communicate()
-            assert time.monotonic() < deadline
         second = kvmflow("console", "c1", config=config)
         assert second.returncode == 1
         assert "another console is attached to c1 on alpha (one at a time)" in second.stderr

@@ -5,9 +5,6 @@ file, known hosts), and every command works on them as on local nodes."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +12,7 @@ import pytest
 from kvmflow.testing.sshd import SSHFleet
 from tests.conftest import qemus_under
 from tests.test_cli_commands import kvmflow
-from tests.test_cli_console import locked
+from tests.test_cli_console import attached_console
 
 FAST = ("--policy", "fixed", "--bandwidth", "1000", "--downtime", "2000")
 
@@ -90,19 +87,8 @@ def test_every_command_works_on_ssh_nodes(ssh_config: Path, runtime_root: Path) 
 
 def attach_console_over_ssh(config: Path, runtime_root: Path) -> None:
     """A console through ``ssh`` holds the node's lock; a second one is refused."""
-    console = subprocess.Popen(
-        [sys.executable, "-m", "kvmflow.cli.main", "-c", str(config), "console", "s1"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    console = attached_console(config, "s1", runtime_root / "alpha" / "ctrl" / "s1.serial.lock")
     try:
-        lock = runtime_root / "alpha" / "ctrl" / "s1.serial.lock"
-        deadline = time.monotonic() + 30
-        while not (lock.exists() and locked(lock)):  # attached, over SSH
-            assert console.poll() is None, console.communicate()
-            assert time.monotonic() < deadline
         second = kvmflow("console", "s1", config=config)
         assert second.returncode == 1
         assert "another console is attached to s1 on alpha" in second.stderr

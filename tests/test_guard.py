@@ -9,7 +9,7 @@ import functools
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -50,12 +50,6 @@ anyio.run(main)
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    async with await SQLiteStore.open(tmp_path / "store.sqlite") as opened:
-        yield opened
 
 
 def spec(name: str) -> InstanceSpec:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import signal
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +40,6 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    async with await SQLiteStore.open(tmp_path / "store.sqlite") as opened:
-        yield opened
-
-
 async def start_guest(
     store: SQLiteStore, hv: KvmHypervisor, name: str, guest: Path, *, mib: int
 ) -> None:
@@ -59,6 +52,24 @@ async def start_guest(
 async def controller(*args: str) -> tuple[int, str]:
     done = await anyio.run_process([sys.executable, CONTROLLER, *args], check=False)
     return done.returncode, done.stdout.decode() + done.stderr.decode()
+
+
+async def killed_mid_migration(
+    store: SQLiteStore,
+    hv: KvmHypervisor,
+    root: Path,
+    guest: Path,
+    name: str,
+    policy: str,
+    kill_at: str,
+    *,
+    mib: int = 8,
+) -> None:
+    """A booted guest on ``hv``, and a controller that died (SIGKILL) migrating it when
+    ``kill_at`` came."""
+    await start_guest(store, hv, name, guest, mib=mib)
+    code, output = await controller("migrate", store.path, str(root), name, policy, kill_at)
+    assert code == -signal.SIGKILL, output
 
 
 async def recover(store: SQLiteStore, root: Path, *extra: str) -> list[dict[str, Any]]:
@@ -116,10 +127,9 @@ async def test_controller_killed_then_recovered(
 ) -> None:
     name = "kill-" + kill_at.replace("-", "")[:10]
     mib = 48 if policy in ("postcopy", "aborting") else 8
-    await start_guest(store, nodes[0], name, dirty_guest, mib=mib)
-
-    code, output = await controller("migrate", store.path, str(runtime_root), name, policy, kill_at)
-    assert code == -signal.SIGKILL, output
+    await killed_mid_migration(
+        store, nodes[0], runtime_root, dirty_guest, name, policy, kill_at, mib=mib
+    )
     (entry,) = await store.unfinished()  # the dead controller's migration, left open
     assert entry.operation == "migrate"
 
@@ -139,11 +149,9 @@ async def test_recovery_killed_during_recovery_is_finished_by_the_next(
     store: SQLiteStore,
 ) -> None:
     name = "kill-twice"
-    await start_guest(store, nodes[0], name, dirty_guest, mib=8)
-    code, output = await controller(
-        "migrate", store.path, str(runtime_root), name, "converging", "active"
+    await killed_mid_migration(
+        store, nodes[0], runtime_root, dirty_guest, name, "converging", "active"
     )
-    assert code == -signal.SIGKILL, output
     # The first recovery adopts the stream and dies as the source completes.
     code, output = await controller("recover", store.path, str(runtime_root), "completed-on-source")
     assert code == -signal.SIGKILL, output
@@ -168,11 +176,9 @@ async def test_an_adopted_stream_is_aborted_when_asked_or_past_its_deadline(
     store: SQLiteStore,
 ) -> None:
     name = f"kill-{policy}"
-    await start_guest(store, nodes[0], name, dirty_guest, mib=48)
-    code, output = await controller(
-        "migrate", store.path, str(runtime_root), name, policy, "active"
+    await killed_mid_migration(
+        store, nodes[0], runtime_root, dirty_guest, name, policy, "active", mib=48
     )
-    assert code == -signal.SIGKILL, output
     reports = await recover(store, runtime_root, *flags)
     assert [r["verdict"] for r in reports if r["instance"] == name] == ["aborted"], reports
     await assert_one_copy_on(store, nodes, name, "node-a")
@@ -246,11 +252,9 @@ async def test_entering_an_engine_recovers_what_a_dead_controller_left(
     store: SQLiteStore,
 ) -> None:
     name = "kill-engine"
-    await start_guest(store, nodes[0], name, dirty_guest, mib=8)
-    code, output = await controller(
-        "migrate", store.path, str(runtime_root), name, "converging", "switched-over"
+    await killed_mid_migration(
+        store, nodes[0], runtime_root, dirty_guest, name, "converging", "switched-over"
     )
-    assert code == -signal.SIGKILL, output
     guard = OperationGuard(store, Owner.this_process("engine"))
     entries = [NodeEntry(hv, "127.0.0.1") for hv in nodes]
     async with Engine(entries, guard=guard) as engine:
