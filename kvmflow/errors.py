@@ -11,6 +11,7 @@ from exc``); cancellation never is. The README's tree is :func:`error_tree`'s ou
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -266,7 +267,8 @@ class MigrationError(KvmflowError):
 
     ``runs_on`` names the node the instance runs on now (``None`` if it runs nowhere
     kvmflow can vouch for, for example because the source QEMU died); ``outcome`` says how
-    it ended (``None`` when nothing was started)."""
+    it ended (``None`` when nothing was started); ``target_said`` is what the target's QEMU
+    wrote to its log (why it refused the stream), when it wrote anything."""
 
     def __init__(
         self,
@@ -276,14 +278,30 @@ class MigrationError(KvmflowError):
         runs_on: str | None,
         bad_answers: list[BadAnswer] | None = None,
         outcome: Outcome | None = None,
+        target_said: str = "",
     ) -> None:
         self.instance = instance
         self.reason = reason
         self.runs_on = runs_on
         self.bad_answers = bad_answers or []
         self.outcome = outcome
+        self.target_said = target_said
         where = f"it runs on {runs_on}" if runs_on else "it runs nowhere now"
-        super().__init__(f"migration of {instance} failed: {reason}; {where}")
+        said = f"; the target QEMU said: {target_said}" if target_said else ""
+        super().__init__(f"migration of {instance} failed: {reason}{said}; {where}")
+
+
+class IncompatibleTargetError(MigrationError):
+    """The target's QEMU cannot take the instance (machine type, CPU, devices,
+    capabilities): ``.problems`` lists every reason with its fix. Nothing was touched."""
+
+    def __init__(self, instance: str, runs_on: str, problems: Sequence[object]) -> None:
+        self.problems = list(problems)
+        super().__init__(
+            instance,
+            "the target cannot take it: " + "; ".join(str(p) for p in self.problems),
+            runs_on=runs_on,
+        )
 
 
 class TooManyBadAnswersError(KvmflowError):

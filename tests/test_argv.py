@@ -10,15 +10,36 @@ import pytest
 
 from kvmflow.errors import ValidationError
 from kvmflow.kvm import Disk, HvParams, InstanceSpec, Nic, RuntimePaths, build_argv
-from kvmflow.kvm.argv import execution_args
+from kvmflow.kvm.argv import execution_args, machine_of, pin_machine, portable_argv
 from kvmflow.kvm.hvparams import DiskCache, DiskType, KvmFlag, NicType, SecurityModel, UsbMouse
+from kvmflow.kvm.qemu_info import CpuModel, MachineType, QemuInfo
 
 PATHS = RuntimePaths("/run/kvf")
 
 
+def qemu(major: int, options: set[str]) -> QemuInfo:
+    """What a probe of QEMU ``major``.0 says, as far as the command line needs it."""
+    machines = {
+        f"pc-i440fx-{major}.0": MachineType(f"pc-i440fx-{major}.0", "pc", True),
+        f"pc-q35-{major}.0": MachineType(f"pc-q35-{major}.0", "q35"),
+        "pc-i440fx-7.2": MachineType("pc-i440fx-7.2"),
+    }
+    return QemuInfo(
+        binary="qemu-system-x86_64",
+        version=(major, 0, 0),
+        machines=machines,
+        cpu_models={"qemu64": CpuModel("qemu64")},
+        options=frozenset({"name", "machine", "D", *options}),
+    )
+
+
+QEMU_7 = qemu(7, {"runas", "chroot"})
+QEMU_10 = qemu(10, {"run-with"})
+
+
 def argv_for(spec: InstanceSpec | None = None, **hv: Any) -> list[str]:
     spec = spec or InstanceSpec("vm1", hvparams=HvParams(**hv))
-    return build_argv(spec, PATHS, default_accelerator="kvm")
+    return build_argv(spec, PATHS, QEMU_7, default_accelerator="kvm")
 
 
 def pairs(argv: list[str]) -> list[tuple[str, str]]:
@@ -65,12 +86,81 @@ def test_no_spelling_that_qemu_7_2_rejects(old: str) -> None:
 
 
 def test_acpi_off_and_accelerators() -> None:
-    assert ("-machine", "acpi=off") in pairs(argv_for(acpi=False))
-    assert "-machine" not in argv_for()
+    assert ("-machine", "type=pc-i440fx-7.0,acpi=off") in pairs(argv_for(acpi=False))
     assert ("-accel", "kvm") in pairs(argv_for(kvm_flag=KvmFlag.ENABLED))
     assert ("-accel", "tcg") in pairs(argv_for(kvm_flag=KvmFlag.DISABLED))
     spec = InstanceSpec("vm1")
-    assert ("-accel", "tcg") in pairs(build_argv(spec, PATHS, default_accelerator="tcg"))
+    assert ("-accel", "tcg") in pairs(build_argv(spec, PATHS, QEMU_7, default_accelerator="tcg"))
+
+
+@pytest.mark.parametrize(
+    ("wanted", "qemu_info", "pinned"),
+    [
+        (None, QEMU_7, "pc-i440fx-7.0"),
+        (None, QEMU_10, "pc-i440fx-10.0"),
+        ("q35", QEMU_10, "pc-q35-10.0"),
+        ("pc-i440fx-7.2", QEMU_10, "pc-i440fx-7.2"),
+    ],
+)
+def test_machine_alias_is_pinned_to_this_qemus_versioned_type(
+    wanted: str | None, qemu_info: QemuInfo, pinned: str
+) -> None:
+    """The saved argv names a concrete machine type, so that every restart and every
+    migration target gets the hardware of the first start."""
+    spec = InstanceSpec("vm1", hvparams=HvParams(machine_version=wanted))
+    argv = build_argv(spec, PATHS, qemu_info)
+    assert ("-machine", f"type={pinned}") in pairs(argv)
+    assert machine_of(argv) == pinned
+
+
+def test_unknown_machine_and_cpu_are_refused_together() -> None:
+    spec = InstanceSpec("vm1", hvparams=HvParams(machine_version="pc-i440fx-10.0", cpu_type="Zen9"))
+    with pytest.raises(ValidationError) as caught:
+        build_argv(spec, PATHS, QEMU_7)
+    text = str(caught.value)
+    assert "machine_version" in text and "it has pc-i440fx-7.2, pc-i440fx-7.0" in text
+    assert "cpu_type" in text and "Zen9" in text
+
+
+def test_cpu_type() -> None:
+    assert ("-cpu", "qemu64") in pairs(argv_for(cpu_type="qemu64"))
+    assert "-cpu" not in argv_for()
+
+
+def test_hvparams_names_refuse_metacharacters() -> None:
+    from kvmflow.kvm.validation import spec_problems
+
+    spec = InstanceSpec("vm1", hvparams=HvParams(machine_version="pc;rm", cpu_type="host,+vmx"))
+    problems, _ = spec_problems(spec)
+    assert {p.field for p in problems} == {"machine_version", "cpu_type"}
+
+
+def test_portable_argv_takes_this_nodes_binary_and_drops_per_start_options() -> None:
+    saved = ["/usr/bin/qemu-system-x86_64", "-name", "vm1", "-chroot", "/c", "-m", "64"]
+    saved += ["-runas", "nobody", "-D", "/l", "-incoming", "defer"]
+    assert portable_argv(saved, "/opt/qemu-10/bin/qemu-system-x86_64") == [
+        "/opt/qemu-10/bin/qemu-system-x86_64",
+        "-name",
+        "vm1",
+        "-m",
+        "64",
+    ]
+
+
+def test_pin_machine_on_runtimes_saved_unpinned() -> None:
+    assert pin_machine(["q", "-m", "64"], "pc-i440fx-7.2") == [
+        "q",
+        "-machine",
+        "type=pc-i440fx-7.2",
+        "-m",
+        "64",
+    ]
+    assert pin_machine(["q", "-machine", "acpi=off"], "pc-q35-7.2") == [
+        "q",
+        "-machine",
+        "type=pc-q35-7.2,acpi=off",
+    ]
+    assert machine_of(["q", "-machine", "acpi=off"]) is None
 
 
 @pytest.mark.parametrize(("order", "device"), [("disk", "c"), ("network", "n"), ("cdrom", "d")])
@@ -199,10 +289,10 @@ def test_vnc_unix_socket_tls_x509_password() -> None:
     assert ("-object", "tls-creds-anon,id=vnctls0,endpoint=server") in p
 
 
-def test_localtime_chroot() -> None:
-    p = pairs(argv_for(use_localtime=True, use_chroot=True))
-    assert ("-rtc", "base=localtime") in p
-    assert ("-chroot", "/run/kvf/chroot/vm1") in p
+def test_localtime_and_chroot_out_of_the_saved_argv() -> None:
+    argv = argv_for(use_localtime=True, use_chroot=True)
+    assert ("-rtc", "base=localtime") in pairs(argv)
+    assert "-chroot" not in argv  # per start: its spelling depends on the node's QEMU
 
 
 @pytest.mark.parametrize(
@@ -237,21 +327,46 @@ def test_vhost_net() -> None:
     )
 
 
-def test_execution_args() -> None:
-    assert execution_args(InstanceSpec("vm1")) == []
+LOG = ["-D", "/run/kvf/log/vm1.log"]
+
+
+def test_execution_args_on_qemu_7() -> None:
+    assert execution_args(InstanceSpec("vm1"), PATHS, QEMU_7) == LOG
     user = InstanceSpec(
         "vm1", hvparams=HvParams(security_model=SecurityModel.USER, security_domain="nobody")
     )
-    assert execution_args(user) == ["-runas", "nobody"]
-    pool = InstanceSpec("vm1", hvparams=HvParams(security_model=SecurityModel.POOL))
-    assert execution_args(pool, uid=5003, incoming="defer") == [
+    assert execution_args(user, PATHS, QEMU_7) == ["-runas", "nobody", *LOG]
+    pool = InstanceSpec(
+        "vm1", hvparams=HvParams(security_model=SecurityModel.POOL, use_chroot=True)
+    )
+    assert execution_args(pool, PATHS, QEMU_7, uid=5003, incoming="defer") == [
         "-runas",
         "5003:5003",
+        "-chroot",
+        "/run/kvf/chroot/vm1",
+        *LOG,
         "-incoming",
         "defer",
     ]
     with pytest.raises(ValidationError, match="uid pool"):
-        execution_args(pool)
+        execution_args(pool, PATHS, QEMU_7)
+
+
+def test_execution_args_on_qemu_10_use_run_with() -> None:
+    pool = InstanceSpec(
+        "vm1", hvparams=HvParams(security_model=SecurityModel.POOL, use_chroot=True)
+    )
+    assert execution_args(pool, PATHS, QEMU_10, uid=5003) == [
+        "-run-with",
+        "user=5003:5003,chroot=/run/kvf/chroot/vm1",
+        *LOG,
+    ]
+    chroot_only = InstanceSpec("vm1", hvparams=HvParams(use_chroot=True))
+    assert execution_args(chroot_only, PATHS, QEMU_10)[:2] == [
+        "-run-with",
+        "chroot=/run/kvf/chroot/vm1",
+    ]
+    assert execution_args(InstanceSpec("vm1"), PATHS, QEMU_10) == LOG
 
 
 def test_runtime_root_rules(tmp_path: Path) -> None:

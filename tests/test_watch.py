@@ -16,7 +16,7 @@ from kvmflow.migration import (
     parse_query_migrate,
     watch_migration,
 )
-from kvmflow.migration.status import BadAnswer
+from kvmflow.migration.status import BadAnswer, parse_query_migrate
 from kvmflow.monitor import QMPClient
 from kvmflow.testing import Error, FakeQMPServer, Hang, RawLine, Return
 
@@ -95,11 +95,32 @@ async def test_three_garbage_then_active_then_completed_succeeds(fake: FakeQMPSe
     assert bad[1][0].reason == "empty answer"
 
 
-async def test_unknown_status_counts_as_bad(fake: FakeQMPServer) -> None:
-    fake.script("query-migrate", *[Return({"status": "teleporting"})] * 5)
+async def test_unknown_status_is_in_progress_and_reported_once(
+    fake: FakeQMPServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A newer QEMU's status word is not a bad answer: the migration goes on, and the word
+    is reported once however often it comes."""
+    fake.script("query-migrate", *[Return({"status": "teleporting"})] * 6, COMPLETED)
+    seen: list[MigrationSnapshot] = []
+    bad: list[BadAnswer] = []
     async with QMPClient(fake.path) as qmp:
-        with pytest.raises(TooManyBadAnswersError, match="unknown status 'teleporting'"):
-            await watch_migration(qmp, None, POLICY)
+        with caplog.at_level("WARNING", logger="kvmflow.migration"):
+            final = await watch_migration(
+                qmp, None, POLICY, on_snapshot=seen.append, on_bad_answer=lambda a, n: bad.append(a)
+            )
+    assert final.status is MigrationStatus.COMPLETED
+    assert bad == []
+    assert [s.raw_status for s in seen[:6]] == ["teleporting"] * 6
+    assert {s.status for s in seen[:6]} == {MigrationStatus.UNKNOWN}
+    reports = [r for r in caplog.records if "teleporting" in r.getMessage()]
+    assert len(reports) == 1, [r.getMessage() for r in caplog.records]
+
+
+def test_postcopy_recover_setup_is_known() -> None:
+    """QEMU 9.1+ reports ``postcopy-recover-setup`` while a broken post-copy reconnects."""
+    parsed = parse_query_migrate({"status": "postcopy-recover-setup"})
+    assert isinstance(parsed, MigrationSnapshot)
+    assert parsed.status is MigrationStatus.POSTCOPY_RECOVER_SETUP
 
 
 async def test_error_replies_and_silence_count_as_bad(fake: FakeQMPServer) -> None:

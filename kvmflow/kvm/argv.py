@@ -1,7 +1,10 @@
-"""The QEMU 7.2+ command line for an instance, one argv element per argument.
+"""The QEMU command line for an instance, one argv element per argument.
 
-No shell ever sees these arguments. Where the ancestor used a spelling QEMU 7.2 rejects,
-today's equivalent is used (each checked against the installed QEMU):
+No shell ever sees these arguments. What differs between QEMU versions comes from the
+binary's own :class:`~kvmflow.kvm.qemu_info.QemuInfo`: the machine type an alias stands for
+(pinned into the saved argv at the first start, so that every restart and migration target
+gets the same hardware), and ``-run-with`` (QEMU 9.1+) or ``-runas``/``-chroot`` (older).
+Where the ancestor used a spelling QEMU 7.2 rejects, today's equivalent is used:
 
 =================================  ==============================================
 ancestor                           kvmflow
@@ -23,8 +26,11 @@ ancestor                           kvmflow
 
 from __future__ import annotations
 
+import itertools
+
 from kvmflow.errors import FieldProblem, ValidationError
 from kvmflow.kvm.hvparams import BootOrder, DiskCache, DiskType, KvmFlag, NicType, SecurityModel
+from kvmflow.kvm.qemu_info import QemuInfo
 from kvmflow.kvm.runtime import RuntimePaths
 from kvmflow.kvm.spec import VNC_BASE_PORT, InstanceSpec
 from kvmflow.kvm.validation import is_ipv4, is_ipv6
@@ -54,18 +60,24 @@ DRIVE_INTERFACES = {
 BOOT_DEVICES = {BootOrder.DISK: "c", BootOrder.CDROM: "d", BootOrder.NETWORK: "n"}
 
 
+#: Options that belong to one start on one node, never to the saved argv.
+PER_START_OPTIONS = frozenset({"-runas", "-chroot", "-run-with", "-incoming", "-D"})
+
+
 def build_argv(
     spec: InstanceSpec,
     paths: RuntimePaths,
+    qemu: QemuInfo,
     *,
     default_accelerator: str = "kvm",
-    qemu_binary: str = QEMU_BINARY,
 ) -> list[str]:
-    """The part of the command line that is saved in the runtime and reused on restart."""
+    """The part of the command line that is saved in the runtime and reused on restart;
+    raises :class:`ValidationError` for a machine type or CPU model ``qemu`` lacks."""
     hv = spec.hvparams
     name = spec.name
+    machine = _machine_type(spec, qemu)
     argv = [
-        qemu_binary,
+        qemu.binary,
         "-name",
         name,
         "-m",
@@ -76,8 +88,9 @@ def build_argv(
         paths.pid_file(name),
         "-daemonize",
     ]
-    if not hv.acpi:
-        argv += ["-machine", "acpi=off"]
+    argv += ["-machine", f"type={machine}" + ("" if hv.acpi else ",acpi=off")]
+    if hv.cpu_type is not None:
+        argv += ["-cpu", hv.cpu_type]
     if hv.kvm_flag is KvmFlag.ENABLED:
         accelerator = "kvm"
     elif hv.kvm_flag is KvmFlag.DISABLED:
@@ -110,31 +123,103 @@ def build_argv(
     argv += ["-monitor", f"unix:{paths.hmp_socket(name)},server=on,wait=off"]
     if hv.use_localtime:
         argv += ["-rtc", "base=localtime"]
-    if hv.use_chroot:
-        argv += ["-chroot", paths.chroot_dir(name)]
     argv += _nic_args(spec, paths)
     return argv
 
 
-def execution_args(
-    spec: InstanceSpec, *, uid: int | None = None, incoming: str | None = None
-) -> list[str]:
-    """Per-start arguments taken from the current configuration, never saved: security
-    (``-runas``) and ``-incoming`` for a migration target."""
+def _machine_type(spec: InstanceSpec, qemu: QemuInfo) -> str:
+    """The concrete machine type for ``spec`` on ``qemu``, after checking its CPU model too."""
     hv = spec.hvparams
-    args: list[str] = []
+    problems: list[FieldProblem] = []
+    machine = ""
+    try:
+        machine = qemu.resolve_machine(hv.machine_version)
+    except LookupError as exc:
+        problems.append(FieldProblem("machine_version", hv.machine_version, str(exc)))
+    if hv.cpu_type is not None and hv.cpu_type not in qemu.cpu_models:
+        problems.append(
+            FieldProblem(
+                "cpu_type",
+                hv.cpu_type,
+                f"QEMU {qemu.version_text} ({qemu.binary}) has no such CPU model",
+            )
+        )
+    if problems:
+        raise ValidationError(problems)
+    return machine
+
+
+def execution_args(
+    spec: InstanceSpec,
+    paths: RuntimePaths,
+    qemu: QemuInfo,
+    *,
+    uid: int | None = None,
+    incoming: str | None = None,
+) -> list[str]:
+    """Per-start arguments taken from the current configuration and this node's QEMU, never
+    saved: the user and chroot to run as, the log that keeps QEMU's stderr after it
+    daemonizes (``-D``), and ``-incoming`` for a migration target."""
+    hv = spec.hvparams
+    user: str | None = None
     if hv.security_model is SecurityModel.USER:
         assert hv.security_domain is not None
-        args += ["-runas", hv.security_domain]
+        user = hv.security_domain
     elif hv.security_model is SecurityModel.POOL:
         if uid is None:
             raise ValidationError(
                 [FieldProblem("security_model", "pool", "needs a uid from the uid pool")]
             )
-        args += ["-runas", f"{uid}:{uid}"]
+        user = f"{uid}:{uid}"
+    chroot = paths.chroot_dir(spec.name) if hv.use_chroot else None
+    args: list[str] = []
+    if qemu.uses_run_with:
+        settings = [f"user={user}"] if user else []
+        settings += [f"chroot={chroot}"] if chroot else []
+        if settings:
+            args += ["-run-with", ",".join(settings)]
+    else:
+        args += ["-runas", user] if user else []
+        args += ["-chroot", chroot] if chroot else []
+    args += ["-D", paths.log_file(spec.name)]
     if incoming is not None:
         args += ["-incoming", incoming]
     return args
+
+
+def portable_argv(argv: list[str], qemu_binary: str) -> list[str]:
+    """A saved argv for a start on another node or QEMU: that node's binary as argv[0], and
+    none of the per-start options (runtimes saved before they moved out still carry
+    ``-chroot``)."""
+    kept = [qemu_binary]
+    rest = iter(argv[1:])
+    for arg in rest:
+        if arg in PER_START_OPTIONS:
+            next(rest, None)
+        else:
+            kept.append(arg)
+    return kept
+
+
+def machine_of(argv: list[str]) -> str | None:
+    """The machine type a saved argv pins (``-machine type=X,...``), or ``None``."""
+    for flag, value in itertools.pairwise(argv):
+        if flag == "-machine":
+            for setting in value.split(","):
+                if setting.startswith("type="):
+                    return setting.removeprefix("type=")
+    return None
+
+
+def pin_machine(argv: list[str], machine: str) -> list[str]:
+    """``argv`` with its machine type set to ``machine`` (for runtimes saved unpinned)."""
+    pinned = list(argv)
+    for index, flag in enumerate(pinned[:-1]):
+        if flag == "-machine":
+            settings = [s for s in pinned[index + 1].split(",") if not s.startswith("type=")]
+            pinned[index + 1] = ",".join([f"type={machine}", *settings])
+            return pinned
+    return [pinned[0], "-machine", f"type={machine}", *pinned[1:]]
 
 
 def _disk_args(spec: InstanceSpec) -> list[str]:

@@ -150,6 +150,9 @@ class HvParams:
     )
     vhost_net: bool = field(default=False, metadata=_coerce(_strict_bool))
     use_chroot: bool = field(default=False, metadata=_coerce(_strict_bool))
+    # None: the node's QEMU default (pc), pinned to its concrete version at the first start
+    machine_version: str | None = field(default=None, metadata=_coerce(_optional_str))
+    cpu_type: str | None = field(default=None, metadata=_coerce(_optional_str))  # None: qemu64
 
     def __post_init__(self) -> None:
         # Types and choices are checked on construction (strings become enums), so that a

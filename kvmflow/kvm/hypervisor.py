@@ -25,10 +25,11 @@ from kvmflow.errors import (
     QemuStartError,
     StopError,
 )
-from kvmflow.kvm.argv import QEMU_BINARY, build_argv, execution_args
+from kvmflow.kvm.argv import QEMU_BINARY, build_argv, execution_args, portable_argv
 from kvmflow.kvm.console import console_command
 from kvmflow.kvm.hvparams import SecurityModel
 from kvmflow.kvm.nicscript import SITE_SCRIPT, render_up_script
+from kvmflow.kvm.qemu_info import QemuInfo, probe_qemu
 from kvmflow.kvm.runtime import RuntimePaths, SavedRuntime, load_runtime, save_runtime
 from kvmflow.kvm.spec import InstanceSpec
 from kvmflow.kvm.uidpool import UidPool
@@ -70,8 +71,10 @@ class KvmHypervisor:
     """Starts and controls the QEMU processes of instances on one node.
 
     ``default_accelerator`` is used when an instance leaves ``kvm_flag`` unset (``kvm``
-    where ``/dev/kvm`` works, ``tcg`` elsewhere). ``uid_pool`` is needed for the ``pool``
-    security model. ``site_script`` is what NIC up-scripts run when it exists.
+    where ``/dev/kvm`` works, ``tcg`` elsewhere). ``qemu_binary`` is this node's QEMU: every
+    start here uses it, also a migration target's and a restart's. ``qemu_info`` skips the
+    probe of that binary (a fake node's). ``uid_pool`` is needed for the ``pool`` security
+    model. ``site_script`` is what NIC up-scripts run when it exists.
     """
 
     #: The monitor client :meth:`qmp` opens; a subclass may add instrumentation.
@@ -84,6 +87,7 @@ class KvmHypervisor:
         *,
         default_accelerator: str = "kvm",
         qemu_binary: str = QEMU_BINARY,
+        qemu_info: QemuInfo | None = None,
         uid_pool: UidPool | None = None,
         site_script: str = SITE_SCRIPT,
         start_timeout: float = 60.0,
@@ -92,10 +96,35 @@ class KvmHypervisor:
         self.paths = paths
         self.default_accelerator = default_accelerator
         self.qemu_binary = qemu_binary
+        self._qemu_info = qemu_info
+        self._probing = anyio.Lock()
         self.uid_pool = uid_pool
         self.site_script = site_script
         self.start_timeout = start_timeout
         self._log = _log.bind(node=node.name)
+
+    # ------------------------------------------------------------------ its QEMU
+
+    async def qemu(self) -> QemuInfo:
+        """What this node's QEMU binary is and can do, probed once and then remembered."""
+        async with self._probing:
+            if self._qemu_info is None:
+                self._qemu_info = await probe_qemu(
+                    self.node, self.qemu_binary, accelerator=self.default_accelerator
+                )
+                self._log.info(
+                    "qemu probed", binary=self.qemu_binary, version=self._qemu_info.version_text
+                )
+            return self._qemu_info
+
+    def forget_qemu(self) -> None:
+        """Probe again on next use (the node's QEMU was upgraded)."""
+        self._qemu_info = None
+
+    async def qemu_log(self, name: str, *, limit: int = 4096) -> str:
+        """The end of what ``name``'s QEMU wrote to stderr here (its reason for failing)."""
+        data = await self.node.read_file(self.paths.log_file(name))
+        return (data or b"")[-limit:].decode(errors="replace").strip()
 
     # ------------------------------------------------------------------ inspection
 
@@ -179,7 +208,8 @@ class KvmHypervisor:
         """Start ``spec``'s QEMU and verify it runs.
 
         With ``runtime`` (reboot, migration target) the saved argv, and so the NICs and
-        hardware, are reused; security and the VNC password come from ``spec``. With
+        hardware (the pinned machine type included), are reused with this node's QEMU
+        binary; security and the VNC password come from ``spec``. With
         ``incoming`` QEMU waits for a migration stream and the runtime is saved only when
         the migration is finalized (:meth:`save_runtime`).
         """
@@ -189,16 +219,14 @@ class KvmHypervisor:
         name = spec.name
         if await self.is_running(name):
             raise InstanceRunningError(f"instance {name} is already running on {self.node.name}")
+        qemu = await self.qemu()
         await self.paths.ensure(self.node)
         if runtime is not None:
-            base_argv = runtime.argv_for(self.paths)
+            base_argv = portable_argv(runtime.argv_for(self.paths), qemu.binary)
             nic_spec = runtime.spec
         else:
             base_argv = build_argv(
-                spec,
-                self.paths,
-                default_accelerator=self.default_accelerator,
-                qemu_binary=self.qemu_binary,
+                spec, self.paths, qemu, default_accelerator=self.default_accelerator
             )
             nic_spec = spec
         uid: int | None = None
@@ -210,6 +238,7 @@ class KvmHypervisor:
                 self.paths.qmp_socket(name),
                 self.paths.hmp_socket(name),
                 self.paths.serial_socket(name),
+                self.paths.log_file(name),
             ):
                 await self.node.remove(path)
             if spec.hvparams.security_model is SecurityModel.POOL:
@@ -220,20 +249,21 @@ class KvmHypervisor:
             await self._write_nic_scripts(nic_spec)
             if spec.hvparams.use_chroot:
                 await self.node.make_dirs(self.paths.chroot_dir(name), 0o755)
-            argv = base_argv + execution_args(spec, uid=uid, incoming=incoming)
+            argv = base_argv + execution_args(spec, self.paths, qemu, uid=uid, incoming=incoming)
             self._log.info("starting instance", instance=name, incoming=incoming)
             result = await self.node.run(argv, timeout=self.start_timeout)
             if not result.ok:
-                if not (result.stderr or result.stdout).strip():
+                # After -D, what QEMU says before it daemonizes goes to its log file.
+                output = (result.stderr or result.stdout).strip()
+                said = result.error_text() if output else await self.qemu_log(name)
+                if not said:
                     # QEMU says why it refuses; silence means it was killed or died first.
                     raise QemuStartError(
                         f"QEMU for {name} ended during its start on {self.node.name} "
                         f"(exit status {result.returncode}) without a word: it was killed "
                         "or died before it could report why"
                     )
-                raise QemuStartError(
-                    f"QEMU refused to start {name} on {self.node.name}: {result.error_text()}"
-                )
+                raise QemuStartError(f"QEMU refused to start {name} on {self.node.name}: {said}")
             pid = await self.find_pid(name)
             if pid is None:
                 raise QemuStartError(
@@ -267,7 +297,7 @@ class KvmHypervisor:
         data = await self.node.read_file(self.paths.uid_file(spec.name))
         if data is not None:
             uid = int(data.strip())
-        argv = tuple(source.argv_for(self.paths))
+        argv = tuple(portable_argv(source.argv_for(self.paths), self.qemu_binary))
         await save_runtime(self.node, self.paths, SavedRuntime(argv, spec, uid, self.paths.root))
 
     async def load_runtime(self, name: str) -> SavedRuntime | None:

@@ -20,7 +20,7 @@ from kvmflow.node.base import Node
 
 DEFAULT_ROOT = "/run/kvmflow"
 RUNTIME_FORMAT = 1
-SUBDIRS = ("pid", "uid", "ctrl", "conf", "nic", "chroot", "chroot-quarantine", "uid-pool")
+SUBDIRS = ("pid", "uid", "ctrl", "conf", "nic", "log", "chroot", "chroot-quarantine", "uid-pool")
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,11 @@ class RuntimePaths:
     def nic_script(self, name: str, index: int) -> str:
         return os.path.join(self.root, "nic", f"{check_instance_name(name)}-{index}.up")
 
+    def log_file(self, name: str) -> str:
+        """QEMU's stderr after it daemonized (``-D``): one run's, removed with the instance's
+        other files, read first when a migration target fails."""
+        return os.path.join(self.root, "log", f"{check_instance_name(name)}.log")
+
     def chroot_dir(self, name: str) -> str:
         return os.path.join(self.root, "chroot", check_instance_name(name))
 
@@ -85,6 +90,7 @@ class RuntimePaths:
             self.serial_socket(name),
             self.serial_socket(name) + ".lock",  # a console's lock (kvmflow.kvm.console)
             self.runtime_file(name),
+            self.log_file(name),
         ]
 
     async def ensure(self, node: Node) -> None:

@@ -14,6 +14,7 @@ import enum
 import ipaddress
 import os
 import pwd
+import re
 from dataclasses import dataclass
 
 from kvmflow.errors import FieldProblem, ValidationError
@@ -260,10 +261,20 @@ def _check_hvparams(hv: HvParams, problems: list[FieldProblem], needs: list[Requ
         if value <= 0:
             problems.append(FieldProblem(name, value, "must be a positive integer"))
     _check_security(hv, problems, needs)
+    for name, rule in (
+        ("machine_version", "a QEMU machine type such as pc, q35 or pc-i440fx-7.2"),
+        ("cpu_type", "a QEMU CPU model name such as qemu64, host or Skylake-Client-v4"),
+    ):
+        value = getattr(hv, name)
+        if value is not None and not _QEMU_NAME.fullmatch(value):
+            problems.append(FieldProblem(name, value, f"{rule}: letters, digits, '.', '_', '-'"))
     for name in ("root_path", "kernel_args"):
         value = getattr(hv, name) or ""
         if "\n" in value or "\x00" in value:
             problems.append(FieldProblem(name, value, "must be one line without NUL bytes"))
+
+
+_QEMU_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def _check_security(hv: HvParams, problems: list[FieldProblem], needs: list[Requirement]) -> None:

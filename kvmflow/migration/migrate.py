@@ -26,6 +26,7 @@ the error says why kvmflow cannot vouch for one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
@@ -33,14 +34,17 @@ from typing import Any, Literal
 import anyio
 
 from kvmflow._logging import get_logger
-from kvmflow.errors import ContUnanswered, KvmflowError, MisuseError
+from kvmflow.errors import ContUnanswered, IncompatibleTargetError, KvmflowError, MisuseError
 from kvmflow.feed import BoundedFeed
 from kvmflow.instance.instance import Instance
 from kvmflow.instance.states import InstanceEvent, InstanceState
+from kvmflow.kvm.argv import machine_of, pin_machine
 from kvmflow.kvm.hypervisor import KvmHypervisor
+from kvmflow.kvm.qemu_info import QemuInfo
 from kvmflow.kvm.runtime import SavedRuntime
 from kvmflow.migration import aborts
 from kvmflow.migration.actions import PolicyActions
+from kvmflow.migration.compat import incompatibilities, migrate_arguments, running_machine
 from kvmflow.migration.decide import Decision, PolicyEngine
 from kvmflow.migration.errors import MigrationError
 from kvmflow.migration.hmp_monitor import HmpMigrationMonitor
@@ -68,6 +72,7 @@ _POSTCOPY_STATUSES = (
     MigrationStatus.POSTCOPY_ACTIVE,
     MigrationStatus.POSTCOPY_PAUSED,
     MigrationStatus.POSTCOPY_RECOVER,
+    MigrationStatus.POSTCOPY_RECOVER_SETUP,
 )
 
 
@@ -162,6 +167,7 @@ class Migration:
         self.policy = policy
         self.on_progress = on_progress
         self.relay_uri = source_uri  # where the source connects, if not where the target is
+        self.source_qemu: QemuInfo | None = None  # known once the pre-check ran
         self.started_at = time.monotonic()
         self.reports = 0
         self.bad_answers: list[BadAnswer] = []
@@ -260,6 +266,7 @@ class Migration:
                     self.name, f"source QEMU is {status.state.value}", runs_on=self.source.node.name
                 )
             self.was_running = status.running
+            runtime = await self.checked_runtime(qmp, runtime)
             self.instance.machine.fire(InstanceEvent.MIGRATE)
             self.log.info(
                 "migration starting",
@@ -274,6 +281,23 @@ class Migration:
             except BaseException as exc:
                 return await aborts.after_failure(self, qmp, exc, runtime)
             return await self.complete(qmp, final, runtime)
+
+    async def checked_runtime(self, qmp: SourceMonitor, runtime: SavedRuntime) -> SavedRuntime:
+        """The runtime the target starts from, its machine type pinned (asked of the running
+        source when a runtime saved before pinning has none), once the target's QEMU is known
+        to take it; raises :class:`IncompatibleTargetError` listing every reason it cannot."""
+        argv = list(runtime.argv)
+        if machine_of(argv) is None:
+            argv = pin_machine(argv, await running_machine(qmp, await self.source.qemu()))
+        source_qemu, target_qemu = await self.source.qemu(), await self.target_hv.qemu()
+        problems = incompatibilities(
+            source_qemu, target_qemu, argv, self.policy, target_node=self.target_hv.node.name
+        )
+        if problems:
+            self.log.warning("target refused by the pre-check", problems=[str(p) for p in problems])
+            raise IncompatibleTargetError(self.name, self.source.node.name, problems)
+        self.source_qemu = source_qemu
+        return dataclasses.replace(runtime, argv=tuple(argv))
 
     def bind(self, qmp: SourceMonitor, resources: contextlib.AsyncExitStack) -> None:
         """Make both sides and the policy's actions, on the source monitor ``qmp``."""
@@ -304,7 +328,7 @@ class Migration:
             await self._pause_source()
         with qmp.subscribe("MIGRATION", max_buffered=64) as events:
             await self.phases.step(Step.STREAM)  # before `migrate`: from here it may stream
-            await qmp.execute("migrate", {"uri": self.source_uri})
+            await qmp.execute("migrate", migrate_arguments(self.source_qemu, self.source_uri))
             return await watch_migration(
                 qmp,
                 events if self.policy.use_events else None,
@@ -465,6 +489,7 @@ class Migration:
             self.target_hv.node.name,
             cause,
             self.bad_answers,
+            self._target.last_words if self._target is not None else "",
         )
 
 

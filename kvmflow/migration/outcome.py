@@ -151,13 +151,19 @@ def outcome_error(
     target: str,
     cause: BaseException | str,
     bad_answers: list[BadAnswer] | None = None,
+    target_said: str = "",
 ) -> MigrationError:
     """The error that tells the caller how the migration of ``instance`` ended and why."""
     info = INFO[outcome]
     runs_on = {Side.SOURCE: source, Side.TARGET: target, Side.UNKNOWN: None}[info.side]
     reason = info.message.format(source=source, target=target, cause=_cause_text(cause))
     return MigrationError(
-        instance, reason, runs_on=runs_on, bad_answers=bad_answers, outcome=outcome
+        instance,
+        reason,
+        runs_on=runs_on,
+        bad_answers=bad_answers,
+        outcome=outcome,
+        target_said=target_said,
     )
 
 

@@ -1,7 +1,9 @@
 """QEMU's migration status and typed snapshots of ``query-migrate`` answers.
 
 An answer is either a :class:`MigrationSnapshot` or a :class:`BadAnswer` (unparseable,
-empty, or an unknown status), which the watcher counts in the ancestor's spirit.
+empty, no status), which the watcher counts in the ancestor's spirit. A status this module
+does not know (a newer QEMU's) is not a bad answer: the snapshot says
+:attr:`MigrationStatus.UNKNOWN`, keeps the word in ``raw_status``, and counts as in progress.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any
 
 
 class MigrationStatus(enum.StrEnum):
-    """QAPI ``MigrationStatus`` (QEMU 7.2)."""
+    """QAPI ``MigrationStatus`` (QEMU 7.2 to 10.x), and UNKNOWN for a word none of them has."""
 
     NONE = "none"
     SETUP = "setup"
@@ -28,6 +30,8 @@ class MigrationStatus(enum.StrEnum):
     PRE_SWITCHOVER = "pre-switchover"
     DEVICE = "device"
     WAIT_UNPLUG = "wait-unplug"
+    POSTCOPY_RECOVER_SETUP = "postcopy-recover-setup"  # QEMU 9.1+
+    UNKNOWN = "(unknown)"  # never sent by QEMU: parentheses are not in its enum's alphabet
 
     @property
     def finished(self) -> bool:
@@ -54,6 +58,7 @@ class MigrationSnapshot:
     downtime_ms: int | None = None
     total_time_ms: int | None = None
     error: str | None = None
+    raw_status: str = ""  # what QEMU said, for UNKNOWN
 
     @property
     def dirty_bytes_rate(self) -> int:
@@ -81,7 +86,7 @@ def parse_query_migrate(answer: Any) -> MigrationSnapshot | BadAnswer:
     try:
         status = MigrationStatus(raw_status)
     except ValueError:
-        return BadAnswer(f"unknown status {raw_status!r}", repr(answer))
+        status = MigrationStatus.UNKNOWN
     ram = answer.get("ram")
     ram = ram if isinstance(ram, dict) else {}
     try:
@@ -98,6 +103,7 @@ def parse_query_migrate(answer: Any) -> MigrationSnapshot | BadAnswer:
             downtime_ms=_optional_int(answer.get("downtime")),
             total_time_ms=_optional_int(answer.get("total-time")),
             error=answer.get("error-desc") if isinstance(answer.get("error-desc"), str) else None,
+            raw_status=raw_status,
         )
     except (TypeError, ValueError):
         return BadAnswer("numbers that are not numbers", repr(answer))

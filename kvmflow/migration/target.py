@@ -62,6 +62,7 @@ class MigrationTarget:
         self.uri = f"tcp:{uri_host(address)}:{port}"
         self.policy = policy
         self.started = False  # from here on, the target may hold a process or files
+        self.last_words = ""  # what its QEMU logged before it was stopped (why it failed)
         self._stack = stack
         self._qmp: QMPClient | None = None
         self._log = _log.bind(instance=name, target=hypervisor.node.name)
@@ -140,6 +141,7 @@ class MigrationTarget:
         if not self.started:
             return
         try:
+            self.last_words = await self.hypervisor.qemu_log(self.name, limit=1024)
             await self.hypervisor.stop(self.name, force=True)
         except KvmflowError as exc:
             self._log.error("target could not be cleaned", error=str(exc))

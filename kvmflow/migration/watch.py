@@ -58,6 +58,7 @@ async def watch_migration(
     (plain or async) sees every good answer first and may act on it.
     """
     bad: list[BadAnswer] = []
+    unknown_statuses: set[str] = set()
     while True:
         result = await query_migration(qmp, policy.query_timeout)
         if isinstance(result, BadAnswer):
@@ -76,6 +77,13 @@ async def watch_migration(
             await anyio.sleep(policy.retry_delay)
             continue
         bad.clear()
+        if result.status is MigrationStatus.UNKNOWN and result.raw_status not in unknown_statuses:
+            unknown_statuses.add(result.raw_status)  # once per word: a newer QEMU, not a fault
+            _log.warning(
+                "migration status unknown to kvmflow; taken as in progress",
+                monitor=qmp.name,
+                status=result.raw_status,
+            )
         if on_snapshot is not None:
             outcome = on_snapshot(result)
             if inspect.isawaitable(outcome):

@@ -32,6 +32,7 @@ from kvmflow.errors import NodeError
 from kvmflow.monitor.transport import Connector, UnixSocketConnector
 from kvmflow.node.base import CommandResult, NodeInfo, NodeLifecycle
 from kvmflow.node.local import LocalNode
+from kvmflow.testing.probe_answers import probe_answer
 
 GREETING = (
     b'{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, '
@@ -388,6 +389,9 @@ class FakeNode(NodeLifecycle):
     ) -> CommandResult:
         if not argv[0].startswith("qemu-system"):
             return CommandResult(tuple(argv), 0, b"", b"")
+        probed = probe_answer(argv)
+        if probed is not None:
+            return probed
         pid = await self._call(op="spawn", argv=argv, dirty_rate=self.dirty_rate)
         self.files[argv[argv.index("-pidfile") + 1]] = f"{pid}\n".encode()
         return CommandResult(tuple(argv), 0, b"", b"")
