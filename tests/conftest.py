@@ -14,6 +14,7 @@ import pytest
 from kvmflow.kvm import KvmHypervisor, ScratchQemu, start_scratch_qemu
 from kvmflow.store import SQLiteStore
 from kvmflow.testing import local_hypervisors
+from kvmflow.testing.qemu_builds import QemuBuild, debian_qemu, system_qemu
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -145,8 +146,46 @@ def ssh_hosts() -> Iterator[object]:
         yield fleet
 
 
+@pytest.fixture(scope="session")
+def qemu_builds() -> dict[str, QemuBuild]:
+    """The QEMU builds this machine can test: the system's, and on Debian 12 (QEMU 7.2) the
+    QEMU 10.0 of bookworm-backports beside it (fetched once; a fetch that fails fails the
+    tests that need it, loudly). A host whose system QEMU is already 10.x has one build."""
+    system = system_qemu()
+    builds = {"system": system}
+    if int(system.version.split(".")[0]) < 10 and _debian_codename() == "bookworm":
+        builds["second"] = debian_qemu()
+    return builds
+
+
+def _debian_codename() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("VERSION_CODENAME="):
+                return line.split("=", 1)[1].strip('"')
+    return ""
+
+
+@pytest.fixture(params=["system", "second"])
+def qemu_build(request: pytest.FixtureRequest, qemu_builds: dict[str, QemuBuild]) -> QemuBuild:
+    """Each QEMU build in turn (the version matrix, for the tests where versions differ)."""
+    label = str(request.param)
+    if label not in qemu_builds:
+        system = qemu_builds["system"].version
+        pytest.skip(f"no second QEMU build on this host (system QEMU {system})")
+    return qemu_builds[label]
+
+
 @pytest.fixture
 def nodes(runtime_root: Path) -> tuple[KvmHypervisor, KvmHypervisor]:
     """Two local "nodes" (each its own runtime root under ``runtime_root``): node-a, node-b."""
     source, target = local_hypervisors(runtime_root, "node-a", "node-b")
+    return source, target
+
+
+@pytest.fixture
+def build_nodes(runtime_root: Path, qemu_build: QemuBuild) -> tuple[KvmHypervisor, KvmHypervisor]:
+    """:func:`nodes`, both running ``qemu_build``."""
+    binaries = {"node-a": qemu_build.binary, "node-b": qemu_build.binary}
+    source, target = local_hypervisors(runtime_root, "node-a", "node-b", qemu_binaries=binaries)
     return source, target

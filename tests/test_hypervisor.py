@@ -36,6 +36,7 @@ from kvmflow.kvm.hvparams import BootOrder, DiskType, SecurityModel
 from kvmflow.monitor import RunState, query_status
 from kvmflow.node import LocalNode, SSHNode, SSHTarget
 from kvmflow.node.base import CommandResult
+from kvmflow.testing.qemu_builds import QemuBuild
 from tests.tls import make_x509_dir
 
 pytestmark = pytest.mark.anyio
@@ -47,12 +48,15 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture
-def hv(runtime_root: Path) -> KvmHypervisor:
+def hv(runtime_root: Path, qemu_build: QemuBuild) -> KvmHypervisor:
+    """This machine as a node, running each QEMU build in turn: process control, security
+    models and chroot are spelled differently in QEMU 7.2 and 10."""
     paths = RuntimePaths(str(runtime_root))
     return KvmHypervisor(
         LocalNode("local"),
         paths,
         default_accelerator=default_accelerator(),
+        qemu_binary=qemu_build.binary,
         uid_pool=UidPool.from_text("5000-5001", paths),
     )
 
@@ -85,7 +89,9 @@ async def test_start_info_list_and_forced_stop(hv: KvmHypervisor, runtime_root: 
     runtime = await hv.load_runtime("vm-a")
     assert runtime is not None
     assert runtime.spec == spec
-    assert runtime.argv[:3] == ("qemu-system-x86_64", "-name", "vm-a")
+    assert runtime.argv[:3] == (hv.qemu_binary, "-name", "vm-a")
+    pinned = f"type={(await hv.qemu()).resolve_machine(None)}"  # pc, pinned to its version
+    assert runtime.argv[runtime.argv.index("-machine") + 1] == pinned
     for directory in ("pid", "conf", "ctrl"):
         assert (runtime_root / directory).stat().st_mode & 0o777 == 0o700
     async with hv.qmp("vm-a") as qmp:
@@ -185,9 +191,10 @@ async def test_cleanup_refuses_a_live_instance(hv: KvmHypervisor, runtime_root: 
 
 
 async def test_non_empty_chroot_goes_to_quarantine(hv: KvmHypervisor, runtime_root: Path) -> None:
-    await hv.start(small("vm-h", use_chroot=True))
+    info = await hv.start(small("vm-h", use_chroot=True))
     chroot = Path(hv.paths.chroot_dir("vm-h"))
     assert chroot.is_dir()
+    assert os.readlink(f"/proc/{info.pid}/root") == str(chroot)  # QEMU really chrooted
     (chroot / "dropped-by-guest").write_text("suspicious")
     with capture_logs() as logs:
         await hv.stop("vm-h", force=True)

@@ -135,9 +135,9 @@ async def test_auto_converge_converges(
 
 
 async def test_postcopy_converges(
-    nodes: tuple[KvmHypervisor, KvmHypervisor], dirty_guest: Path
+    build_nodes: tuple[KvmHypervisor, KvmHypervisor], dirty_guest: Path
 ) -> None:
-    source, target = nodes
+    source, target = build_nodes
     instance = await dirty_instance(source, "pol-post", 0, dirty_guest)
     policy = MigrationPolicy(**HARD, **POSTCOPY)
     statuses: list[str] = []
@@ -151,6 +151,7 @@ async def test_postcopy_converges(
     assert result.postcopy
     assert [d.action for d in result.decisions] == [Action.POSTCOPY]
     assert "postcopy-active" in statuses
+    assert result.bad_answers == []
     await assert_runs_on_target(instance, source, target)
 
 
@@ -291,9 +292,9 @@ async def migrate_and_break_postcopy(
 
 
 async def test_postcopy_link_break_is_recovered(
-    nodes: tuple[KvmHypervisor, KvmHypervisor], free_port: int, dirty_guest: Path
+    build_nodes: tuple[KvmHypervisor, KvmHypervisor], free_port: int, dirty_guest: Path
 ) -> None:
-    source, target = nodes
+    source, target = build_nodes
     instance = await dirty_instance(source, "pol-recover", free_port, dirty_guest)
     relay = Relay(free_port)
     async with source.qmp("pol-recover") as qmp, anyio.create_task_group() as tg:
@@ -311,6 +312,7 @@ async def test_postcopy_link_break_is_recovered(
     assert result.postcopy_recoveries >= 1
     assert relay.connections >= 2  # the first stream and the resumed one
     assert "postcopy-paused" in statuses
+    assert result.bad_answers == []  # QEMU 10's postcopy-recover-setup is no bad answer
     await assert_runs_on_target(instance, source, target)
 
 
@@ -327,11 +329,11 @@ def target_stream_port(target: KvmHypervisor, name: str) -> int:
 
 
 async def test_postcopy_pause_is_recovered_on_the_port_the_target_picked(
-    nodes: tuple[KvmHypervisor, KvmHypervisor], dirty_guest: Path
+    build_nodes: tuple[KvmHypervisor, KvmHypervisor], dirty_guest: Path
 ) -> None:
     # migrate-pause is QEMU's own way to cut a post-copy stream. QEMU 7.2 keeps its incoming
     # listener open through the pause, so the port it picked is still its own to recover on.
-    source, target = nodes
+    source, target = build_nodes
     instance = await dirty_instance(source, "pol-pause", 0, dirty_guest)
     picked: list[int] = []
     async with source.qmp("pol-pause") as qmp:
@@ -346,4 +348,5 @@ async def test_postcopy_pause_is_recovered_on_the_port_the_target_picked(
     assert "postcopy-paused" in statuses
     assert result.postcopy_recoveries >= 1
     assert result.target_uri == f"tcp:127.0.0.1:{picked[0]}"
+    assert result.bad_answers == []
     await assert_runs_on_target(instance, source, target)

@@ -16,7 +16,7 @@ from kvmflow.migration import (
     parse_query_migrate,
     watch_migration,
 )
-from kvmflow.migration.status import BadAnswer, parse_query_migrate
+from kvmflow.migration.status import BadAnswer
 from kvmflow.monitor import QMPClient
 from kvmflow.testing import Error, FakeQMPServer, Hang, RawLine, Return
 

@@ -1,0 +1,214 @@
+"""Mixed QEMU releases, as a rolling upgrade has them: the system's QEMU (7.2 on Debian 12)
+and QEMU 10.0 beside it, each probed, and live migrations between them in both directions.
+
+Facts these tests stand on (checked here): QEMU 10.0 still has ``pc-i440fx-7.2``, 7.2 has no
+10.0 machine; unpinned, a migration between them fails because ``pc`` means a different
+machine on each side.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from kvmflow.errors import IncompatibleTargetError, MigrationError
+from kvmflow.guest import dirty_guest_spec, wait_for_sweeps
+from kvmflow.guest import sweep_count as sweeps
+from kvmflow.instance import Instance, InstanceState
+from kvmflow.kvm import KvmHypervisor, SavedRuntime
+from kvmflow.kvm.argv import machine_of
+from kvmflow.kvm.baseline import baseline_cpu_model, newest_common_machine
+from kvmflow.migration import MigrationPolicy, migrate
+from kvmflow.migration.compat import incompatibilities
+from kvmflow.monitor import RunState, query_status
+from kvmflow.testing import local_hypervisors
+from kvmflow.testing.qemu_builds import QemuBuild
+
+pytestmark = pytest.mark.anyio
+FAST = MigrationPolicy.fixed(bandwidth_mib=1024, downtime_ms=300)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def builds(qemu_builds: dict[str, QemuBuild]) -> tuple[QemuBuild, QemuBuild]:
+    if "second" not in qemu_builds:
+        pytest.skip(f"one QEMU build only on this host ({qemu_builds['system'].version})")
+    return qemu_builds["system"], qemu_builds["second"]
+
+
+@pytest.fixture
+def old_new(
+    runtime_root: Path, builds: tuple[QemuBuild, QemuBuild]
+) -> tuple[KvmHypervisor, KvmHypervisor]:
+    """node-old runs the system's QEMU, node-new the second build."""
+    old, new = builds
+    binaries = {"node-old": old.binary, "node-new": new.binary}
+    a, b = local_hypervisors(runtime_root, "node-old", "node-new", qemu_binaries=binaries)
+    return a, b
+
+
+async def test_each_build_is_probed_for_what_differs(qemu_build: QemuBuild) -> None:
+    [hv] = local_hypervisors(
+        Path("/run/kvmflow-probe"), "probe", qemu_binaries={"probe": qemu_build.binary}
+    )
+    qemu = await hv.qemu()
+    assert qemu.version_text == qemu_build.version
+    major = qemu.version[0]
+    assert qemu.resolve_machine(None) == f"pc-i440fx-{major}.{qemu.version[1]}"
+    assert qemu.resolve_machine("pc-i440fx-7.2") == "pc-i440fx-7.2"  # both know 7.2's
+    assert {"postcopy-ram", "events", "multifd"} <= qemu.migration_capabilities
+    assert "uri" in qemu.migrate_arguments
+    if major >= 10:
+        assert qemu.uses_run_with
+        assert "postcopy-recover-setup" in qemu.migration_statuses
+        assert "channels" in qemu.migrate_arguments
+    else:
+        assert not qemu.uses_run_with
+        assert {"runas", "chroot"} <= qemu.options
+    assert await hv.qemu() is qemu  # probed once
+
+
+async def assert_moved(instance: Instance, source: KvmHypervisor, target: KvmHypervisor) -> None:
+    assert instance.machine.state is InstanceState.RUNNING
+    assert instance.machine.node == target.node.name
+    assert not await source.is_running(instance.name)
+    async with target.qmp(instance.name) as qmp:
+        assert (await query_status(qmp)).state is RunState.RUNNING
+    first = await sweeps(target, instance.name)
+    await anyio.sleep(0.3)
+    assert await sweeps(target, instance.name) > first  # the guest goes on working there
+
+
+async def test_unpinned_guest_goes_to_the_new_qemu_and_back(
+    old_new: tuple[KvmHypervisor, KvmHypervisor], dirty_guest: Path
+) -> None:
+    """The rolling upgrade's round trip: started unpinned on 7.2 (so pinned to
+    pc-i440fx-7.2 at that start), live to 10.0 while it dirties memory, and back."""
+    old, new = old_new
+    instance = Instance(dirty_guest_spec("xv-round", dirty_guest, migration_port=0, mib=16), old)
+    await instance.start()
+    await wait_for_sweeps(old, "xv-round")
+    runtime = await old.load_runtime("xv-round")
+    assert runtime is not None
+    assert machine_of(list(runtime.argv)) == "pc-i440fx-7.2"
+    for source, target in ((old, new), (new, old)):
+        before = await sweeps(source, "xv-round")
+        result = await migrate(instance, target, target_address="127.0.0.1", policy=FAST)
+        assert result.bad_answers == []
+        assert await sweeps(target, "xv-round") >= before  # the guest's memory came along
+        await assert_moved(instance, source, target)
+        moved = await target.load_runtime("xv-round")
+        assert moved is not None
+        assert moved.argv[0] == target.qemu_binary  # the target's own QEMU, not the source's
+        assert machine_of(list(moved.argv)) == "pc-i440fx-7.2"
+    await instance.stop(force=True)
+
+
+async def test_a_guest_on_the_new_machine_type_is_refused_before_the_source_is_touched(
+    old_new: tuple[KvmHypervisor, KvmHypervisor], dirty_guest: Path
+) -> None:
+    old, new = old_new
+    instance = Instance(dirty_guest_spec("xv-new", dirty_guest, migration_port=0, mib=16), new)
+    await instance.start()
+    await wait_for_sweeps(new, "xv-new")
+    runtime = await new.load_runtime("xv-new")
+    assert runtime is not None
+    pinned = machine_of(list(runtime.argv))
+    assert pinned is not None
+    assert pinned.startswith("pc-i440fx-10.")
+    before = await sweeps(new, "xv-new")
+    with pytest.raises(IncompatibleTargetError) as refused:
+        await migrate(instance, old, target_address="127.0.0.1", policy=FAST)
+    text = str(refused.value)
+    assert f"no machine type {pinned}" in text
+    assert "pin machine_version=pc-i440fx-7.2" in text  # the fix names the common machine
+    assert refused.value.runs_on == "node-new"
+    assert not await old.is_running("xv-new")  # no target was started
+    assert instance.machine.state is InstanceState.RUNNING
+    async with new.qmp("xv-new") as qmp:
+        assert (await query_status(qmp)).state is RunState.RUNNING
+        parameters = await qmp.execute("query-migrate-parameters")
+    assert parameters["max-bandwidth"] != 1024 << 20  # the policy was never applied
+    await anyio.sleep(0.2)
+    assert await sweeps(new, "xv-new") > before
+    await instance.stop(force=True)
+
+
+async def test_every_incompatibility_is_listed_at_once(
+    old_new: tuple[KvmHypervisor, KvmHypervisor], dirty_guest: Path
+) -> None:
+    """A guest of QEMU 10.0 with its machine type, a 10.0 CPU model and a 10.0 NIC cannot go
+    to 7.2: all three are named at once, each with its fix."""
+    old, new = old_new
+    instance = Instance(dirty_guest_spec("xv-list", dirty_guest, migration_port=0, mib=16), new)
+    await instance.start()
+    runtime = await new.load_runtime("xv-list")
+    assert runtime is not None
+    argv = [*runtime.argv, "-device", "igb", "-cpu", "GraniteRapids"]
+    problems = incompatibilities(
+        await new.qemu(), await old.qemu(), argv, FAST, target_node="node-old"
+    )
+    whats = [p.what for p in problems]
+    assert len(whats) == 3, whats
+    assert "no machine type pc-i440fx-10.0" in whats[0]
+    assert "no CPU model GraniteRapids" in whats[1]
+    assert "no device igb" in whats[2]
+    assert all(p.fix for p in problems)
+    await instance.stop(force=True)
+
+
+async def test_the_target_qemus_own_reason_reaches_the_error(
+    old_new: tuple[KvmHypervisor, KvmHypervisor], dirty_guest: Path
+) -> None:
+    """A target that refuses the stream says why in its log (-D keeps a daemonized QEMU's
+    stderr); the error carries its words next to the source's."""
+    old, new = old_new
+
+    class WrongMemory(KvmHypervisor):
+        async def start(self, spec: Any, **kwargs: Any) -> Any:
+            runtime = kwargs.get("runtime")
+            if runtime is not None:  # the target: a RAM size the stream does not fit
+                argv = list(runtime.argv)
+                argv[argv.index("-m") + 1] = "32"
+                kwargs["runtime"] = SavedRuntime(
+                    tuple(argv), runtime.spec, runtime.uid, runtime.root
+                )
+            return await super().start(spec, **kwargs)
+
+    target = WrongMemory(
+        new.node,
+        new.paths,
+        default_accelerator=new.default_accelerator,
+        qemu_binary=new.qemu_binary,
+    )
+    instance = Instance(dirty_guest_spec("xv-said", dirty_guest, migration_port=0, mib=16), old)
+    await instance.start()
+    with pytest.raises(MigrationError) as failed:
+        await migrate(instance, target, target_address="127.0.0.1", policy=FAST)
+    assert failed.value.runs_on == "node-old"
+    assert "Length mismatch" in failed.value.target_said or "pc.ram" in failed.value.target_said, (
+        failed.value.target_said
+    )
+    assert "the target QEMU said" in str(failed.value)
+    assert not await target.is_running("xv-said")
+    assert not Path(target.paths.log_file("xv-said")).exists()  # removed with the target
+    await instance.stop(force=True)
+
+
+async def test_fleet_baseline_of_both_builds(old_new: tuple[KvmHypervisor, KvmHypervisor]) -> None:
+    old, new = old_new
+    qemus = [await old.qemu(), await new.qemu()]
+    assert newest_common_machine("pc", qemus) == "pc-i440fx-7.2"
+    assert newest_common_machine("q35", qemus) == "pc-q35-7.2"
+    model = await baseline_cpu_model([old, new])
+    assert model is not None
+    for qemu in qemus:
+        assert qemu.cpu_models[model].runnable
+        assert qemu.cpu_models[model].migration_safe
