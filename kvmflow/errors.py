@@ -304,6 +304,11 @@ class IncompatibleTargetError(MigrationError):
         )
 
 
+class UpgradeError(KvmflowError):
+    """A node's rolling upgrade stopped at a stage (not drained, command failed, QEMU does
+    not run after it); every guest still runs somewhere, once."""
+
+
 class TooManyBadAnswersError(KvmflowError):
     """``query-migrate`` gave unusable answers too many times in a row."""
 

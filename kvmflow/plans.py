@@ -18,6 +18,13 @@ Format (TOML; the same structure in JSON is accepted too)::
     instance = "db1"
     force = false             # optional
 
+    [[step]]
+    action = "upgrade"        # a rolling upgrade of one node (kvmflow.engine.upgrade)
+    node = "alpha"
+    command = ["apt-get", "install", "-y", "qemu-system-x86"]
+    targets = ["beta"]        # optional, default every other node
+    bring_back = true         # optional: migrate its guests back afterwards
+
 Every problem of every step is reported at once, naming the step (``step[2].target``).
 Running a plan twice does not redo what is done: finished steps are recorded in a journal
 next to the plan (``PLAN.done.json``, reset when the plan changes), and a step that is
@@ -43,6 +50,7 @@ ACTIONS = {
     "start": {"instance"},
     "stop": {"instance", "force"},
     "migrate": {"instance", "target", "live", "priority"},
+    "upgrade": {"node", "command", "targets", "bring_back"},
 }
 
 
@@ -55,10 +63,14 @@ class PlanStep:
     live: bool = True
     priority: int = 0
     force: bool = False
+    node: str | None = None  # upgrade: the node upgraded (instance is then empty)
+    command: tuple[str, ...] = ()  # upgrade: run on the node, no shell
+    targets: tuple[str, ...] | None = None  # upgrade: where its guests go meanwhile
+    bring_back: bool = True
 
     def describe(self) -> str:
         where = f" -> {self.target}" if self.target else ""
-        return f"step[{self.index}] {self.action} {self.instance}{where}"
+        return f"step[{self.index}] {self.action} {self.node or self.instance}{where}"
 
 
 @dataclass
@@ -105,7 +117,7 @@ def parse_plan(data: Any, *, instances: set[str], nodes: set[str]) -> list[PlanS
             continue
         action = raw.get("action")
         if action not in ACTIONS:
-            problems.append(FieldProblem(f"{name}.action", action, "start, stop or migrate"))
+            problems.append(FieldProblem(f"{name}.action", action, "start, stop, migrate or upgrade"))
             continue
         allowed = ACTIONS[action] | {"action"}
         for key in raw:
@@ -117,6 +129,11 @@ def parse_plan(data: Any, *, instances: set[str], nodes: set[str]) -> list[PlanS
                         f"not a field of {action} ({', '.join(sorted(allowed))})",
                     )
                 )
+        if action == "upgrade":
+            step = _upgrade_step(index, raw, nodes, problems)
+            if step is not None:
+                steps.append(step)
+            continue
         instance = raw.get("instance")
         if instance not in instances:
             problems.append(
@@ -152,6 +169,43 @@ def parse_plan(data: Any, *, instances: set[str], nodes: set[str]) -> list[PlanS
     if problems:
         raise ValidationError(problems)
     return steps
+
+
+def _upgrade_step(
+    index: int, raw: dict[str, Any], nodes: set[str], problems: list[FieldProblem]
+) -> PlanStep | None:
+    name, before = f"step[{index}]", len(problems)
+    node = raw.get("node")
+    known = f"a configured node ({', '.join(sorted(nodes))})"
+    if node not in nodes:
+        problems.append(FieldProblem(f"{name}.node", node, known))
+    command = raw.get("command")
+    if (
+        not isinstance(command, list)
+        or not command
+        or not all(isinstance(a, str) and a for a in command)
+    ):
+        problems.append(
+            FieldProblem(f"{name}.command", command, "a non-empty list of strings (no shell)")
+        )
+    targets = raw.get("targets")
+    if targets is not None and (
+        not isinstance(targets, list) or any(t not in nodes or t == node for t in targets)
+    ):
+        problems.append(FieldProblem(f"{name}.targets", targets, f"a list of other nodes: {known}"))
+    if not isinstance(raw.get("bring_back", True), bool):
+        problems.append(FieldProblem(f"{name}.bring_back", raw["bring_back"], "a bool"))
+    if len(problems) > before:
+        return None
+    return PlanStep(
+        index,
+        "upgrade",
+        "",
+        node=str(node),
+        command=tuple(command or ()),
+        targets=tuple(targets) if targets is not None else None,
+        bring_back=raw.get("bring_back", True),
+    )
 
 
 class Journal:
@@ -221,6 +275,9 @@ async def _run_steps(engine: Engine, steps: list[PlanStep], note: Note) -> None:
             await _migrations(engine, batch, note)
             continue
         index += 1
+        if step.action == "upgrade":
+            await _upgrade(engine, step, note)
+            continue
         instance = engine.instance(step.instance)
         running = await instance.hypervisor.is_running(step.instance)
         try:
@@ -263,3 +320,23 @@ async def _migrations(engine: Engine, batch: list[PlanStep], note: Note) -> None
             note(StepOutcome(step, "done"))
         except KvmflowError as exc:
             note(StepOutcome(step, "failed", str(exc)))
+
+
+async def _upgrade(engine: Engine, step: PlanStep, note: Note) -> None:
+    assert step.node is not None
+    try:
+        report = await engine.upgrade_node(
+            step.node,
+            list(step.command),
+            targets=list(step.targets) if step.targets is not None else None,
+            bring_back=step.bring_back,
+        )
+    except KvmflowError as exc:
+        note(StepOutcome(step, "failed", str(exc)))
+        return
+    detail = f"QEMU {report.qemu_before} -> {report.qemu_after}"
+    if report.not_returned:
+        detail += "; not returned: " + ", ".join(sorted(report.not_returned))
+        note(StepOutcome(step, "failed", detail))
+        return
+    note(StepOutcome(step, "done", detail))

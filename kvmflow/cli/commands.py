@@ -24,6 +24,7 @@ from kvmflow.errors import ConfigError, FieldProblem, MisuseError, ValidationErr
 from kvmflow.instance import Instance, InstanceState
 from kvmflow.kvm.console import BUSY_EXIT
 from kvmflow.migration import MigrationPolicy
+from kvmflow.migration.compat import check_migration
 from kvmflow.monitor import hmp_via_qmp
 
 
@@ -254,6 +255,35 @@ async def cmd_migrate(
         ),
     )
     return EXIT_OK
+
+
+async def cmd_migrate_check(ctx: Context, name: str, target: str, policy: MigrationPolicy) -> int:
+    """The pre-check of a migration alone: exit 0 when the target can take the instance,
+    1 with every reason (and its fix) when it cannot."""
+    hv = await ctx.locate(name)
+    target_hv = ctx.hypervisor(target)
+    problems = await check_migration(hv, target_hv, name, policy)
+    source_qemu, target_qemu = await hv.qemu(), await target_hv.qemu()
+    data = {
+        "instance": name,
+        "source": hv.node.name,
+        "target": target,
+        "source_qemu": source_qemu.version_text,
+        "target_qemu": target_qemu.version_text,
+        "compatible": not problems,
+        "problems": [{"what": p.what, "fix": p.fix} for p in problems],
+    }
+    head = (
+        f"{name}: {hv.node.name} (QEMU {source_qemu.version_text}) -> {target} "
+        f"(QEMU {target_qemu.version_text})"
+    )
+    if not problems:
+        ctx.emit(data, text=f"{head}: the target can take it")
+        return EXIT_OK
+    lines = [f"{head}: the target cannot take it"]
+    lines += [f"  - {p.what}\n    fix: {p.fix}" for p in problems]
+    ctx.emit(data, text="\n".join(lines))
+    return EXIT_FAILED
 
 
 async def cmd_evacuate(

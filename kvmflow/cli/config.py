@@ -11,6 +11,7 @@ Example (``examples/kvmflow.toml``)::
     runtime_root = "/run/kvmflow"      # where pid files, sockets and runtimes live
     migration_address = "192.0.2.10"   # where this node's QEMUs listen for migrations
     link_budget_mib = 200              # optional: outbound bandwidth shared by migrations
+    qemu_binary = "qemu-system-x86_64" # optional: this node's QEMU (a name on PATH or a path)
 
     [instances.web1]
     node = "alpha"
@@ -36,12 +37,14 @@ from pathlib import Path
 from typing import Any
 
 from kvmflow.errors import ConfigError, FieldProblem, ValidationError
+from kvmflow.kvm.argv import QEMU_BINARY
 from kvmflow.kvm.runtime import DEFAULT_ROOT, RuntimePaths
 from kvmflow.kvm.spec import SPEC_KEYS, InstanceSpec
 from kvmflow.node.ssh import SSHTarget
 
 SSH_KEYS = {"host", "port", "user", "identity_file", "known_hosts"}
-NODE_KEYS = {"runtime_root", "migration_address", "link_budget_mib", *SSH_KEYS}
+NODE_KEYS = {"runtime_root", "migration_address", "link_budget_mib", "qemu_binary", *SSH_KEYS}
+QEMU_BINARY_PATH = re.compile(r"/?[A-Za-z0-9._+-]+(/[A-Za-z0-9._+-]+)*")
 STORE_KEYS = {"path"}
 HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.:-]{0,252}")
 USER_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
@@ -57,6 +60,7 @@ class NodeConfig:
     migration_address: str = "127.0.0.1"
     link_budget_mib: int | None = None
     ssh: SSHTarget | None = None  # None: this machine
+    qemu_binary: str = QEMU_BINARY
 
 
 @dataclass(frozen=True)
@@ -236,10 +240,20 @@ def _node(name: str, body: Any, problems: list[FieldProblem]) -> NodeConfig | No
         problems.append(
             FieldProblem(f"{entry}.link_budget_mib", budget, "a positive integer (MiB/s)")
         )
+    binary = body.get("qemu_binary", QEMU_BINARY)
+    if not isinstance(binary, str) or not QEMU_BINARY_PATH.fullmatch(binary):
+        problems.append(
+            FieldProblem(
+                f"{entry}.qemu_binary",
+                binary,
+                "a program name on PATH or an absolute path: letters, digits, '.', '_', '+', "
+                "'-' and '/'",
+            )
+        )
     ssh = _ssh_target(entry, body, problems)
     if len(problems) > before:
         return None
-    return NodeConfig(name, root, address, budget, ssh)
+    return NodeConfig(name, root, address, budget, ssh, binary)
 
 
 def _ssh_target(entry: str, body: dict[str, Any], problems: list[FieldProblem]) -> SSHTarget | None:

@@ -49,6 +49,7 @@ class Context:
                 SSHNode(name, node.ssh) if node.ssh else LocalNode(name),
                 RuntimePaths(node.runtime_root),
                 default_accelerator=accel,
+                qemu_binary=node.qemu_binary,
             )
             for name, node in config.nodes.items()
         }

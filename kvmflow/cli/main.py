@@ -177,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name").completer = complete_instances  # type: ignore[attr-defined]
     p.add_argument("target", help="target node").completer = complete_nodes  # type: ignore[attr-defined]
     p.add_argument("--non-live", action="store_true", help="pause the guest during the copy")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="only the pre-check: can the target's QEMU take it (machine, CPU, devices, "
+        "capabilities)? Changes nothing",
+    )
     add_policy_flags(p)
     p = command("evacuate", "move every instance off a node")
     p.add_argument("node").completer = complete_nodes  # type: ignore[attr-defined]
@@ -316,6 +322,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if args.command == "migrate":
         spec = ctx.spec(args.name)
         policy = build_policy(PolicyFlags.from_args(args), spec)
+        if args.check:
+            return ctx.run(lambda: commands.cmd_migrate_check(ctx, args.name, args.target, policy))
         return ctx.run(
             lambda: commands.cmd_migrate(
                 ctx,

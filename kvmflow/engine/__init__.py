@@ -19,6 +19,7 @@ from kvmflow.engine.events import (
 from kvmflow.engine.reality import Copy, CopyState, survey
 from kvmflow.engine.recovery import Recovery
 from kvmflow.engine.tickets import Limits, MigrationTicket, TicketState
+from kvmflow.engine.upgrade import UpgradeReport, upgrade_node
 from kvmflow.engine.verdicts import RecoveryReport, Verdict
 
 __all__ = [
@@ -44,6 +45,8 @@ __all__ = [
     "RecoveryReport",
     "Statistics",
     "TicketState",
+    "UpgradeReport",
     "Verdict",
     "survey",
+    "upgrade_node",
 ]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -43,11 +44,13 @@ from kvmflow.engine.events import (
 from kvmflow.engine.recovery import Recovery
 from kvmflow.engine.scheduling import link_share, pick_next
 from kvmflow.engine.tickets import Limits, MigrationTicket, TicketState
+from kvmflow.engine.upgrade import UpgradeReport, upgrade_node
 from kvmflow.engine.verdicts import RecoveryReport
 from kvmflow.errors import KvmflowError, MisuseError
 from kvmflow.instance.guard import OperationGuard
 from kvmflow.instance.instance import Instance
 from kvmflow.kvm.hypervisor import InstanceInfo, KvmHypervisor
+from kvmflow.migration.compat import check_migration
 from kvmflow.migration.errors import MigrationError
 from kvmflow.migration.migrate import migrate
 from kvmflow.migration.policy import MIB, MigrationPolicy
@@ -448,18 +451,37 @@ class Engine:
 
     # ------------------------------------------------------------------ evacuation
 
-    async def plan_evacuation(self, source: str, targets: list[str]) -> EvacuationPlan:
-        """Assign every instance of ``source`` to a target by free memory and load; change
-        nothing."""
-        self.node(source)
+    async def plan_evacuation(
+        self, source: str, targets: list[str], policy: MigrationPolicy | None = None
+    ) -> EvacuationPlan:
+        """Assign every instance of ``source`` to a target by free memory and load, never to
+        one whose QEMU the pre-check refuses (machine type, CPU, devices, capabilities);
+        change nothing."""
+        source_hv = self.node(source).hypervisor
         capacity: dict[str, Capacity] = {}
         for name in targets:
             if name == source:
                 raise MisuseError(f"cannot evacuate {source} onto itself")
             info = await self.node(name).hypervisor.node_info()
             capacity[name] = Capacity(info.memory_free_mib, len(self.on_node(name)))
+        refusals: dict[tuple[str, str], str] = {}
+        for instance in self.on_node(source):
+            wanted = (
+                policy
+                or self.default_policy
+                or MigrationPolicy.from_hvparams(instance.spec.hvparams)
+            )
+            for target in targets:
+                target_hv = self.node(target).hypervisor
+                try:
+                    problems = await check_migration(source_hv, target_hv, instance.name, wanted)
+                except MigrationError as exc:  # not running: its migration would fail too
+                    refusals[(instance.name, target)] = exc.reason
+                    continue
+                if problems:
+                    refusals[(instance.name, target)] = "; ".join(map(str, problems))
         needs = {i.name: i.spec.memory_mib for i in self.on_node(source)}
-        return plan_moves(source, needs, capacity)
+        return plan_moves(source, needs, capacity, refusals)
 
     async def evacuate(
         self,
@@ -471,7 +493,7 @@ class Engine:
         priority: int = 0,
     ) -> EvacuationSummary:
         """Move everything off ``source``, continuing past failures; a dry run only plans."""
-        plan = await self.plan_evacuation(source, targets)
+        plan = await self.plan_evacuation(source, targets, policy)
         summary = EvacuationSummary(plan, dry_run=dry_run)
         if dry_run:
             return summary
@@ -489,3 +511,17 @@ class Engine:
             except Exception as exc:  # a bug in one migration: the others still count
                 summary.failed.append((ticket.instance.name, f"internal error: {exc!r}"))
         return summary
+
+    async def upgrade_node(
+        self,
+        node: str,
+        command: list[str],
+        *,
+        targets: list[str] | None = None,
+        bring_back: bool | Collection[str] = True,
+        policy: MigrationPolicy | None = None,
+    ) -> UpgradeReport:
+        """A rolling upgrade of ``node``: see :func:`kvmflow.engine.upgrade.upgrade_node`."""
+        return await upgrade_node(
+            self, node, command, targets=targets, bring_back=bring_back, policy=policy
+        )

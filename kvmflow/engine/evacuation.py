@@ -7,6 +7,7 @@ moves.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from kvmflow.migration.results import MigrationResult
@@ -46,10 +47,16 @@ class Capacity:
 
 
 def plan_moves(
-    source: str, instances: dict[str, int], capacity: dict[str, Capacity]
+    source: str,
+    instances: dict[str, int],
+    capacity: dict[str, Capacity],
+    refusals: Mapping[tuple[str, str], str] | None = None,
 ) -> EvacuationPlan:
     """Assign each instance (name -> MiB it needs) to a target, largest first: the least
-    loaded target that has the memory, then the one with the most memory left."""
+    loaded target that has the memory, then the one with the most memory left. A target
+    whose QEMU cannot take an instance (``refusals[(instance, target)]``, the pre-check's
+    words) is never chosen for it."""
+    refused = refusals or {}
     plan = EvacuationPlan(source)
     plan.capacity = {
         t: {"free_mib": c.free_mib, "instances": c.instances} for t, c in capacity.items()
@@ -57,7 +64,12 @@ def plan_moves(
     free = {target: c.free_mib for target, c in capacity.items()}
     load = {target: c.instances for target, c in capacity.items()}
     for name, need in sorted(instances.items(), key=lambda item: -item[1]):
-        fitting = [t for t in capacity if free[t] >= need]
+        able = [t for t in capacity if (name, t) not in refused]
+        if not able:
+            why = "; ".join(f"{t}: {refused[(name, t)]}" for t in capacity)
+            plan.unplaceable.append((name, f"no target's QEMU can take it ({why})"))
+            continue
+        fitting = [t for t in able if free[t] >= need]
         if not fitting:
             have = ", ".join(f"{t}: {free[t]}" for t in capacity)
             plan.unplaceable.append((name, f"needs {need} MiB; no target has it free ({have})"))

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import anyio
 
@@ -46,6 +46,8 @@ from kvmflow._logging import get_logger
 from kvmflow.engine.orphans import find_orphans
 from kvmflow.engine.reality import Copy, CopyState, look
 from kvmflow.engine.resolve import keep_only
+from kvmflow.engine.upgrade import NODE_LEASE_PREFIX
+from kvmflow.engine.upgrade import OPERATION as UPGRADE_OPERATION
 from kvmflow.engine.verdicts import NEEDS_OPERATOR, RecoveryReport, Verdict
 from kvmflow.errors import InstanceBusyError, KvmflowError, RecoveryError
 from kvmflow.instance.guard import HeldOperation, OperationGuard
@@ -193,6 +195,22 @@ class Recovery:
             f"released the lease {lease.operation} by {lease.owner} left (nothing was done)",
         )
 
+    async def _settle_upgrade(
+        self, entry: JournalEntry, report: Callable[..., RecoveryReport]
+    ) -> RecoveryReport:
+        """A node upgrade whose controller died: each of its guests' migrations has an entry
+        of its own (recovered as any other), so only the node's record is closed."""
+        node = entry.instance.removeprefix(NODE_LEASE_PREFIX)
+        detail = (
+            f"the upgrade of node {node} stopped at {entry.phase}; check its QEMU "
+            "(kvmflow migrate --check) before moving guests back"
+        )
+        if self.dry_run:
+            return report(Verdict.WOULD, f"close the record: {detail}")
+        async with self.guard.resume(entry) as held:
+            held.outcome = f"recovered: {detail}"
+        return report(Verdict.SETTLED, detail)
+
     def hypervisor(self, node: str) -> KvmHypervisor:
         try:
             return self.hypervisors[node]
@@ -211,6 +229,8 @@ class Recovery:
         holder = await self.store.holder(entry.instance)
         if holder is not None and holder.owner.alive() is not False and not _expired(holder):
             return report(Verdict.IN_FLIGHT, f"{holder.operation} by {holder.owner} is alive")
+        if entry.operation == UPGRADE_OPERATION:  # a node's: its guests have their own
+            return await self._settle_upgrade(entry, report)
         try:
             if self.dry_run:
                 verdict, detail, node = await self._plan_only(entry)

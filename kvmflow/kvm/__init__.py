@@ -21,6 +21,7 @@ from kvmflow.kvm.hvparams import (
 )
 from kvmflow.kvm.hypervisor import InstanceInfo, KvmHypervisor
 from kvmflow.kvm.nicscript import render_up_script
+from kvmflow.kvm.qemu_info import CpuModel, MachineType, QemuInfo, probe_qemu
 from kvmflow.kvm.runtime import RuntimePaths, SavedRuntime
 from kvmflow.kvm.scratch import (
     ScratchQemu,
@@ -35,6 +36,7 @@ from kvmflow.kvm.validation import validate_spec, validate_spec_on
 
 __all__ = [
     "BootOrder",
+    "CpuModel",
     "Disk",
     "DiskCache",
     "DiskMode",
@@ -46,9 +48,11 @@ __all__ = [
     "InstanceSpec",
     "KvmFlag",
     "KvmHypervisor",
+    "MachineType",
     "Nic",
     "NicMode",
     "NicType",
+    "QemuInfo",
     "QemuStartError",
     "RuntimePaths",
     "SavedRuntime",
@@ -65,6 +69,7 @@ __all__ = [
     "execution_args",
     "kvm_usable",
     "parse_uid_ranges",
+    "probe_qemu",
     "render_up_script",
     "scratch_qemu",
     "start_scratch_qemu",

@@ -1,5 +1,7 @@
 """Live migration as a cancellable coroutine, watched to its end with tolerance."""
 
+from kvmflow.errors import IncompatibleTargetError
+from kvmflow.migration.compat import Incompatibility, check_migration, incompatibilities
 from kvmflow.migration.errors import MigrationError, MigrationFailedError, TooManyBadAnswersError
 from kvmflow.migration.migrate import SourceMonitor, migrate
 from kvmflow.migration.outcome import Outcome
@@ -16,6 +18,8 @@ from kvmflow.migration.watch import watch_migration
 
 __all__ = [
     "BadAnswer",
+    "Incompatibility",
+    "IncompatibleTargetError",
     "MigrationError",
     "MigrationFailedError",
     "MigrationPhase",
@@ -31,6 +35,8 @@ __all__ = [
     "ProgressFeed",
     "SourceMonitor",
     "TooManyBadAnswersError",
+    "check_migration",
+    "incompatibilities",
     "migrate",
     "parse_query_migrate",
     "watch_migration",

@@ -15,11 +15,13 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
-from kvmflow.errors import KvmflowError
-from kvmflow.kvm.argv import DRIVE_INTERFACES, machine_of
+from kvmflow.errors import KvmflowError, MigrationError
+from kvmflow.kvm.argv import DRIVE_INTERFACES, machine_of, pin_machine
 from kvmflow.kvm.baseline import newest_common_machine
 from kvmflow.kvm.hvparams import DiskType
+from kvmflow.kvm.hypervisor import KvmHypervisor
 from kvmflow.kvm.qemu_info import QemuInfo, machine_family
+from kvmflow.kvm.runtime import SavedRuntime
 from kvmflow.migration.policy import MigrationPolicy
 from kvmflow.monitor.queries import CommandRunner
 
@@ -160,3 +162,35 @@ def _cpu_problems(
             "set cpu_type to a model both hosts can run (see kvmflow.kvm.baseline)",
         )
     ]
+
+
+async def pinned_argv(
+    runtime: SavedRuntime, source_qemu: QemuInfo, qmp: CommandRunner | None
+) -> list[str]:
+    """The saved argv with its machine type; a runtime saved before pinning gets the type
+    the running source emulates (asked over ``qmp``, else its binary's default)."""
+    argv = list(runtime.argv)
+    if machine_of(argv) is not None:
+        return argv
+    machine = await running_machine(qmp, source_qemu) if qmp else source_qemu.resolve_machine(None)
+    return pin_machine(argv, machine)
+
+
+async def check_migration(
+    source: KvmHypervisor, target: KvmHypervisor, name: str, policy: MigrationPolicy
+) -> list[Incompatibility]:
+    """Everything that stops ``name`` (running on ``source``) from moving to ``target`` with
+    ``policy``, without touching either: the pre-check of ``kvmflow migrate --check`` and of
+    an evacuation's plan. Raises :class:`MigrationError` when ``name`` does not run there."""
+    runtime = await source.load_runtime(name)
+    if runtime is None or await source.find_pid(name) is None:
+        raise MigrationError(name, f"it is not running on {source.node.name}", runs_on=None)
+    source_qemu, target_qemu = await source.qemu(), await target.qemu()
+    argv = list(runtime.argv)
+    if machine_of(argv) is None:
+        try:
+            async with source.qmp(name, connect_timeout=2, command_timeout=10) as qmp:
+                argv = await pinned_argv(runtime, source_qemu, qmp)
+        except KvmflowError:  # its monitor is busy (a migration holds it): the default
+            argv = await pinned_argv(runtime, source_qemu, None)
+    return incompatibilities(source_qemu, target_qemu, argv, policy, target_node=target.node.name)

@@ -38,13 +38,12 @@ from kvmflow.errors import ContUnanswered, IncompatibleTargetError, KvmflowError
 from kvmflow.feed import BoundedFeed
 from kvmflow.instance.instance import Instance
 from kvmflow.instance.states import InstanceEvent, InstanceState
-from kvmflow.kvm.argv import machine_of, pin_machine
 from kvmflow.kvm.hypervisor import KvmHypervisor
 from kvmflow.kvm.qemu_info import QemuInfo
 from kvmflow.kvm.runtime import SavedRuntime
 from kvmflow.migration import aborts
 from kvmflow.migration.actions import PolicyActions
-from kvmflow.migration.compat import incompatibilities, migrate_arguments, running_machine
+from kvmflow.migration.compat import incompatibilities, migrate_arguments, pinned_argv
 from kvmflow.migration.decide import Decision, PolicyEngine
 from kvmflow.migration.errors import MigrationError
 from kvmflow.migration.hmp_monitor import HmpMigrationMonitor
@@ -286,10 +285,8 @@ class Migration:
         """The runtime the target starts from, its machine type pinned (asked of the running
         source when a runtime saved before pinning has none), once the target's QEMU is known
         to take it; raises :class:`IncompatibleTargetError` listing every reason it cannot."""
-        argv = list(runtime.argv)
-        if machine_of(argv) is None:
-            argv = pin_machine(argv, await running_machine(qmp, await self.source.qemu()))
         source_qemu, target_qemu = await self.source.qemu(), await self.target_hv.qemu()
+        argv = await pinned_argv(runtime, source_qemu, qmp)
         problems = incompatibilities(
             source_qemu, target_qemu, argv, self.policy, target_node=self.target_hv.node.name
         )
