@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from kvmflow.testing.qemu_builds import QemuBuild
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -57,3 +59,15 @@ def test_metrics_exporter() -> None:
     assert "kvmflow_migrations_completed_total 1" in result.stdout
     assert 'kvmflow_migration_downtime_ms{instance="metrics-1"' in result.stdout
     assert "kvmflow_migrated_bytes_total " in result.stdout
+
+
+def test_rolling_upgrade(qemu_builds: dict[str, QemuBuild]) -> None:
+    if "second" not in qemu_builds:
+        pytest.skip("one QEMU build only on this host: nothing to upgrade to")
+    result = run_example("rolling_upgrade.py", qemu_builds["second"].binary)
+    assert result.returncode == 0, result.stderr
+    old, new = qemu_builds["system"].version, qemu_builds["second"].version
+    assert f"node-a: QEMU {old} -> {new}" in result.stdout
+    assert result.stdout.count("moved away: up-") == 2
+    assert result.stdout.count("back: up-") == 2
+    assert "on node-a now: up-0, up-1" in result.stdout

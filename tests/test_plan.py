@@ -58,6 +58,35 @@ def test_every_bad_entry_is_reported_by_name() -> None:
         parse_plan({}, instances=set(), nodes=set())
 
 
+def test_upgrade_steps_are_checked_whole() -> None:
+    good = {"action": "upgrade", "node": "alpha", "command": ["apt-get", "install", "-y", "q"]}
+    [step] = parse_plan({"step": [good]}, instances=set(), nodes={"alpha", "beta"})
+    assert (step.node, step.command, step.targets, step.bring_back) == (
+        "alpha",
+        ("apt-get", "install", "-y", "q"),
+        None,
+        True,
+    )
+    assert step.describe() == "step[0] upgrade alpha"
+    bad = {
+        "action": "upgrade",
+        "node": "mars",
+        "command": "apt-get install qemu; reboot",  # a shell line, not a list
+        "targets": ["alpha", "venus"],
+        "bring_back": "yes",
+        "instance": "web1",
+    }
+    with pytest.raises(ValidationError) as info:
+        parse_plan({"step": [bad]}, instances={"web1"}, nodes={"alpha", "beta"})
+    assert {p.field for p in info.value.problems} == {
+        "step[0].node",
+        "step[0].command",
+        "step[0].targets",
+        "step[0].bring_back",
+        "step[0].instance",
+    }
+
+
 def test_example_plan_is_valid() -> None:
     result = kvmflow(
         "-c", str(EXAMPLES / "kvmflow.toml"), "plan", "validate", str(EXAMPLES / "plan.toml")

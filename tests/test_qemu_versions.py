@@ -8,17 +8,21 @@ machine on each side.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
+from kvmflow.engine import Engine, NodeEntry
 from kvmflow.errors import IncompatibleTargetError, MigrationError
 from kvmflow.guest import dirty_guest_spec, wait_for_sweeps
 from kvmflow.guest import sweep_count as sweeps
 from kvmflow.instance import Instance, InstanceState
-from kvmflow.kvm import KvmHypervisor, SavedRuntime
+from kvmflow.kvm import HvParams, InstanceSpec, KvmHypervisor, SavedRuntime
 from kvmflow.kvm.argv import machine_of
 from kvmflow.kvm.baseline import baseline_cpu_model, newest_common_machine
 from kvmflow.migration import MigrationPolicy, migrate
@@ -212,3 +216,89 @@ async def test_fleet_baseline_of_both_builds(old_new: tuple[KvmHypervisor, KvmHy
     for qemu in qemus:
         assert qemu.cpu_models[model].runnable
         assert qemu.cpu_models[model].migration_safe
+
+
+def cli(*args: str, config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kvmflow.cli.main", "-c", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_cli_nodes_with_their_own_qemu_and_migrate_check(
+    runtime_root: Path, builds: tuple[QemuBuild, QemuBuild]
+) -> None:
+    """Each node names its QEMU in the config; ``migrate --check`` says, before anything is
+    touched, whether the target's QEMU takes the guest, and what would fix it if not."""
+    old, new = builds
+    config = runtime_root / "kvmflow.toml"
+    config.write_text(f"""
+[nodes.old]
+runtime_root = "{runtime_root}/old"
+qemu_binary = "{old.binary}"
+
+[nodes.new]
+runtime_root = "{runtime_root}/new"
+qemu_binary = "{new.binary}"
+
+[instances.chk1]
+node = "new"
+memory_mib = 64
+hvparams = {{ migration_port = 0 }}
+
+[instances.chk2]
+node = "new"
+memory_mib = 64
+hvparams = {{ migration_port = 0, machine_version = "pc-i440fx-7.2" }}
+""")
+    for name in ("chk1", "chk2"):
+        started = cli("start", name, config=config)
+        assert started.returncode == 0, started.stderr
+    refused = cli("migrate", "chk1", "old", "--check", config=config)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert f"QEMU {old.version}" in refused.stdout
+    assert "has no machine type pc-i440fx-10.0" in refused.stdout
+    assert "fix: pin machine_version=pc-i440fx-7.2" in refused.stdout
+    accepted = json.loads(cli("migrate", "chk2", "old", "--check", "--json", config=config).stdout)
+    assert accepted["compatible"] is True
+    assert (accepted["source_qemu"], accepted["target_qemu"]) == (new.version, old.version)
+    assert cli("info", "chk1", "--json", config=config).returncode == 0  # still runs on new
+    moved = cli("migrate", "chk2", "old", config=config)
+    assert moved.returncode == 0, moved.stderr
+    for name in ("chk1", "chk2"):
+        assert cli("stop", name, "--force", config=config).returncode == 0
+
+
+def test_cli_refuses_a_qemu_binary_with_shell_metacharacters(runtime_root: Path) -> None:
+    config = runtime_root / "bad.toml"
+    config.write_text('[nodes.x]\nqemu_binary = "qemu; rm -rf /"\n')
+    result = cli("list", config=config)
+    assert result.returncode == 2
+    assert "nodes.x.qemu_binary" in result.stderr
+    assert "a program name on PATH or an absolute path" in result.stderr
+
+
+async def test_an_evacuation_plans_no_move_the_pre_check_refuses(
+    old_new: tuple[KvmHypervisor, KvmHypervisor],
+) -> None:
+    old, new = old_new
+    entries = [NodeEntry(new, "127.0.0.1"), NodeEntry(old, "127.0.0.1")]
+    async with Engine(entries, default_policy=FAST) as engine:
+        fresh = engine.add_instance(Instance(InstanceSpec("xv-evac", memory_mib=64), new))
+        pinned = InstanceSpec(
+            "xv-evac2", memory_mib=64, hvparams=HvParams(machine_version="pc-i440fx-7.2")
+        )
+        portable = engine.add_instance(Instance(pinned, new))
+        await fresh.start()
+        await portable.start()
+        plan = await engine.plan_evacuation("node-new", ["node-old"])
+        assert plan.moves == [("xv-evac2", "node-old", 64)]
+        [(name, why)] = plan.unplaceable
+        assert name == "xv-evac"
+        assert "no target's QEMU can take it" in why
+        assert "no machine type pc-i440fx-10.0" in why
+        for instance in (fresh, portable):
+            await instance.stop(force=True)
