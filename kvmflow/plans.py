@@ -117,7 +117,9 @@ def parse_plan(data: Any, *, instances: set[str], nodes: set[str]) -> list[PlanS
             continue
         action = raw.get("action")
         if action not in ACTIONS:
-            problems.append(FieldProblem(f"{name}.action", action, "start, stop, migrate or upgrade"))
+            problems.append(
+                FieldProblem(f"{name}.action", action, "start, stop, migrate or upgrade")
+            )
             continue
         allowed = ACTIONS[action] | {"action"}
         for key in raw:

@@ -233,7 +233,10 @@ def test_node_flag_and_completion(sockdir: Path) -> None:
     root = sockdir / "flagnode"
     listed = kvmflow("--node", f"extra:{root}:127.0.0.5", "node-info", "extra", "--json")
     assert listed.returncode == 0, listed.stderr
-    assert json.loads(listed.stdout)[0]["node"] == "extra"
+    [row] = json.loads(listed.stdout)
+    assert row["node"] == "extra"
+    assert row["qemu_binary"] == "qemu-system-x86_64"  # the node's QEMU, probed
+    assert row["default_machine"] == f"pc-i440fx-{'.'.join(row['qemu_version'].split('.')[:2])}"
     bad = kvmflow("--node", "nonsense", "list")
     assert bad.returncode == 2
     assert "NAME:RUNTIME_ROOT[:ADDRESS]" in bad.stderr

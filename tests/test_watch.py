@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import structlog.testing
 
 from kvmflow.migration import (
     MigrationFailedError,
@@ -95,16 +96,14 @@ async def test_three_garbage_then_active_then_completed_succeeds(fake: FakeQMPSe
     assert bad[1][0].reason == "empty answer"
 
 
-async def test_unknown_status_is_in_progress_and_reported_once(
-    fake: FakeQMPServer, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_unknown_status_is_in_progress_and_reported_once(fake: FakeQMPServer) -> None:
     """A newer QEMU's status word is not a bad answer: the migration goes on, and the word
     is reported once however often it comes."""
     fake.script("query-migrate", *[Return({"status": "teleporting"})] * 6, COMPLETED)
     seen: list[MigrationSnapshot] = []
     bad: list[BadAnswer] = []
     async with QMPClient(fake.path) as qmp:
-        with caplog.at_level("WARNING", logger="kvmflow.migration"):
+        with structlog.testing.capture_logs() as logs:
             final = await watch_migration(
                 qmp, None, POLICY, on_snapshot=seen.append, on_bad_answer=lambda a, n: bad.append(a)
             )
@@ -112,8 +111,9 @@ async def test_unknown_status_is_in_progress_and_reported_once(
     assert bad == []
     assert [s.raw_status for s in seen[:6]] == ["teleporting"] * 6
     assert {s.status for s in seen[:6]} == {MigrationStatus.UNKNOWN}
-    reports = [r for r in caplog.records if "teleporting" in r.getMessage()]
-    assert len(reports) == 1, [r.getMessage() for r in caplog.records]
+    reports = [entry for entry in logs if entry.get("status") == "teleporting"]
+    assert len(reports) == 1, logs
+    assert reports[0]["log_level"] == "warning"
 
 
 def test_postcopy_recover_setup_is_known() -> None:

@@ -206,9 +206,21 @@ async def cmd_node_info(ctx: Context, node: str | None) -> int:
     names = [node] if node else list(ctx.hypervisors)
     rows = []
     for name in names:
-        info = await ctx.hypervisor(name).node_info()
-        rows.append({"node": name, **asdict(info)})
-    table = make_table("node", "memory total", "free", "used by node", "cpus", "sockets", "numa")
+        hv = ctx.hypervisor(name)
+        info = await hv.node_info()
+        qemu = await hv.qemu()
+        rows.append(
+            {
+                "node": name,
+                **asdict(info),
+                "qemu_binary": qemu.binary,
+                "qemu_version": qemu.version_text,
+                "default_machine": qemu.resolve_machine(None),
+            }
+        )
+    table = make_table(
+        "node", "memory total", "free", "used by node", "cpus", "sockets", "numa", "qemu"
+    )
     for row in rows:
         table.add_row(
             row["node"],
@@ -218,6 +230,7 @@ async def cmd_node_info(ctx: Context, node: str | None) -> int:
             str(row["cpu_count"]),
             str(row["cpu_sockets"]),
             str(row["numa_nodes"]),
+            f"{row['qemu_version']} ({row['default_machine']})",
         )
     ctx.emit(rows, table)
     return EXIT_OK
