@@ -299,3 +299,32 @@ def test_recover_resolve_wants_name_equals_node(runtime_root: Path) -> None:
     assert "--resolve='web1': NAME=NODE, once per instance" in done.stderr
     nothing = kvmflow("recover", "--resolve", "web1=a", config=config)
     assert nothing.returncode == 0  # nothing to resolve: nothing was touched
+
+
+def test_tls_flag_and_node_credentials_in_the_config() -> None:
+    from kvmflow.cli.config import parse_config
+    from kvmflow.cli.policies import PolicyFlags, build_policy
+
+    assert build_policy(PolicyFlags(tls=True), None).tls is True
+    config = parse_config(
+        {"nodes": {"a": {"migration_tls_dir": "/etc/kvmflow/tls", "migration_tls_verify": False}}}
+    )
+    tls = config.nodes["a"].migration_tls
+    assert tls is not None
+    assert (tls.directory, tls.verify_peer, tls.hostname) == ("/etc/kvmflow/tls", False, None)
+    with pytest.raises(ValidationError) as bad:
+        parse_config(
+            {
+                "nodes": {
+                    "a": {
+                        "migration_tls_dir": "etc/tls,x",
+                        "migration_tls_verify": "yes",
+                        "migration_tls_hostname": "a b",
+                    }
+                }
+            }
+        )
+    assert {p.field for p in bad.value.problems} == {"nodes.a.migration_tls_dir"}
+    with pytest.raises(ValidationError) as bad:
+        parse_config({"nodes": {"a": {"migration_tls_dir": "/t", "migration_tls_verify": "yes"}}})
+    assert {p.field for p in bad.value.problems} == {"nodes.a.migration_tls_verify"}

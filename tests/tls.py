@@ -86,3 +86,19 @@ def make_x509_dir(server_dir: Path, client_dir: Path, server_name: str) -> Clien
     return ClientCredentials(
         client_dir / "ca-cert.pem", client_dir / "client-cert.pem", client_dir / "client-key.pem"
     )
+
+
+def make_migration_credentials(directories: dict[str, Path], ca_name: str = "migration CA") -> None:
+    """One CA, and for each node (name -> directory) the five files of QEMU's layout:
+    ``ca-cert.pem``, a server certificate for the node's name, and a client certificate."""
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _issue(ca_name, ca_key, ca_name, ca_key, ca=True)
+    for node, directory in directories.items():
+        directory.mkdir(parents=True, exist_ok=True)
+        _write(directory / "ca-cert.pem", ca, None)
+        server_key = ec.generate_private_key(ec.SECP256R1())
+        server = _issue(node, server_key, ca_name, ca_key, usage=ExtendedKeyUsageOID.SERVER_AUTH)
+        _write(directory / "server-cert.pem", server, server_key)
+        client_key = ec.generate_private_key(ec.SECP256R1())
+        client = _issue(node, client_key, ca_name, ca_key, usage=ExtendedKeyUsageOID.CLIENT_AUTH)
+        _write(directory / "client-cert.pem", client, client_key)

@@ -12,6 +12,7 @@ Example (``examples/kvmflow.toml``)::
     migration_address = "192.0.2.10"   # where this node's QEMUs listen for migrations
     link_budget_mib = 200              # optional: outbound bandwidth shared by migrations
     qemu_binary = "qemu-system-x86_64" # optional: this node's QEMU (a name on PATH or a path)
+    migration_tls_dir = "/etc/kvmflow/tls" # optional: for --tls (QEMU's x509 layout)
 
     [instances.web1]
     node = "alpha"
@@ -40,10 +41,19 @@ from kvmflow.errors import ConfigError, FieldProblem, ValidationError
 from kvmflow.kvm.argv import QEMU_BINARY
 from kvmflow.kvm.runtime import DEFAULT_ROOT, RuntimePaths
 from kvmflow.kvm.spec import SPEC_KEYS, InstanceSpec
+from kvmflow.kvm.tls import MigrationTLS
 from kvmflow.node.ssh import SSHTarget
 
 SSH_KEYS = {"host", "port", "user", "identity_file", "known_hosts"}
-NODE_KEYS = {"runtime_root", "migration_address", "link_budget_mib", "qemu_binary", *SSH_KEYS}
+TLS_KEYS = {"migration_tls_dir", "migration_tls_verify", "migration_tls_hostname"}
+NODE_KEYS = {
+    "runtime_root",
+    "migration_address",
+    "link_budget_mib",
+    "qemu_binary",
+    *SSH_KEYS,
+    *TLS_KEYS,
+}
 QEMU_BINARY_PATH = re.compile(r"/?[A-Za-z0-9._+-]+(/[A-Za-z0-9._+-]+)*")
 STORE_KEYS = {"path"}
 HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.:-]{0,252}")
@@ -61,6 +71,7 @@ class NodeConfig:
     link_budget_mib: int | None = None
     ssh: SSHTarget | None = None  # None: this machine
     qemu_binary: str = QEMU_BINARY
+    migration_tls: MigrationTLS | None = None
 
 
 @dataclass(frozen=True)
@@ -251,9 +262,41 @@ def _node(name: str, body: Any, problems: list[FieldProblem]) -> NodeConfig | No
             )
         )
     ssh = _ssh_target(entry, body, problems)
+    tls = _migration_tls(entry, body, problems)
     if len(problems) > before:
         return None
-    return NodeConfig(name, root, address, budget, ssh, binary)
+    return NodeConfig(name, root, address, budget, ssh, binary, tls)
+
+
+def _migration_tls(
+    entry: str, body: dict[str, Any], problems: list[FieldProblem]
+) -> MigrationTLS | None:
+    """A node's migration TLS credentials: a directory in QEMU's layout on that node."""
+    given = TLS_KEYS & set(body)
+    if not given:
+        return None
+    directory = body.get("migration_tls_dir")
+    if not isinstance(directory, str) or not directory.startswith("/") or "," in directory:
+        problems.append(
+            FieldProblem(
+                f"{entry}.migration_tls_dir",
+                directory,
+                "an absolute directory path without commas (QEMU options split at commas), "
+                "holding ca-cert.pem, server-cert.pem/-key.pem and client-cert.pem/-key.pem",
+            )
+        )
+        return None
+    verify = body.get("migration_tls_verify", True)
+    if not isinstance(verify, bool):
+        problems.append(FieldProblem(f"{entry}.migration_tls_verify", verify, "true or false"))
+    hostname = body.get("migration_tls_hostname")
+    if hostname is not None and (
+        not isinstance(hostname, str) or not HOST_NAME.fullmatch(hostname)
+    ):
+        problems.append(
+            FieldProblem(f"{entry}.migration_tls_hostname", hostname, "a host name or address")
+        )
+    return MigrationTLS(directory, verify is True, hostname)
 
 
 def _ssh_target(entry: str, body: dict[str, Any], problems: list[FieldProblem]) -> SSHTarget | None:

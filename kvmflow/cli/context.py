@@ -50,6 +50,7 @@ class Context:
                 RuntimePaths(node.runtime_root),
                 default_accelerator=accel,
                 qemu_binary=node.qemu_binary,
+                migration_tls=node.migration_tls,
             )
             for name, node in config.nodes.items()
         }

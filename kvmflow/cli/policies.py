@@ -36,6 +36,7 @@ class PolicyFlags:
     auto_converge: bool = False
     postcopy: bool = False
     multifd: int | None = None
+    tls: bool = False
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> PolicyFlags:
@@ -48,6 +49,7 @@ class PolicyFlags:
             args.auto_converge,
             args.postcopy,
             args.multifd,
+            args.tls,
         )
 
     @property
@@ -84,6 +86,11 @@ def add_policy_flags(parser: argparse.ArgumentParser) -> None:
         help="switch to post-copy instead of aborting when it does not converge",
     )
     parser.add_argument("--multifd", type=int, metavar="N", help="N parallel migration channels")
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="encrypt the stream with the nodes' migration TLS credentials (migration_tls_dir)",
+    )
 
 
 def build_policy(flags: PolicyFlags, spec: InstanceSpec | None) -> MigrationPolicy:
@@ -141,6 +148,8 @@ def _knobs(policy: MigrationPolicy, flags: PolicyFlags) -> MigrationPolicy:
             Action.POSTCOPY if a is Action.ABORT else a for a in given_up
         )
         changes["stall_actions"] = (*policy.stall_actions, Action.POSTCOPY)
+    if flags.tls:
+        changes["tls"] = True
     if capabilities != policy.capabilities:
         changes["capabilities"] = capabilities
     return policy.with_changes(**changes) if changes else policy

@@ -32,6 +32,7 @@ from kvmflow.kvm.nicscript import SITE_SCRIPT, render_up_script
 from kvmflow.kvm.qemu_info import QemuInfo, probe_qemu
 from kvmflow.kvm.runtime import RuntimePaths, SavedRuntime, load_runtime, save_runtime
 from kvmflow.kvm.spec import InstanceSpec
+from kvmflow.kvm.tls import MigrationTLS
 from kvmflow.kvm.uidpool import UidPool
 from kvmflow.kvm.validation import validate_spec_on
 from kvmflow.monitor.qmp import QMPClient
@@ -73,7 +74,8 @@ class KvmHypervisor:
     ``default_accelerator`` is used when an instance leaves ``kvm_flag`` unset (``kvm``
     where ``/dev/kvm`` works, ``tcg`` elsewhere). ``qemu_binary`` is this node's QEMU: every
     start here uses it, also a migration target's and a restart's. ``qemu_info`` skips the
-    probe of that binary (a fake node's). ``uid_pool`` is needed for the ``pool`` security
+    probe of that binary (a fake node's). ``migration_tls`` are the node's credentials for
+    encrypted migration streams. ``uid_pool`` is needed for the ``pool`` security
     model. ``site_script`` is what NIC up-scripts run when it exists.
     """
 
@@ -88,6 +90,7 @@ class KvmHypervisor:
         default_accelerator: str = "kvm",
         qemu_binary: str = QEMU_BINARY,
         qemu_info: QemuInfo | None = None,
+        migration_tls: MigrationTLS | None = None,
         uid_pool: UidPool | None = None,
         site_script: str = SITE_SCRIPT,
         start_timeout: float = 60.0,
@@ -98,6 +101,7 @@ class KvmHypervisor:
         self.qemu_binary = qemu_binary
         self._qemu_info = qemu_info
         self._probing = anyio.Lock()
+        self.migration_tls = migration_tls
         self.uid_pool = uid_pool
         self.site_script = site_script
         self.start_timeout = start_timeout

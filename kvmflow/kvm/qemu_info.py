@@ -74,6 +74,7 @@ class QemuInfo:
     migrate_arguments: frozenset[str] = frozenset({"uri"})
     incoming_arguments: frozenset[str] = frozenset({"uri"})
     migration_statuses: frozenset[str] = frozenset()
+    multifd_compressions: frozenset[str] = frozenset()
     accelerator: str = "kvm"
 
     @property
@@ -204,6 +205,9 @@ def qemu_info_from(
         migrate_arguments=schema.argument_names("migrate"),
         incoming_arguments=schema.argument_names("migrate-incoming"),
         migration_statuses=schema.enum_of_member("query-migrate", "status"),
+        multifd_compressions=schema.enum_of_argument(
+            "migrate-set-parameters", "multifd-compression"
+        ),
         accelerator=accelerator,
     )
 
@@ -222,7 +226,12 @@ class _Schema:
         entry = self._by_name.get(command, {})
         return frozenset(self._members(str(entry.get("arg-type", ""))))
 
-    def enum_of_member(self, command: str, member: str) -> frozenset[str]:
+    def enum_of_member(self, command: str, member: str, side: str = "ret-type") -> frozenset[str]:
+        """The values of the enum that ``member`` of ``command``'s answer (or arguments,
+        ``side="arg-type"``) has as its type."""
         entry = self._by_name.get(command, {})
-        type_name = self._members(str(entry.get("ret-type", ""))).get(member, "")
+        type_name = self._members(str(entry.get(side, ""))).get(member, "")
         return frozenset(str(v) for v in self._by_name.get(type_name, {}).get("values", []))
+
+    def enum_of_argument(self, command: str, member: str) -> frozenset[str]:
+        return self.enum_of_member(command, member, side="arg-type")

@@ -12,6 +12,7 @@ start on any of them (:class:`~kvmflow.errors.IncompatibleTargetError`).
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ from kvmflow.kvm.hvparams import DiskType
 from kvmflow.kvm.hypervisor import KvmHypervisor
 from kvmflow.kvm.qemu_info import QemuInfo, machine_family
 from kvmflow.kvm.runtime import SavedRuntime
+from kvmflow.kvm.tls import FILES
 from kvmflow.migration.policy import MigrationPolicy
 from kvmflow.monitor.queries import CommandRunner
 
@@ -133,6 +135,20 @@ def incompatibilities(
                         f"use a policy without {capability}",
                     )
                 )
+    compression = policy.capabilities.multifd_compression if policy.capabilities.multifd else None
+    for side, qemu in (("source", source), ("target", target)):
+        if (
+            compression is not None
+            and qemu.multifd_compressions
+            and (compression not in qemu.multifd_compressions)
+        ):
+            problems.append(
+                Incompatibility(
+                    f"the {side}'s QEMU {qemu.version_text} cannot compress multifd with "
+                    f"{compression} (it has {', '.join(sorted(qemu.multifd_compressions))})",
+                    "use a multifd_compression both builds have, or none",
+                )
+            )
     return problems
 
 
@@ -174,6 +190,36 @@ async def pinned_argv(
         return argv
     machine = await running_machine(qmp, source_qemu) if qmp else source_qemu.resolve_machine(None)
     return pin_machine(argv, machine)
+
+
+async def tls_problems(
+    policy: MigrationPolicy, source: KvmHypervisor, target: KvmHypervisor
+) -> list[Incompatibility]:
+    """With ``policy.tls``, each node must have its credentials, and the files its end of
+    the stream reads (the source a client's, the target a server's)."""
+    if not policy.tls:
+        return []
+    problems = []
+    for hv, endpoint in ((source, "client"), (target, "server")):
+        node = hv.node.name
+        if hv.migration_tls is None:
+            problems.append(
+                Incompatibility(
+                    f"node {node} has no migration TLS credentials",
+                    f"give node {node} a migration_tls_dir, or migrate without TLS",
+                )
+            )
+            continue
+        for name in FILES[endpoint]:
+            path = os.path.join(hv.migration_tls.directory, name)
+            if await hv.node.path_kind(path) != "file":
+                problems.append(
+                    Incompatibility(
+                        f"node {node} has no {path} (its {endpoint} end needs it)",
+                        f"put the node's {name} there (QEMU's tls-creds-x509 layout)",
+                    )
+                )
+    return problems
 
 
 async def check_migration(

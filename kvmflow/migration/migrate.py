@@ -41,9 +41,14 @@ from kvmflow.instance.states import InstanceEvent, InstanceState
 from kvmflow.kvm.hypervisor import KvmHypervisor
 from kvmflow.kvm.qemu_info import QemuInfo
 from kvmflow.kvm.runtime import SavedRuntime
-from kvmflow.migration import aborts
+from kvmflow.migration import aborts, tls
 from kvmflow.migration.actions import PolicyActions
-from kvmflow.migration.compat import incompatibilities, migrate_arguments, pinned_argv
+from kvmflow.migration.compat import (
+    incompatibilities,
+    migrate_arguments,
+    pinned_argv,
+    tls_problems,
+)
 from kvmflow.migration.decide import Decision, PolicyEngine
 from kvmflow.migration.errors import MigrationError
 from kvmflow.migration.hmp_monitor import HmpMigrationMonitor
@@ -290,6 +295,7 @@ class Migration:
         problems = incompatibilities(
             source_qemu, target_qemu, argv, self.policy, target_node=self.target_hv.node.name
         )
+        problems += await tls_problems(self.policy, self.source, self.target_hv)
         if problems:
             self.log.warning("target refused by the pre-check", problems=[str(p) for p in problems])
             raise IncompatibleTargetError(self.name, self.source.node.name, problems)
@@ -321,6 +327,8 @@ class Migration:
         if capabilities:
             await qmp.execute("migrate-set-capabilities", {"capabilities": capabilities})
         await qmp.execute("migrate-set-parameters", self.policy.qemu_parameters())
+        if self.policy.tls:
+            await self._encrypt(qmp)
         if not self.live:
             await self._pause_source()
         with qmp.subscribe("MIGRATION", max_buffered=64) as events:
@@ -333,6 +341,15 @@ class Migration:
                 on_snapshot=lambda snapshot: self.on_snapshot(snapshot),
                 on_bad_answer=self.note_bad_answer,
             )
+
+    async def _encrypt(self, qmp: SourceMonitor) -> None:
+        """The source's client end of the TLS stream, dropped again if the source keeps the
+        guest (the undo steps run on an abort; they are dropped at the switch-over)."""
+        assert self.source.migration_tls is not None  # the pre-check made sure
+        target_tls = self.target_hv.migration_tls
+        hostname = (target_tls.hostname if target_tls else None) or self.target_hv.node.name
+        self.undo.push_async_callback(tls.disable, qmp)
+        await tls.enable(qmp, self.source.migration_tls, "client", hostname=hostname)
 
     async def _pause_source(self) -> None:
         """Stop the source's vCPUs (non-live, or the policy's pause); undone by ``cont``."""

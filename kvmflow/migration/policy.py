@@ -10,6 +10,7 @@ ancestor's fixed behaviour; the plain constructor gives kvmflow's default.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -81,6 +82,7 @@ class Capabilities:
     xbzrle_cache_mib: int = 64
     multifd: bool = False
     multifd_channels: int = 2
+    multifd_compression: str | None = None  # zlib, zstd, ... where both QEMU builds have it
     postcopy_ram: bool = False
     events: bool = True
 
@@ -126,6 +128,7 @@ class MigrationPolicy:
     cleanup_timeout: float = 90.0  # all of an abort, or all of the finishing, at most
     postcopy_recovery_seconds: float = 60.0
     wake_on_events: bool = True  # False: poll only (events still enabled, e.g. for timing)
+    tls: bool = False  # encrypt the stream with each node's migration TLS credentials
 
     def __post_init__(self) -> None:
         problems = _check(self)
@@ -219,9 +222,9 @@ class MigrationPolicy:
     def uses(self, action: Action) -> bool:
         return action in self.stall_actions or action in self.deadline_actions
 
-    def qemu_parameters(self) -> dict[str, int]:
+    def qemu_parameters(self) -> dict[str, int | str]:
         """Arguments of ``migrate-set-parameters`` before the migration starts."""
-        parameters = {"downtime-limit": self.downtime_ms}
+        parameters: dict[str, int | str] = {"downtime-limit": self.downtime_ms}
         if self.bandwidth_mib is not None:
             parameters["max-bandwidth"] = self.bandwidth_mib * MIB
         caps = self.capabilities
@@ -241,8 +244,18 @@ class MigrationPolicy:
             )
         if caps.xbzrle:
             parameters["xbzrle-cache-size"] = caps.xbzrle_cache_mib * MIB
-        if caps.multifd:
-            parameters["multifd-channels"] = caps.multifd_channels
+        parameters.update(self.target_parameters())
+        return parameters
+
+    def target_parameters(self) -> dict[str, int | str]:
+        """Parameters the target must share with the source: the multifd channel count
+        (the target waits for that many connections) and compression."""
+        caps = self.capabilities
+        if not caps.multifd:
+            return {}
+        parameters: dict[str, int | str] = {"multifd-channels": caps.multifd_channels}
+        if caps.multifd_compression is not None:
+            parameters["multifd-compression"] = caps.multifd_compression
         return parameters
 
     def throttle_parameters(self) -> dict[str, int]:
@@ -348,6 +361,14 @@ def _check(policy: MigrationPolicy) -> list[FieldProblem]:
         bad("capabilities.xbzrle_cache_mib", caps.xbzrle_cache_mib, "a positive MiB count")
     if caps.multifd and not (_positive_int(caps.multifd_channels) and caps.multifd_channels <= 255):
         bad("capabilities.multifd_channels", caps.multifd_channels, "1 to 255")
+    if caps.multifd_compression is not None and not (
+        caps.multifd and re.fullmatch(r"[a-z][a-z0-9-]{0,15}", str(caps.multifd_compression))
+    ):
+        bad(
+            "capabilities.multifd_compression",
+            caps.multifd_compression,
+            "a QEMU multifd compression method (zlib, zstd, ...), with multifd on",
+        )
     if caps.multifd and caps.postcopy_ram:
         bad("capabilities.multifd", True, "QEMU 7.2 cannot combine multifd with postcopy_ram")
     if not _positive_int(policy.max_bad_answers):

@@ -17,6 +17,7 @@ from kvmflow.errors import CommandError, ContUnanswered, KvmflowError
 from kvmflow.kvm.hypervisor import KvmHypervisor
 from kvmflow.kvm.runtime import SavedRuntime
 from kvmflow.kvm.spec import InstanceSpec
+from kvmflow.migration import tls
 from kvmflow.migration.errors import MigrationError
 from kvmflow.migration.policy import MigrationPolicy
 from kvmflow.monitor.connection import ConnectionState
@@ -41,6 +42,13 @@ def listening_port(listening: object, wanted: int) -> int | None:
         if port > 0 and wanted in (0, port):
             return port
     return None
+
+
+def errors_only(log: str, limit: int = 1024) -> str:
+    """QEMU's error lines from its log, without the warnings every start prints (a CPU
+    feature the host lacks), the last ``limit`` characters of them."""
+    lines = [line for line in log.splitlines() if line.strip() and ": warning: " not in line]
+    return "\n".join(lines)[-limit:]
 
 
 class MigrationTarget:
@@ -79,6 +87,12 @@ class MigrationTarget:
         capabilities = self.policy.target_capabilities()
         if capabilities:
             await qmp.execute("migrate-set-capabilities", {"capabilities": capabilities})
+        parameters = self.policy.target_parameters()
+        if parameters:
+            await qmp.execute("migrate-set-parameters", parameters)
+        if self.policy.tls:
+            assert self.hypervisor.migration_tls is not None  # the pre-check made sure
+            await tls.enable(qmp, self.hypervisor.migration_tls, "server")
         try:
             await qmp.execute("migrate-incoming", {"uri": self.uri})
         except KvmflowError as exc:
@@ -141,7 +155,7 @@ class MigrationTarget:
         if not self.started:
             return
         try:
-            self.last_words = await self.hypervisor.qemu_log(self.name, limit=1024)
+            self.last_words = errors_only(await self.hypervisor.qemu_log(self.name))
             await self.hypervisor.stop(self.name, force=True)
         except KvmflowError as exc:
             self._log.error("target could not be cleaned", error=str(exc))
