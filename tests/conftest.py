@@ -189,3 +189,13 @@ def build_nodes(runtime_root: Path, qemu_build: QemuBuild) -> tuple[KvmHyperviso
     binaries = {"node-a": qemu_build.binary, "node-b": qemu_build.binary}
     source, target = local_hypervisors(runtime_root, "node-a", "node-b", qemu_binaries=binaries)
     return source, target
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_lab_left_behind() -> Iterator[None]:
+    """After the whole suite: no network namespace of a test lab is left (each lab removes
+    what it made, also when its test fails)."""
+    from kvmflow.testing.netns import leftovers
+
+    yield
+    assert leftovers() == [], f"network namespaces left behind: {leftovers()}"

@@ -87,9 +87,14 @@ def build_dirty_guest(cache_dir: Path | None = None) -> Path:
     return target
 
 
-def guest_command_line(mib: int, pause: int = 0) -> str:
-    """The ``-append`` text that makes the guest dirty ``mib`` MiB per sweep."""
-    return f"mib={mib} pause={pause}"
+#: The pattern a guest started with ``marked=True`` keeps in its memory (see dirty.c).
+MARKER = b"KVMFLOW-GUEST-MEMORY-MARKER-7f3a9c"
+
+
+def guest_command_line(mib: int, pause: int = 0, *, marked: bool = False) -> str:
+    """The ``-append`` text that makes the guest dirty ``mib`` MiB per sweep (and, marked,
+    fill those pages with :data:`MARKER` first)."""
+    return f"mib={mib} pause={pause}" + (" mark=1" if marked else "")
 
 
 async def sweep_count(hypervisor: KvmHypervisor, name: str) -> int:
@@ -126,8 +131,10 @@ def dirty_guest_spec(
     mib: int = 48,
     pause: int = 0,
     memory_mib: int = 128,
+    marked: bool = False,
 ) -> InstanceSpec:
-    """An instance that boots the dirtying guest: ``mib`` MiB dirtied per sweep."""
+    """An instance that boots the dirtying guest: ``mib`` MiB dirtied per sweep (holding
+    :data:`MARKER` when ``marked``)."""
     return InstanceSpec(
         name,
         memory_mib=memory_mib,
@@ -135,7 +142,7 @@ def dirty_guest_spec(
             migration_port=migration_port,
             kernel_path=str(elf),
             root_path="/dev/null",
-            kernel_args=guest_command_line(mib, pause),
+            kernel_args=guest_command_line(mib, pause, marked=marked),
             serial_console=False,
         ),
     )

@@ -1,8 +1,10 @@
 /*
  * kvmflow's dirtying guest: a 32-bit multiboot kernel that keeps N MiB of RAM dirty.
  *
- * Command line (-append): "mib=N pause=P". Each sweep writes one byte in every 4 KiB page
- * of N MiB starting at 2 MiB, then spins P thousand pause instructions. The number of
+ * Command line (-append): "mib=N pause=P mark=M". Each sweep writes one byte in every 4 KiB
+ * page of N MiB starting at 2 MiB, then spins P thousand pause instructions. With mark=1 the
+ * rest of each of those pages first holds MARKER over and over: a known pattern a capture
+ * of the migration stream can look for (found in the clear, never through TLS). The number of
  * completed sweeps is kept at physical address 0x7000, so a host can see the guest run
  * (HMP "xp /1wx 0x7000").
  */
@@ -19,6 +21,8 @@ static const unsigned int multiboot_header[3] = {MB_MAGIC, MB_FLAGS, -(MB_MAGIC 
 struct multiboot_info {
     unsigned int flags, mem_lower, mem_upper, boot_device, cmdline;
 };
+
+static const char MARKER[] = "KVMFLOW-GUEST-MEMORY-MARKER-7f3a9c";
 
 static volatile unsigned int *const sweeps = (volatile unsigned int *)0x7000;
 
@@ -44,11 +48,12 @@ static unsigned int option(const char *cmdline, const char *key, unsigned int fa
 }
 
 void kmain(unsigned int magic, const struct multiboot_info *info) {
-    unsigned int mib = 16, pause = 0;
+    unsigned int mib = 16, pause = 0, mark = 0;
     if (magic == MB_BOOTLOADER_MAGIC && (info->flags & 4u)) {
         const char *cmdline = (const char *)info->cmdline;
         mib = option(cmdline, "mib", mib);
         pause = option(cmdline, "pause", pause);
+        mark = option(cmdline, "mark", mark);
     }
     if (magic == MB_BOOTLOADER_MAGIC && (info->flags & 1u)) {
         unsigned int usable = info->mem_upper / 1024u; /* MiB above 1 MiB */
@@ -59,6 +64,11 @@ void kmain(unsigned int magic, const struct multiboot_info *info) {
     volatile unsigned char *base = (volatile unsigned char *)DIRTY_BASE;
     unsigned long span = (unsigned long)mib << 20;
     *sweeps = 0;
+    if (mark) {
+        for (unsigned long page = 0; page < span; page += PAGE)
+            for (unsigned long at = 16; at < PAGE; at++)
+                base[page + at] = (unsigned char)MARKER[(at - 16) % (sizeof(MARKER) - 1)];
+    }
     for (;;) {
         for (unsigned long offset = 0; offset < span; offset += PAGE) base[offset]++;
         (*sweeps)++;

@@ -61,9 +61,11 @@ def _keygen(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def ssh_fleet(addresses: list[str]) -> Iterator[SSHFleet]:
+def ssh_fleet(addresses: list[str], namespaces: list[str] | None = None) -> Iterator[SSHFleet]:
     """Start one sshd per address with fresh host keys, a client key that may log in as
-    root, and a known-hosts file; stop them all afterwards."""
+    root, and a known-hosts file; stop them all afterwards. With ``namespaces``, sshd ``i``
+    runs in network namespace ``namespaces[i]`` (port 22: each namespace has its own), so
+    that whatever a client starts over it runs there too."""
     workdir = Path(tempfile.mkdtemp(prefix="kvf-sshd-"))
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
     hosts: list[SSHHost] = []
@@ -76,7 +78,7 @@ def ssh_fleet(addresses: list[str]) -> Iterator[SSHFleet]:
         for index, address in enumerate(addresses):
             key = workdir / f"host{index}"
             _keygen(key)
-            port = _free_port(address)
+            port = 22 if namespaces else _free_port(address)
             config = workdir / f"sshd{index}.conf"
             config.write_text(f"""
 Port {port}
@@ -96,13 +98,15 @@ MaxStartups 200
 Subsystem sftp internal-sftp
 LogLevel ERROR
 """)
+            inside = ["ip", "netns", "exec", namespaces[index]] if namespaces else []
             process = subprocess.Popen(
-                [SSHD, "-D", "-e", "-f", str(config)],
+                [*inside, SSHD, "-D", "-e", "-f", str(config)],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
             )
             public = (workdir / f"host{index}.pub").read_text().split()
-            line = f"[{address}]:{port} {public[0]} {public[1]}"
+            where = address if port == 22 else f"[{address}]:{port}"  # known_hosts' syntax
+            line = f"{where} {public[0]} {public[1]}"
             known_lines.append(line)
             hosts.append(SSHHost(address, port, process, line))
         for host in hosts:
