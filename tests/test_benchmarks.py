@@ -26,6 +26,11 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
             {"local_us", "ssh_us", "raw_ssh_us", "ratio_ssh_vs_raw_ssh"},
         ),
         (
+            "multifd.py",
+            ["--rounds", "1", "--memory", "128", "--mib", "8"],
+            {"link_mbit", "channels_1", "channels_8"},
+        ),
+        (
             "store_writes.py",
             ["--count", "50"],
             {

@@ -112,13 +112,16 @@ def test_qemu_parameters_and_capabilities() -> None:
     assert params["downtime-limit"] == 50
     assert params["max-cpu-throttle"] == 1  # held until the action
     assert params["xbzrle-cache-size"] == 64 * MIB
-    assert {c["capability"] for c in policy.source_capabilities()} == {
+    assert policy.enabled_capabilities("source") == {
         "events",
         "auto-converge",
         "xbzrle",
         "postcopy-ram",
     }
-    assert {c["capability"] for c in policy.target_capabilities()} == {"events", "postcopy-ram"}
+    assert policy.enabled_capabilities("target") == {"events", "postcopy-ram"}
+    # The others are turned off, not left as an earlier migration set them.
+    assert {c["capability"]: c["state"] for c in policy.source_capabilities()}["multifd"] is False
+    assert params["tls-creds"] == ""
     assert policy.throttle_parameters()["max-cpu-throttle"] == 99
 
 

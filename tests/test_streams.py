@@ -195,4 +195,7 @@ async def test_multifd_channels_and_compression_on_both_sides(
         parameters = await qmp.execute("query-migrate-parameters")
     assert (parameters["multifd-channels"], parameters["multifd-compression"]) == (4, "zstd")
     await assert_runs_on(instance, target)
+    # That QEMU still has multifd on: a single-stream migration onwards turns it off.
+    await migrate(instance, source, target_address="127.0.0.1", policy=FAST)
+    await assert_runs_on(instance, source)
     await instance.stop(force=True)

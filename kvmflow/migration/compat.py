@@ -86,8 +86,8 @@ def argv_cpu_model(argv: list[str]) -> str:
 
 def wanted_capabilities(policy: MigrationPolicy) -> dict[str, bool]:
     """The capabilities the policy enables, and whether the target needs each too."""
-    on_target = {c["capability"] for c in policy.target_capabilities()}
-    return {c["capability"]: c["capability"] in on_target for c in policy.source_capabilities()}
+    on_target = policy.enabled_capabilities("target")
+    return {name: name in on_target for name in policy.enabled_capabilities("source")}
 
 
 def incompatibilities(

@@ -101,11 +101,12 @@ class HmpMigrationMonitor:
             return {}
         if command == "migrate-set-parameters":
             for name, value in args.items():
-                text = (
-                    f"{int(value)}B"
-                    if name in ("max-bandwidth", "xbzrle-cache-size")
-                    else str(int(value))
-                )
+                if isinstance(value, str):
+                    text = value or '""'  # an empty string (no TLS credentials)
+                elif name in ("max-bandwidth", "xbzrle-cache-size"):
+                    text = f"{int(value)}B"
+                else:
+                    text = str(int(value))
                 await run(f"migrate_set_parameter {name} {text}", timeout=timeout)
             return {}
         if command == "migrate":

@@ -245,6 +245,8 @@ class MigrationPolicy:
         if caps.xbzrle:
             parameters["xbzrle-cache-size"] = caps.xbzrle_cache_mib * MIB
         parameters.update(self.target_parameters())
+        if not self.tls:  # a guest that arrived over TLS keeps its credentials otherwise
+            parameters["tls-creds"] = ""
         return parameters
 
     def target_parameters(self) -> dict[str, int | str]:
@@ -253,10 +255,10 @@ class MigrationPolicy:
         caps = self.capabilities
         if not caps.multifd:
             return {}
-        parameters: dict[str, int | str] = {"multifd-channels": caps.multifd_channels}
-        if caps.multifd_compression is not None:
-            parameters["multifd-compression"] = caps.multifd_compression
-        return parameters
+        return {
+            "multifd-channels": caps.multifd_channels,
+            "multifd-compression": caps.multifd_compression or "none",
+        }
 
     def throttle_parameters(self) -> dict[str, int]:
         """What the auto-converge action sets: the real throttle steps and a 99% cap."""
@@ -267,6 +269,9 @@ class MigrationPolicy:
         }
 
     def source_capabilities(self) -> list[dict[str, Any]]:
+        """Every capability kvmflow manages, on or off: a QEMU keeps what an earlier
+        migration set (a guest that arrived over multifd still has it on), so each
+        migration states all of them."""
         caps = self.capabilities
         wanted = {
             "events": caps.events,
@@ -275,12 +280,18 @@ class MigrationPolicy:
             "multifd": caps.multifd,
             "postcopy-ram": caps.postcopy_ram,
         }
-        return [{"capability": name, "state": True} for name, on in wanted.items() if on]
+        return [{"capability": name, "state": on} for name, on in wanted.items()]
 
     def target_capabilities(self) -> list[dict[str, Any]]:
+        """The capabilities the target must share with the source, on or off."""
         caps = self.capabilities
         wanted = {"events": caps.events, "multifd": caps.multifd, "postcopy-ram": caps.postcopy_ram}
-        return [{"capability": name, "state": True} for name, on in wanted.items() if on]
+        return [{"capability": name, "state": on} for name, on in wanted.items()]
+
+    def enabled_capabilities(self, side: str = "source") -> set[str]:
+        """The names of the capabilities this policy turns on (``side``: source or target)."""
+        listed = self.source_capabilities() if side == "source" else self.target_capabilities()
+        return {c["capability"] for c in listed if c["state"]}
 
     def deadline_seconds(self, memory_mib: int) -> float | None:
         """The completion deadline for a guest of ``memory_mib``: seconds per GiB, but never
