@@ -257,11 +257,12 @@ async def migrate_and_break_postcopy(
     *,
     postcopy_mib: int,
     source_uri: str | None = None,
+    tls: bool = False,
 ) -> tuple[MigrationResult, list[str]]:
-    """Migrate with post-copy and recovery; 0.3 s into post-copy, ``break_link``. Post-copy
-    runs at ``postcopy_mib`` MiB/s so that pages still flow when the link breaks. Returns
-    the result and every status reported."""
-    policy = MigrationPolicy(**HARD, **POSTCOPY, postcopy_recovery_seconds=30)
+    """Migrate with post-copy and recovery (over TLS with ``tls``); 0.3 s into post-copy,
+    ``break_link``. Post-copy runs at ``postcopy_mib`` MiB/s so that pages still flow when
+    the link breaks. Returns the result and every status reported."""
+    policy = MigrationPolicy(**HARD, **POSTCOPY, postcopy_recovery_seconds=30, tls=tls)
     in_postcopy = anyio.Event()
     statuses: list[str] = []
 

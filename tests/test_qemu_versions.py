@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import pytest
 
 from kvmflow.engine import Engine, NodeEntry
 from kvmflow.errors import IncompatibleTargetError, MigrationError
-from kvmflow.guest import dirty_guest_spec, wait_for_sweeps
+from kvmflow.guest import dirty_guest_spec
 from kvmflow.guest import sweep_count as sweeps
 from kvmflow.instance import Instance, InstanceState
 from kvmflow.kvm import HvParams, InstanceSpec, KvmHypervisor, SavedRuntime
@@ -30,6 +29,8 @@ from kvmflow.migration.compat import incompatibilities
 from kvmflow.monitor import RunState, query_status
 from kvmflow.testing import local_hypervisors
 from kvmflow.testing.qemu_builds import QemuBuild
+from tests.guests import assert_runs_on, started_dirty
+from tests.test_cli_commands import kvmflow
 
 pytestmark = pytest.mark.anyio
 FAST = MigrationPolicy.fixed(bandwidth_mib=1024, downtime_ms=300)
@@ -79,15 +80,18 @@ async def test_each_build_is_probed_for_what_differs(qemu_build: QemuBuild) -> N
     assert await hv.qemu() is qemu  # probed once
 
 
+async def pinned_machine(hv: KvmHypervisor, name: str) -> str:
+    """The machine type ``name``'s saved runtime on ``hv`` pins (it must pin one)."""
+    runtime = await hv.load_runtime(name)
+    assert runtime is not None
+    machine = machine_of(list(runtime.argv))
+    assert machine is not None
+    return machine
+
+
 async def assert_moved(instance: Instance, source: KvmHypervisor, target: KvmHypervisor) -> None:
-    assert instance.machine.state is InstanceState.RUNNING
-    assert instance.machine.node == target.node.name
     assert not await source.is_running(instance.name)
-    async with target.qmp(instance.name) as qmp:
-        assert (await query_status(qmp)).state is RunState.RUNNING
-    first = await sweeps(target, instance.name)
-    await anyio.sleep(0.3)
-    assert await sweeps(target, instance.name) > first  # the guest goes on working there
+    await assert_runs_on(instance, target)
 
 
 async def test_unpinned_guest_goes_to_the_new_qemu_and_back(
@@ -96,12 +100,8 @@ async def test_unpinned_guest_goes_to_the_new_qemu_and_back(
     """The rolling upgrade's round trip: started unpinned on 7.2 (so pinned to
     pc-i440fx-7.2 at that start), live to 10.0 while it dirties memory, and back."""
     old, new = old_new
-    instance = Instance(dirty_guest_spec("xv-round", dirty_guest, migration_port=0, mib=16), old)
-    await instance.start()
-    await wait_for_sweeps(old, "xv-round")
-    runtime = await old.load_runtime("xv-round")
-    assert runtime is not None
-    assert machine_of(list(runtime.argv)) == "pc-i440fx-7.2"
+    instance = await started_dirty(old, "xv-round", dirty_guest)
+    assert await pinned_machine(old, "xv-round") == "pc-i440fx-7.2"
     for source, target in ((old, new), (new, old)):
         before = await sweeps(source, "xv-round")
         result = await migrate(instance, target, target_address="127.0.0.1", policy=FAST)
@@ -119,13 +119,8 @@ async def test_a_guest_on_the_new_machine_type_is_refused_before_the_source_is_t
     old_new: tuple[KvmHypervisor, KvmHypervisor], dirty_guest: Path
 ) -> None:
     old, new = old_new
-    instance = Instance(dirty_guest_spec("xv-new", dirty_guest, migration_port=0, mib=16), new)
-    await instance.start()
-    await wait_for_sweeps(new, "xv-new")
-    runtime = await new.load_runtime("xv-new")
-    assert runtime is not None
-    pinned = machine_of(list(runtime.argv))
-    assert pinned is not None
+    instance = await started_dirty(new, "xv-new", dirty_guest)
+    pinned = await pinned_machine(new, "xv-new")
     assert pinned.startswith("pc-i440fx-10.")
     before = await sweeps(new, "xv-new")
     with pytest.raises(IncompatibleTargetError) as refused:
@@ -219,13 +214,7 @@ async def test_fleet_baseline_of_both_builds(old_new: tuple[KvmHypervisor, KvmHy
 
 
 def cli(*args: str, config: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "kvmflow.cli.main", "-c", str(config), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return kvmflow(*args, config=config)
 
 
 def test_cli_nodes_with_their_own_qemu_and_migrate_check(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import anyio
 import psutil
 import pytest
 
@@ -16,9 +15,10 @@ from kvmflow.instance import Instance, InstanceState
 from kvmflow.kvm import KvmHypervisor
 from kvmflow.kvm.tls import MigrationTLS
 from kvmflow.migration import MigrationPolicy, MigrationProgress, migrate
-from kvmflow.migration.policy import Action, Capabilities, StallRule
-from kvmflow.monitor import RunState, query_status
+from kvmflow.migration.policy import Capabilities
 from tests.conftest import qemus_under
+from tests.guests import assert_runs_on, started_dirty
+from tests.test_policies import migrate_and_break_postcopy
 from tests.tls import make_migration_credentials
 
 pytestmark = pytest.mark.anyio
@@ -43,27 +43,11 @@ def tls_nodes(
     return nodes
 
 
-async def dirty(hv: KvmHypervisor, name: str, guest: Path) -> Instance:
-    instance = Instance(dirty_guest_spec(name, guest, migration_port=0, mib=16), hv)
-    await instance.start()
-    await wait_for_sweeps(hv, name)
-    return instance
-
-
-async def assert_runs_on(instance: Instance, hv: KvmHypervisor) -> None:
-    assert instance.machine.state is InstanceState.RUNNING
-    assert instance.machine.node == hv.node.name
-    async with hv.qmp(instance.name) as qmp:
-        assert (await query_status(qmp)).state is RunState.RUNNING
-    first = await sweeps(hv, instance.name)
-    await wait_for_sweeps(hv, instance.name, minimum=first + 1)
-
-
 async def test_tls_migration_completes(
     tls_nodes: tuple[KvmHypervisor, KvmHypervisor], dirty_guest: Path
 ) -> None:
     source, target = tls_nodes
-    instance = await dirty(source, "tls-ok", dirty_guest)
+    instance = await started_dirty(source, "tls-ok", dirty_guest)
     result = await migrate(instance, target, target_address="127.0.0.1", policy=TLS)
     assert result.bad_answers == []
     assert not await source.is_running("tls-ok")
@@ -85,7 +69,7 @@ async def test_a_source_of_another_ca_is_refused_and_keeps_running(
     stranger = tmp_path / "stranger"
     make_migration_credentials({source.node.name: stranger}, ca_name="another CA")
     source.migration_tls = MigrationTLS(str(stranger))
-    instance = await dirty(source, "tls-bad", dirty_guest)
+    instance = await started_dirty(source, "tls-bad", dirty_guest)
     before = await sweeps(source, "tls-bad")
     with pytest.raises(MigrationError) as failed:
         await migrate(instance, target, target_address="127.0.0.1", policy=TLS)
@@ -110,7 +94,7 @@ async def test_missing_credentials_are_refused_before_the_source_is_touched(
 ) -> None:
     source, target = tls_nodes
     target.migration_tls = None
-    instance = await dirty(source, "tls-none", dirty_guest)
+    instance = await started_dirty(source, "tls-none", dirty_guest)
     with pytest.raises(IncompatibleTargetError, match="node node-b has no migration TLS"):
         await migrate(instance, target, target_address="127.0.0.1", policy=TLS)
     assert not await target.is_running("tls-none")
@@ -126,42 +110,13 @@ async def test_postcopy_and_its_recovery_with_tls(
     instance = Instance(dirty_guest_spec("tls-post", dirty_guest, migration_port=0, mib=48), source)
     await instance.start()
     await wait_for_sweeps(source, "tls-post")
-    policy = MigrationPolicy(
-        bandwidth_mib=20,
-        downtime_ms=50,
-        poll_interval=0.25,
-        downtime_schedule=(),
-        seconds_per_gib=None,
-        stall=StallRule(2, 0.1),
-        stall_actions=(Action.POSTCOPY,),
-        capabilities=Capabilities(postcopy_ram=True),
-        postcopy_recovery_seconds=30,
-        tls=True,
-    )
-    in_postcopy = anyio.Event()
-    statuses: list[str] = []
-
-    def progress(report: MigrationProgress) -> None:
-        statuses.append(report.snapshot.status.value)
-        if report.snapshot.status.value == "postcopy-active":
-            in_postcopy.set()
-
-    async with source.qmp("tls-post") as qmp, anyio.create_task_group() as tg:
-        await qmp.execute("migrate-set-parameters", {"max-postcopy-bandwidth": 16 << 20})
+    async with source.qmp("tls-post") as qmp:
 
         async def pause() -> None:
-            await in_postcopy.wait()
-            await anyio.sleep(0.3)
             await qmp.execute("migrate-pause")
 
-        tg.start_soon(pause)
-        result = await migrate(
-            instance,
-            target,
-            target_address="127.0.0.1",
-            policy=policy,
-            source_qmp=qmp,
-            on_progress=progress,
+        result, statuses = await migrate_and_break_postcopy(
+            instance, target, qmp, pause, postcopy_mib=16, tls=True
         )
     assert result.postcopy
     assert result.postcopy_recoveries >= 1
@@ -175,7 +130,7 @@ async def test_multifd_channels_and_compression_on_both_sides(
     nodes: tuple[KvmHypervisor, KvmHypervisor], dirty_guest: Path
 ) -> None:
     source, target = nodes
-    instance = await dirty(source, "mfd", dirty_guest)
+    instance = await started_dirty(source, "mfd", dirty_guest)
     caps = Capabilities(multifd=True, multifd_channels=4, multifd_compression="zstd")
     policy = FAST.with_changes(capabilities=caps, bandwidth_mib=64)
     streams: list[int] = []
