@@ -1,9 +1,9 @@
 """One migration stream against 2, 4 and 8 multifd channels, on a shaped 10 Gbit/s link.
 
 Two hosts of :func:`kvmflow.testing.netns.netns_lab` (network namespaces, sshd each, links
-shaped to ``--rate`` Mbit/s), a guest of ``--memory`` MiB whose ``--mib`` MiB hold data and are dirtied once per sweep
-(``--pause`` thousand pause instructions between sweeps set the pace),
-migrated back and forth ``--rounds`` times per channel count (interleaved, so that the
+shaped to ``--rate`` Mbit/s), a guest of ``--memory`` MiB whose ``--mib`` MiB hold data and
+are dirtied once per sweep (``--pause`` thousand pause instructions between sweeps set the
+pace), migrated back and forth ``--rounds`` times per channel count (interleaved, so that the
 machine's noise falls on all alike), QEMU's own bandwidth cap lifted. Reports per count the
 median time to complete, QEMU's measured downtime and throughput, each as a ratio to the
 single stream measured in the same run. The last line is one JSON object.

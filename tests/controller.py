@@ -25,6 +25,7 @@ from kvmflow.migration import MigrationPolicy, migrate
 from kvmflow.migration.phases import PhaseChange
 from kvmflow.migration.policy import Action, Capabilities, DowntimeStep, StallRule
 from kvmflow.migration.results import MigrationProgress
+from kvmflow.monitor import QMPClient
 from kvmflow.store import Owner, SQLiteStore
 from kvmflow.testing import local_hypervisors
 
@@ -53,6 +54,8 @@ POLICIES: dict[str, MigrationPolicy] = {
     ),
     # does not converge and has no deadline: streams until someone decides
     "endless": MigrationPolicy.fixed(bandwidth_mib=5, downtime_ms=20, poll_interval=0.1),
+    # copies a local disk at 4 MiB/s: the copy is seen under way long before it is ready
+    "slow-disks": MigrationPolicy.fixed(bandwidth_mib=4, downtime_ms=300, poll_interval=0.1),
     # does not converge; the deadline (1 s) aborts it
     "aborting": MigrationPolicy.fixed(
         bandwidth_mib=5,
@@ -88,6 +91,12 @@ def progress_hook(kill_at: str) -> Any:
     return hook
 
 
+async def die_once_copying(qmp: QMPClient) -> None:
+    while not any(job["offset"] > 0 for job in await qmp.execute("query-block-jobs")):
+        await anyio.sleep(0.05)
+    die()
+
+
 async def run_migration(store_path: str, root: str, name: str, policy: str, kill_at: str) -> None:
     source, target = local_hypervisors(Path(root), "node-a", "node-b")
     runtime = await source.load_runtime(name)
@@ -96,14 +105,18 @@ async def run_migration(store_path: str, root: str, name: str, policy: str, kill
         guard = OperationGuard(store, Owner.this_process("doomed-controller"), ttl=30)
         instance = Instance(runtime.spec, source, InstanceState.RUNNING, guard=guard)
         print("migrating", flush=True)
-        await migrate(
-            instance,
-            target,
-            target_address="127.0.0.1",
-            policy=POLICIES[policy],
-            on_phase=phase_hook(kill_at),
-            on_progress=progress_hook(kill_at),
-        )
+        async with source.qmp(name) as qmp, anyio.create_task_group() as tg:
+            if kill_at == "disk-copying":  # once the copy of its local disk is under way
+                tg.start_soon(die_once_copying, qmp)
+            await migrate(
+                instance,
+                target,
+                target_address="127.0.0.1",
+                policy=POLICIES[policy],
+                on_phase=phase_hook(kill_at),
+                on_progress=progress_hook(kill_at),
+                source_qmp=qmp,
+            )
     print("the kill point was never reached", flush=True)
     sys.exit(3)
 

@@ -26,6 +26,11 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
             {"local_us", "ssh_us", "raw_ssh_us", "ratio_ssh_vs_raw_ssh"},
         ),
         (
+            "local_disks.py",
+            ["--rounds", "1", "--disk", "16", "--memory", "64", "--rate", "10000"],
+            {"link_mbit", "runs", "median_over_ideal"},
+        ),
+        (
             "multifd.py",
             ["--rounds", "1", "--memory", "128", "--mib", "8"],
             {"link_mbit", "channels_1", "channels_8"},

@@ -10,6 +10,7 @@ policy action, never a sleep.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ from kvmflow.errors import RecoveryError
 from kvmflow.guest import dirty_guest_spec, sweep_count, wait_for_sweeps
 from kvmflow.instance import Instance
 from kvmflow.instance.guard import OperationGuard
-from kvmflow.kvm import HvParams, InstanceSpec, KvmHypervisor
+from kvmflow.kvm import Disk, HvParams, InstanceSpec, KvmHypervisor
 from kvmflow.migration import MigrationPolicy
 from kvmflow.store import Owner, SQLiteStore
 from tests.conftest import qemus_under
@@ -41,10 +42,18 @@ def anyio_backend() -> str:
 
 
 async def start_guest(
-    store: SQLiteStore, hv: KvmHypervisor, name: str, guest: Path, *, mib: int
+    store: SQLiteStore,
+    hv: KvmHypervisor,
+    name: str,
+    guest: Path,
+    *,
+    mib: int,
+    disks: tuple[Disk, ...] = (),
 ) -> None:
     guard = OperationGuard(store, Owner.this_process("test-setup"))
-    spec = dirty_guest_spec(name, guest, migration_port=0, mib=mib, pause=20 if mib < 16 else 0)
+    spec = dirty_guest_spec(
+        name, guest, migration_port=0, mib=mib, pause=20 if mib < 16 else 0, disks=disks
+    )
     await Instance(spec, hv, guard=guard).start()
     await wait_for_sweeps(hv, name)
 
@@ -64,10 +73,11 @@ async def killed_mid_migration(
     kill_at: str,
     *,
     mib: int = 8,
+    disks: tuple[Disk, ...] = (),
 ) -> None:
     """A booted guest on ``hv``, and a controller that died (SIGKILL) migrating it when
     ``kill_at`` came."""
-    await start_guest(store, hv, name, guest, mib=mib)
+    await start_guest(store, hv, name, guest, mib=mib, disks=disks)
     code, output = await controller("migrate", store.path, str(root), name, policy, kill_at)
     assert code == -signal.SIGKILL, output
 
@@ -140,6 +150,44 @@ async def test_controller_killed_then_recovered(
     history = await store.history(name)
     assert history[-1].outcome is not None
     assert history[-1].outcome.startswith("recovered")
+
+
+async def test_a_controller_killed_mid_disk_copy_leaves_nothing_after_recovery(
+    nodes: tuple[KvmHypervisor, KvmHypervisor],
+    runtime_root: Path,
+    dirty_guest: Path,
+    store: SQLiteStore,
+    tmp_path: Path,
+) -> None:
+    """Killed while the source mirrors its local disk into the target: recovery cancels the
+    mirror job, removes the target and its partial image; the guest goes on on its disk."""
+    for node in ("node-a", "node-b"):
+        (tmp_path / node).mkdir()
+    with (tmp_path / "node-a" / "disk.img").open("wb") as file:
+        file.write(os.urandom(48 << 20))
+    disk = Disk(str(tmp_path / "{node}" / "disk.img"), local=True)
+    await killed_mid_migration(
+        store,
+        nodes[0],
+        runtime_root,
+        dirty_guest,
+        "kill-disk",
+        "slow-disks",
+        "disk-copying",
+        disks=(disk,),
+    )
+    assert (tmp_path / "node-b" / "disk.img").exists()  # the dead controller's partial copy
+    [entry] = await store.unfinished()
+    assert [d["target_path"] for d in entry.details["local_disks"]] == [
+        str(tmp_path / "node-b" / "disk.img")
+    ]
+    reports = await recover(store, runtime_root)
+    assert [r["verdict"] for r in reports if r["instance"] == "kill-disk"] == ["aborted"]
+    await assert_one_copy_on(store, nodes, "kill-disk", "node-a")
+    assert not (tmp_path / "node-b" / "disk.img").exists()
+    assert (tmp_path / "node-a" / "disk.img").exists()
+    async with nodes[0].qmp("kill-disk") as qmp:
+        assert await qmp.execute("query-block-jobs") == []
 
 
 async def test_recovery_killed_during_recovery_is_finished_by_the_next(

@@ -303,7 +303,10 @@ def _job_row(entry: JournalEntry, holder: Lease | None) -> dict[str, Any]:
     )
     progress = entry.progress or {}
     text = "-"
-    if progress:
+    if progress.get("disk_total"):  # local disks copying, before RAM streams
+        share = 100 * (progress.get("disk_copied") or 0) / progress["disk_total"]
+        text = f"copying disks {share:.0f}% of {progress['disk_total'] >> 20} MiB"
+    elif progress:
         total = progress.get("total") or 0
         done = total - (progress.get("remaining") or 0)
         share = f" {100 * done / total:.0f}%" if total else ""

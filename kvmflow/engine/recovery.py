@@ -55,6 +55,7 @@ from kvmflow.instance.instance import Instance
 from kvmflow.instance.states import InstanceState
 from kvmflow.kvm.hypervisor import KvmHypervisor
 from kvmflow.migration.adopt import ADOPTABLE, RecordedMigration, adopt
+from kvmflow.migration.disks import clean_after_crash, stop_serving
 from kvmflow.migration.errors import MigrationError
 from kvmflow.migration.outcome import INFO, Side
 from kvmflow.migration.phases import MigrationPhase, PhaseListener
@@ -289,6 +290,8 @@ class Recovery:
             return Verdict.AMBIGUOUS, why, None
         if plan is Plan.CLEAN_TARGET or plan is Plan.CLOSE_ABORTED:
             await _remove(tgt_hv, name, target)
+            if record.local_disks:  # its copy: the jobs on the source, the target's images
+                await clean_after_crash(name, src_hv, tgt_hv, list(record.local_disks))
             if source is not None and source.alive:
                 if record.paused_by_us and source.state is CopyState.PAUSED:
                     await _cont(src_hv, name)
@@ -309,6 +312,11 @@ class Recovery:
                 raise RecoveryError(f"no runtime of {name} is left to save on {record.target}")
             await tgt_hv.save_runtime(runtime.spec, runtime)
         await _remove(src_hv, name, source)
+        if record.local_disks:  # the target's copies hold the guest; the source's go
+            await stop_serving(name, tgt_hv, list(record.local_disks))
+            for disk in record.local_disks:
+                if not disk.keep_source:
+                    await src_hv.node.remove(disk.source_path)
         held.place(record.target)
         return Verdict.FINISHED, why, record.target
 

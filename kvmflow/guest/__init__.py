@@ -19,9 +19,9 @@ from pathlib import Path
 import anyio
 
 from kvmflow.errors import GuestBuildError, MalformedReplyError
-from kvmflow.kvm.hvparams import HvParams
+from kvmflow.kvm.hvparams import DiskType, HvParams
 from kvmflow.kvm.hypervisor import KvmHypervisor
-from kvmflow.kvm.spec import InstanceSpec
+from kvmflow.kvm.spec import Disk, InstanceSpec
 from kvmflow.monitor.hmp import HMPClient
 
 #: Physical address where the guest counts completed sweeps (HMP ``xp /1wx 0x7000``).
@@ -91,10 +91,32 @@ def build_dirty_guest(cache_dir: Path | None = None) -> Path:
 MARKER = b"KVMFLOW-GUEST-MEMORY-MARKER-7f3a9c"
 
 
-def guest_command_line(mib: int, pause: int = 0, *, marked: bool = False) -> str:
+def guest_command_line(
+    mib: int, pause: int = 0, *, marked: bool = False, disk_sectors: int = 0
+) -> str:
     """The ``-append`` text that makes the guest dirty ``mib`` MiB per sweep (and, marked,
-    fill those pages with :data:`MARKER` first)."""
-    return f"mib={mib} pause={pause}" + (" mark=1" if marked else "")
+    fill those pages with :data:`MARKER` first; with ``disk_sectors``, write one sector of
+    its first IDE disk per sweep, see :func:`expected_sector`)."""
+    text = f"mib={mib} pause={pause}" + (" mark=1" if marked else "")
+    return text + (f" disk={disk_sectors}" if disk_sectors else "")
+
+
+def sector_bytes(sector: int, sweep: int) -> bytes:
+    """The 512 bytes the guest writes to ``sector`` in sweep ``sweep`` (as dirty.c does)."""
+    words = [0x5346564B, sector, sweep]
+    words += [(sweep * 0x9E3779B1 + sector * 0x85EBCA6B + i) & 0xFFFFFFFF for i in range(3, 128)]
+    return b"".join(word.to_bytes(4, "little") for word in words)
+
+
+def expected_sector(sector: int, sectors: int, sweeps: int) -> set[bytes]:
+    """What ``sector`` may hold once the guest has counted ``sweeps`` sweeps writing
+    ``sectors`` sectors round robin: the last counted write to it (or zeroes), or the next
+    sweep's, which may have been written but not yet counted when the guest stopped."""
+    last = max((g for g in range(sector, sweeps, sectors)), default=None)
+    allowed = {sector_bytes(sector, last) if last is not None else bytes(512)}
+    if sweeps % sectors == sector:
+        allowed.add(sector_bytes(sector, sweeps))
+    return allowed
 
 
 async def sweep_count(hypervisor: KvmHypervisor, name: str) -> int:
@@ -132,9 +154,12 @@ def dirty_guest_spec(
     pause: int = 0,
     memory_mib: int = 128,
     marked: bool = False,
+    disks: tuple[Disk, ...] = (),
+    disk_sectors: int = 0,
 ) -> InstanceSpec:
     """An instance that boots the dirtying guest: ``mib`` MiB dirtied per sweep (holding
-    :data:`MARKER` when ``marked``)."""
+    :data:`MARKER` when ``marked``), with ``disks`` on IDE and one of ``disk_sectors``
+    sectors of the first written per sweep."""
     return InstanceSpec(
         name,
         memory_mib=memory_mib,
@@ -142,7 +167,9 @@ def dirty_guest_spec(
             migration_port=migration_port,
             kernel_path=str(elf),
             root_path="/dev/null",
-            kernel_args=guest_command_line(mib, pause, marked=marked),
+            kernel_args=guest_command_line(mib, pause, marked=marked, disk_sectors=disk_sectors),
             serial_console=False,
+            disk_type=DiskType.IDE if disks else DiskType.PARAVIRTUAL,
         ),
+        disks=disks,
     )

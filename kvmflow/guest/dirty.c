@@ -30,6 +30,41 @@ static void outb(unsigned short port, unsigned char value) {
     __asm__ volatile("outb %0, %1" : : "a"(value), "Nd"(port));
 }
 
+static unsigned char inb(unsigned short port) {
+    unsigned char value;
+    __asm__ volatile("inb %1, %0" : "=a"(value) : "Nd"(port));
+    return value;
+}
+
+static void outw(unsigned short port, unsigned short value) {
+    __asm__ volatile("outw %0, %1" : : "a"(value), "Nd"(port));
+}
+
+/* Word i of sector s as written by sweep g (the host computes the same). */
+static unsigned int sector_word(unsigned int s, unsigned int g, unsigned int i) {
+    if (i == 0) return 0x5346564bu; /* "KVFS" */
+    if (i == 1) return s;
+    if (i == 2) return g;
+    return g * 0x9e3779b1u + s * 0x85ebca6bu + i;
+}
+
+static void ata_write_sector(unsigned int lba, unsigned int g) {
+    while (inb(0x1f7) & 0x80) {} /* busy */
+    outb(0x1f6, (unsigned char)(0xe0 | ((lba >> 24) & 0x0f)));
+    outb(0x1f2, 1);
+    outb(0x1f3, (unsigned char)lba);
+    outb(0x1f4, (unsigned char)(lba >> 8));
+    outb(0x1f5, (unsigned char)(lba >> 16));
+    outb(0x1f7, 0x30); /* WRITE SECTORS */
+    while (!(inb(0x1f7) & 0x08)) {} /* data request */
+    for (unsigned int i = 0; i < 128; i++) {
+        unsigned int word = sector_word(lba, g, i);
+        outw(0x1f0, (unsigned short)word);
+        outw(0x1f0, (unsigned short)(word >> 16));
+    }
+    while (inb(0x1f7) & 0x80) {} /* written */
+}
+
 static void serial_write(const char *text) {
     while (*text) outb(0x3f8, (unsigned char)*text++);
 }
@@ -48,12 +83,13 @@ static unsigned int option(const char *cmdline, const char *key, unsigned int fa
 }
 
 void kmain(unsigned int magic, const struct multiboot_info *info) {
-    unsigned int mib = 16, pause = 0, mark = 0;
+    unsigned int mib = 16, pause = 0, mark = 0, disk = 0;
     if (magic == MB_BOOTLOADER_MAGIC && (info->flags & 4u)) {
         const char *cmdline = (const char *)info->cmdline;
         mib = option(cmdline, "mib", mib);
         pause = option(cmdline, "pause", pause);
         mark = option(cmdline, "mark", mark);
+        disk = option(cmdline, "disk", disk);
     }
     if (magic == MB_BOOTLOADER_MAGIC && (info->flags & 1u)) {
         unsigned int usable = info->mem_upper / 1024u; /* MiB above 1 MiB */
@@ -76,6 +112,7 @@ void kmain(unsigned int magic, const struct multiboot_info *info) {
     }
     for (;;) {
         for (unsigned long offset = 0; offset < span; offset += PAGE) base[offset]++;
+        if (disk) ata_write_sector(*sweeps % disk, *sweeps);
         (*sweeps)++;
         for (unsigned int i = 0; i < pause; i++)
             for (unsigned int j = 0; j < 1000u; j++) __builtin_ia32_pause();

@@ -70,9 +70,11 @@ def build_argv(
     qemu: QemuInfo,
     *,
     default_accelerator: str = "kvm",
+    node: str = "local",
 ) -> list[str]:
-    """The part of the command line that is saved in the runtime and reused on restart;
-    raises :class:`ValidationError` for a machine type or CPU model ``qemu`` lacks."""
+    """The part of the command line that is saved in the runtime and reused on restart
+    (local disks at their paths on ``node``); raises :class:`ValidationError` for a machine
+    type or CPU model ``qemu`` lacks."""
     hv = spec.hvparams
     name = spec.name
     machine = _machine_type(spec, qemu)
@@ -99,7 +101,7 @@ def build_argv(
         accelerator = default_accelerator
     argv += ["-accel", accelerator]
     argv += ["-boot", f"order={BOOT_DEVICES[hv.boot_order]}"]
-    argv += _disk_args(spec)
+    argv += _disk_args(spec, node)
     if hv.cdrom_image_path:
         argv += ["-drive", f"file={hv.cdrom_image_path},format=raw,media=cdrom,if=ide,readonly=on"]
     if hv.kernel_path:
@@ -201,6 +203,16 @@ def portable_argv(argv: list[str], qemu_binary: str) -> list[str]:
     return kept
 
 
+def relocate_disks(argv: list[str], spec: InstanceSpec, source: str, target: str) -> list[str]:
+    """``argv`` with each local disk's path on ``source`` replaced by its path on ``target``."""
+    moved = list(argv)
+    for disk in spec.disks:
+        old, new = f"file={disk.path_on(source)},", f"file={disk.path_on(target)},"
+        if disk.local and old != new:
+            moved = [arg.replace(old, new) if arg.startswith(old) else arg for arg in moved]
+    return moved
+
+
 def machine_of(argv: list[str]) -> str | None:
     """The machine type a saved argv pins (``-machine type=X,...``), or ``None``."""
     for flag, value in itertools.pairwise(argv):
@@ -222,7 +234,7 @@ def pin_machine(argv: list[str], machine: str) -> list[str]:
     return [pinned[0], "-machine", f"type={machine}", *pinned[1:]]
 
 
-def _disk_args(spec: InstanceSpec) -> list[str]:
+def _disk_args(spec: InstanceSpec, node: str) -> list[str]:
     hv = spec.hvparams
     cache = "" if hv.disk_cache is DiskCache.DEFAULT else f",cache={hv.disk_cache.value}"
     args: list[str] = []
@@ -232,13 +244,13 @@ def _disk_args(spec: InstanceSpec) -> list[str]:
         if hv.disk_type is DiskType.SCSI:
             args += [
                 "-drive",
-                f"file={disk.path},format=raw,if=none,id=disk{index}{cache}",
+                f"file={disk.path_on(node)},format=raw,if=none,id=disk{index}{cache}",
                 "-device",
                 f"scsi-hd,drive=disk{index},bus=scsi0.0",
             ]
         else:
             interface = DRIVE_INTERFACES[hv.disk_type]
-            args += ["-drive", f"file={disk.path},format=raw,if={interface}{cache}"]
+            args += ["-drive", f"file={disk.path_on(node)},format=raw,if={interface}{cache}"]
     return args
 
 

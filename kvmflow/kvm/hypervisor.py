@@ -230,7 +230,11 @@ class KvmHypervisor:
             nic_spec = runtime.spec
         else:
             base_argv = build_argv(
-                spec, self.paths, qemu, default_accelerator=self.default_accelerator
+                spec,
+                self.paths,
+                qemu,
+                default_accelerator=self.default_accelerator,
+                node=self.node.name,
             )
             nic_spec = spec
         uid: int | None = None

@@ -35,12 +35,28 @@ class NicMode(enum.StrEnum):
     ROUTED = "routed"
 
 
+#: In a local disk's path, the name of the node it is on (nodes that share one file system,
+#: as test nodes on one machine do, keep their local disks apart with it).
+NODE_PLACEHOLDER = "{node}"
+
+
 @dataclass(frozen=True)
 class Disk:
-    """A block device backing file or device node, read-write (read-only is refused)."""
+    """A block device backing file or device node, read-write (read-only is refused).
+
+    A ``local`` disk lives on its node's own storage (a raw image file): a migration copies
+    it to the target node (same path, ``{node}`` standing for the node's name) while the
+    guest runs, and afterwards removes the source's copy unless ``keep_source``. A disk that
+    is not local is shared storage, valid on every node as it is."""
 
     path: str
     mode: DiskMode = DiskMode.READ_WRITE
+    local: bool = False
+    keep_source: bool = False
+
+    def path_on(self, node: str) -> str:
+        """The disk's path on ``node``."""
+        return self.path.replace(NODE_PLACEHOLDER, node)
 
 
 @dataclass(frozen=True)
@@ -81,7 +97,15 @@ class InstanceSpec:
             "memory_mib": self.memory_mib,
             "vcpus": self.vcpus,
             "network_port": self.network_port,
-            "disks": [{"path": d.path, "mode": d.mode.value} for d in self.disks],
+            "disks": [
+                {
+                    "path": d.path,
+                    "mode": d.mode.value,
+                    "local": d.local,
+                    "keep_source": d.keep_source,
+                }
+                for d in self.disks
+            ],
             "nics": [
                 {"mac": n.mac, "ip": n.ip, "mode": n.mode.value, "link": n.link} for n in self.nics
             ],
@@ -99,7 +123,13 @@ class InstanceSpec:
                 vcpus=_whole("vcpus", values.get("vcpus", 1)),
                 network_port=values.get("network_port"),
                 disks=tuple(
-                    Disk(d["path"], DiskMode(d.get("mode", "rw"))) for d in values.get("disks", ())
+                    Disk(
+                        d["path"],
+                        DiskMode(d.get("mode", "rw")),
+                        _flag(d, "local"),
+                        _flag(d, "keep_source"),
+                    )
+                    for d in values.get("disks", ())
                 ),
                 nics=tuple(
                     Nic(n["mac"], n.get("ip"), NicMode(n.get("mode", "bridged")), n.get("link"))
@@ -118,6 +148,13 @@ class InstanceSpec:
 SPEC_KEYS = frozenset(
     {"name", "memory_mib", "vcpus", "network_port", "disks", "nics", "tags", "hvparams"}
 )
+
+
+def _flag(values: Mapping[str, Any], key: str) -> bool:
+    value = values.get(key, False)
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false, not {value!r}")
+    return value
 
 
 def _whole(field: str, value: object) -> int:

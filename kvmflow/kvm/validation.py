@@ -19,7 +19,15 @@ from dataclasses import dataclass
 
 from kvmflow.errors import FieldProblem, ValidationError
 from kvmflow.kvm.hvparams import UNSUPPORTED_ON_X86, BootOrder, HvParams, SecurityModel
-from kvmflow.kvm.spec import MAC_PATTERN, VNC_BASE_PORT, DiskMode, InstanceSpec, Nic, NicMode
+from kvmflow.kvm.spec import (
+    MAC_PATTERN,
+    NODE_PLACEHOLDER,
+    VNC_BASE_PORT,
+    DiskMode,
+    InstanceSpec,
+    Nic,
+    NicMode,
+)
 from kvmflow.node.base import Node
 
 
@@ -87,7 +95,7 @@ def _problem(requirement: Requirement) -> FieldProblem:
 
 
 def _met_here(requirement: Requirement) -> bool:
-    subject = requirement.subject
+    subject = requirement.subject.replace(NODE_PLACEHOLDER, "local")
     if requirement.need is Need.USER:
         try:
             pwd.getpwnam(subject)
@@ -104,7 +112,7 @@ def _met_here(requirement: Requirement) -> bool:
 async def _met_on(requirement: Requirement, node: Node) -> bool:
     if requirement.need is Need.USER:
         return await node.user_exists(requirement.subject)
-    kind = await node.path_kind(requirement.subject)
+    kind = await node.path_kind(requirement.subject.replace(NODE_PLACEHOLDER, node.name))
     if requirement.need is Need.PATH:
         return kind is not None
     return kind == requirement.need.value
@@ -152,8 +160,18 @@ def spec_problems(spec: InstanceSpec) -> tuple[list[FieldProblem], list[Requirem
             problems.append(
                 FieldProblem(f"{name}.path", disk.path, "must be an absolute path without commas")
             )
+        elif NODE_PLACEHOLDER in disk.path and not disk.local:
+            problems.append(
+                FieldProblem(
+                    f"{name}.path", disk.path, "only a local disk's path may name its {node}"
+                )
+            )
         else:
             needs.append(Requirement(f"{name}.path", disk.path, Need.PATH, "must exist"))
+        if disk.keep_source and not disk.local:
+            problems.append(
+                FieldProblem(f"{name}.keep_source", True, "only a local disk has a source copy")
+            )
     for index, nic in enumerate(spec.nics):
         _check_nic(index, nic, problems)
     for index, tag in enumerate(spec.tags):

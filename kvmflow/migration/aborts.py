@@ -50,6 +50,7 @@ async def take_back(run: Migration, qmp: SourceMonitor, cause: BaseException) ->
     finding = Finding.SOURCE_KEPT
     with anyio.move_on_after(run.policy.cleanup_timeout) as scope:
         await run.target.stop()
+        await run.disks.remove_images()  # the target never ran the guest on them
         try:
             if await run.target.is_running():
                 raise MigrationError(run.name, "the target could not be stopped", runs_on=None)

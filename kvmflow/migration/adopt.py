@@ -24,6 +24,7 @@ from kvmflow.instance.states import InstanceEvent
 from kvmflow.kvm.hypervisor import KvmHypervisor
 from kvmflow.migration.aborts import after_failure
 from kvmflow.migration.decide import PolicyEngine
+from kvmflow.migration.disks import LocalDisk
 from kvmflow.migration.errors import MigrationError
 from kvmflow.migration.migrate import Migration
 from kvmflow.migration.phases import MigrationPhase, PhaseListener, PhaseTracker
@@ -60,6 +61,7 @@ class RecordedMigration:
     cont_may_be_sent: bool  # the dead controller may have started the target's vCPUs
     started_at: float  # time.time() of the intent
     deadline_at: float | None
+    local_disks: tuple[LocalDisk, ...] = ()  # copied with it (journaled before the images)
 
     @classmethod
     def from_journal(
@@ -84,6 +86,7 @@ class RecordedMigration:
                 bool(details.get("cont_may_be_sent", False)),
                 started_at,
                 details.get("deadline_at"),
+                tuple(LocalDisk.from_record(d) for d in details.get("local_disks", ())),
             )
         except (KeyError, ValueError, TypeError) as exc:
             raise RecoveryError(
@@ -165,8 +168,14 @@ async def adopt(
             await run.target.monitor()
         except KvmflowError as exc:  # gone: the driver's paths deal with a missing target
             _log.warning("target monitor not reachable", instance=instance.name, error=str(exc))
+        run.disks.disks = list(record.local_disks)
         if phase is Phase.STREAMING:  # the undo steps that phase holds
+            if record.local_disks:
+                run.disks.created = [d.target_path for d in record.local_disks]
+                run.undo.push_async_callback(run.disks.remove_images)
             run.undo.push_async_callback(run.target.stop)
+            if record.local_disks:
+                run.undo.push_async_callback(run.disks.cancel, qmp)
             if record.paused_by_us:
                 run.src.paused_at = time.monotonic()
                 run.undo.push_async_callback(run.src.resume)

@@ -26,7 +26,6 @@ the error says why kvmflow cannot vouch for one.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
@@ -34,22 +33,18 @@ from typing import Any, Literal
 import anyio
 
 from kvmflow._logging import get_logger
-from kvmflow.errors import ContUnanswered, IncompatibleTargetError, KvmflowError, MisuseError
+from kvmflow.errors import ContUnanswered, KvmflowError, MisuseError
 from kvmflow.feed import BoundedFeed
 from kvmflow.instance.instance import Instance
 from kvmflow.instance.states import InstanceEvent, InstanceState
 from kvmflow.kvm.hypervisor import KvmHypervisor
 from kvmflow.kvm.qemu_info import QemuInfo
 from kvmflow.kvm.runtime import SavedRuntime
-from kvmflow.migration import aborts, tls
+from kvmflow.migration import aborts, prepare
 from kvmflow.migration.actions import PolicyActions
-from kvmflow.migration.compat import (
-    incompatibilities,
-    migrate_arguments,
-    pinned_argv,
-    tls_problems,
-)
+from kvmflow.migration.compat import migrate_arguments
 from kvmflow.migration.decide import Decision, PolicyEngine
+from kvmflow.migration.disks import DiskCopy
 from kvmflow.migration.errors import MigrationError
 from kvmflow.migration.hmp_monitor import HmpMigrationMonitor
 from kvmflow.migration.outcome import INFO, Outcome, outcome_error
@@ -172,6 +167,7 @@ class Migration:
         self.on_progress = on_progress
         self.relay_uri = source_uri  # where the source connects, if not where the target is
         self.source_qemu: QemuInfo | None = None  # known once the pre-check ran
+        self.disks = DiskCopy(self.name, self.source, target)  # the local disks it copies
         self.started_at = time.monotonic()
         self.reports = 0
         self.bad_answers: list[BadAnswer] = []
@@ -270,7 +266,7 @@ class Migration:
                     self.name, f"source QEMU is {status.state.value}", runs_on=self.source.node.name
                 )
             self.was_running = status.running
-            runtime = await self.checked_runtime(qmp, runtime)
+            runtime = await prepare.checked_runtime(self, qmp, runtime)
             self.instance.machine.fire(InstanceEvent.MIGRATE)
             self.log.info(
                 "migration starting",
@@ -285,22 +281,6 @@ class Migration:
             except BaseException as exc:
                 return await aborts.after_failure(self, qmp, exc, runtime)
             return await self.complete(qmp, final, runtime)
-
-    async def checked_runtime(self, qmp: SourceMonitor, runtime: SavedRuntime) -> SavedRuntime:
-        """The runtime the target starts from, its machine type pinned (asked of the running
-        source when a runtime saved before pinning has none), once the target's QEMU is known
-        to take it; raises :class:`IncompatibleTargetError` listing every reason it cannot."""
-        source_qemu, target_qemu = await self.source.qemu(), await self.target_hv.qemu()
-        argv = await pinned_argv(runtime, source_qemu, qmp)
-        problems = incompatibilities(
-            source_qemu, target_qemu, argv, self.policy, target_node=self.target_hv.node.name
-        )
-        problems += await tls_problems(self.policy, self.source, self.target_hv)
-        if problems:
-            self.log.warning("target refused by the pre-check", problems=[str(p) for p in problems])
-            raise IncompatibleTargetError(self.name, self.source.node.name, problems)
-        self.source_qemu = source_qemu
-        return dataclasses.replace(runtime, argv=tuple(argv))
 
     def bind(self, qmp: SourceMonitor, resources: contextlib.AsyncExitStack) -> None:
         """Make both sides and the policy's actions, on the source monitor ``qmp``."""
@@ -320,6 +300,8 @@ class Migration:
 
     async def _transfer(self, qmp: SourceMonitor, runtime: SavedRuntime) -> MigrationSnapshot:
         await self.phases.step(Step.START_TARGET)
+        if self.disks.wanted:
+            await prepare.create_images(self)
         self.undo.push_async_callback(self.target.stop)
         await self.target.start(self.instance.spec, runtime, self.source.node.name)
         await self.phases.step(Step.TARGET_LISTENS)
@@ -328,7 +310,9 @@ class Migration:
             await qmp.execute("migrate-set-capabilities", {"capabilities": capabilities})
         await qmp.execute("migrate-set-parameters", self.policy.qemu_parameters())
         if self.policy.tls:
-            await self._encrypt(qmp)
+            await prepare.encrypt(self, qmp)
+        if self.disks.wanted:
+            await prepare.copy_disks(self, qmp)
         if not self.live:
             await self._pause_source()
         with qmp.subscribe("MIGRATION", max_buffered=64) as events:
@@ -341,15 +325,6 @@ class Migration:
                 on_snapshot=lambda snapshot: self.on_snapshot(snapshot),
                 on_bad_answer=self.note_bad_answer,
             )
-
-    async def _encrypt(self, qmp: SourceMonitor) -> None:
-        """The source's client end of the TLS stream, dropped again if the source keeps the
-        guest (the undo steps run on an abort; they are dropped at the switch-over)."""
-        assert self.source.migration_tls is not None  # the pre-check made sure
-        target_tls = self.target_hv.migration_tls
-        hostname = (target_tls.hostname if target_tls else None) or self.target_hv.node.name
-        self.undo.push_async_callback(tls.disable, qmp)
-        await tls.enable(qmp, self.source.migration_tls, "client", hostname=hostname)
 
     async def _pause_source(self) -> None:
         """Stop the source's vCPUs (non-live, or the policy's pause); undone by ``cont``."""
@@ -408,6 +383,18 @@ class Migration:
                 )
             )
 
+    def report_disks(self, copied: int, total: int) -> None:
+        """Progress of the local disks' copy, before RAM streams (to the journal's report)."""
+        if self.report_to is not None:
+            self.report_to(
+                {
+                    "status": "copying-disks",
+                    "disk_copied": copied,
+                    "disk_total": total,
+                    "elapsed": round(time.monotonic() - self.started_at, 1),
+                }
+            )
+
     def note_bad_answer(self, answer: BadAnswer, in_a_row: int) -> None:
         self.bad_answers.append(answer)
 
@@ -423,6 +410,8 @@ class Migration:
             await self.phases.step(Step.SOURCE_COMPLETED)
             if self.phases.phase is Phase.COMPLETED_ON_SOURCE:
                 try:
+                    if self.disks.wanted:  # the source stopped: the copies end at this moment
+                        await self.disks.finish(qmp, await self.target.monitor())
                     await self.target.take_over(self.was_running)
                 except ContUnanswered as exc:
                     await self.phases.step(Step.CONT_UNANSWERED)
@@ -436,6 +425,7 @@ class Migration:
             if self.src.paused_at is not None:
                 self.paused_ms = round((time.monotonic() - self.src.paused_at) * 1000)
             self.undo.pop_all()  # the target took over: nothing is undone any more
+            self.disks.created.clear()  # its images hold the guest now
             result = await self._finish(qmp, final, runtime)
         return result  # noqa: RET504 (outside the scope: mypy sees a scope that may swallow)
 
@@ -455,6 +445,8 @@ class Migration:
                 source_state = await self.src.end()
             except KvmflowError as exc:
                 problems.append(f"the source copy on {self.source.node.name} did not end: {exc}")
+            else:  # its local disks' copies go once nothing uses them
+                problems += await self.disks.remove_source_copies()
         if scope.cancelled_caught:
             problems.append(f"finishing did not complete within {self.policy.cleanup_timeout:g} s")
         self.instance.hypervisor = self.target_hv

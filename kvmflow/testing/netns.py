@@ -177,7 +177,7 @@ class NetnsLab:
 @contextlib.contextmanager
 def netns_lab(count: int, shape: LinkShape | None = None) -> Iterator[NetnsLab]:
     """``count`` hosts on one bridge, each link shaped by ``shape``; removed afterwards."""
-    lab = f"{os.getpid() % 100000:05d}{next(_labs) % 10}"
+    lab = f"{_lab_id_prefix()}{next(_labs) % 10}"
     subnet = _free_subnet()
     switch = f"{PREFIX}-{lab}-sw"
     uplink = f"kv{lab}c"
@@ -231,10 +231,17 @@ def netns_lab(count: int, shape: LinkShape | None = None) -> Iterator[NetnsLab]:
         shutil.rmtree(state.workdir, ignore_errors=True)
 
 
-def leftovers() -> list[str]:
-    """Namespaces of labs (any process's) that still exist."""
+def leftovers(*, of_any_process: bool = False) -> list[str]:
+    """Namespaces of this process's labs that still exist (with ``of_any_process``, of
+    every process's: a killed run leaves those)."""
+    mine = f"{PREFIX}-{_lab_id_prefix()}"
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)
-    return [line.split()[0] for line in listed.stdout.splitlines() if line.startswith(PREFIX)]
+    names = [line.split()[0] for line in listed.stdout.splitlines() if line.startswith(PREFIX)]
+    return names if of_any_process else [name for name in names if name.startswith(mine)]
+
+
+def _lab_id_prefix() -> str:
+    return f"{os.getpid() % 100000:05d}"
 
 
 def _kill_everything_in(namespace: str) -> None:
