@@ -16,12 +16,15 @@ from pathlib import Path
 import anyio
 import pytest
 
+from kvmflow.engine import Engine, Limits
 from kvmflow.errors import IncompatibleTargetError, MigrationError
 from kvmflow.guest import dirty_guest_spec, expected_sector, sweep_count, wait_for_sweeps
 from kvmflow.instance import Instance, InstanceState
-from kvmflow.kvm import Disk, KvmHypervisor
+from kvmflow.kvm import Disk, HvParams, InstanceSpec, KvmHypervisor
 from kvmflow.migration import MigrationPolicy, PhaseChange, migrate
 from kvmflow.migration.phases import MigrationPhase
+from kvmflow.migration.policy import MIB
+from kvmflow.testing import local_nodes
 from tests.guests import assert_runs_on
 
 pytestmark = pytest.mark.anyio
@@ -209,3 +212,64 @@ async def test_a_target_whose_storage_fills_up_mid_copy(
     assert sorted(p.name for p in small_storage.iterdir()) == ["filler"]  # no partial image
     await assert_disk_is_what_the_guest_wrote(source, "ld-full", storage / "node-a" / "disk.img")
     await instance.stop(force=True)
+
+
+async def test_one_link_budget_holds_disk_copies_and_ram_alike(
+    runtime_root: Path, storage: Path, dirty_guest: Path
+) -> None:
+    """node-a's 16 MiB/s link budget: a lone migration copies its disk at 16 MiB/s; when a
+    second migration starts, the engine's rebalance halves the disk copy's speed too."""
+    entries = local_nodes(runtime_root, "node-a", "node-b", link_budgets_mib={"node-a": 16})
+    policy = FAST.with_changes(bandwidth_mib=None)
+    async with Engine(entries, limits=Limits(2, 2), default_policy=policy) as engine:
+        node_a = engine.node("node-a").hypervisor
+        image(storage, "node-a", 64 << 20, data=48 << 20)
+        copying = engine.add_instance(
+            await writing_guest(node_a, storage, dirty_guest, "ld-budget")
+        )
+        plain = engine.add_instance(
+            Instance(
+                InstanceSpec("ld-plain", memory_mib=64, hvparams=HvParams(migration_port=0)), node_a
+            )
+        )
+        await plain.start()
+        first = engine.submit_migration("ld-budget", "node-b")
+
+        async def copy_speed() -> int | None:
+            if first.qmp is None:
+                return None
+            jobs = await first.qmp.execute("query-block-jobs")
+            return int(jobs[0]["speed"]) if jobs else None
+
+        with anyio.fail_after(30):
+            while await copy_speed() != 16 * MIB:
+                await anyio.sleep(0.05)
+        second = engine.submit_migration("ld-plain", "node-b")
+        with anyio.fail_after(30):
+            while await copy_speed() != 8 * MIB:
+                await anyio.sleep(0.05)
+        for ticket in (first, second):
+            ticket.cancel()
+            with pytest.raises(MigrationError):
+                await ticket.wait()
+        assert engine.where("ld-budget") == "node-a"
+        assert not (storage / "node-b" / "disk.img").exists()
+        for instance in (copying, plain):
+            await instance.stop(force=True)
+
+
+def test_jobs_says_how_far_the_disks_are() -> None:
+    from kvmflow.cli.records import _job_row
+    from kvmflow.store import JournalEntry, Owner
+
+    entry = JournalEntry(
+        1,
+        "ld-jobs",
+        "migrate",
+        Owner.this_process(),
+        1,
+        0.0,
+        "target-listening",
+        progress={"status": "copying-disks", "disk_copied": 24 << 20, "disk_total": 96 << 20},
+    )
+    assert _job_row(entry, None)["progress_text"] == "copying disks 25% of 96 MiB"

@@ -27,7 +27,13 @@ import anyio.abc
 
 from kvmflow._logging import get_logger
 from kvmflow._taskgroups import exit_task_group
-from kvmflow.engine.evacuation import Capacity, EvacuationPlan, EvacuationSummary, plan_moves
+from kvmflow.engine.evacuation import (
+    Capacity,
+    EvacuationPlan,
+    EvacuationSummary,
+    plan_moves,
+    refused_moves,
+)
 from kvmflow.engine.events import (
     BandwidthRebalanced,
     EngineEvent,
@@ -50,7 +56,7 @@ from kvmflow.errors import KvmflowError, MisuseError
 from kvmflow.instance.guard import OperationGuard
 from kvmflow.instance.instance import Instance
 from kvmflow.kvm.hypervisor import InstanceInfo, KvmHypervisor
-from kvmflow.migration.compat import check_migration
+from kvmflow.migration.disks import set_copy_speed
 from kvmflow.migration.errors import MigrationError
 from kvmflow.migration.migrate import migrate
 from kvmflow.migration.policy import MIB, MigrationPolicy
@@ -335,6 +341,8 @@ class Engine:
                 await ticket.qmp.execute(
                     "migrate-set-parameters", {"max-bandwidth": share * MIB}, timeout=10
                 )
+                if any(disk.local for disk in ticket.instance.spec.disks):
+                    await set_copy_speed(ticket.qmp, share * MIB)  # one budget: disks too
             except KvmflowError as exc:
                 _log.warning(
                     "bandwidth rebalance failed", instance=ticket.instance.name, error=str(exc)
@@ -464,22 +472,11 @@ class Engine:
                 raise MisuseError(f"cannot evacuate {source} onto itself")
             info = await self.node(name).hypervisor.node_info()
             capacity[name] = Capacity(info.memory_free_mib, len(self.on_node(name)))
-        refusals: dict[tuple[str, str], str] = {}
-        for instance in self.on_node(source):
-            wanted = (
-                policy
-                or self.default_policy
-                or MigrationPolicy.from_hvparams(instance.spec.hvparams)
-            )
-            for target in targets:
-                target_hv = self.node(target).hypervisor
-                try:
-                    problems = await check_migration(source_hv, target_hv, instance.name, wanted)
-                except MigrationError as exc:  # not running: its migration would fail too
-                    refusals[(instance.name, target)] = exc.reason
-                    continue
-                if problems:
-                    refusals[(instance.name, target)] = "; ".join(map(str, problems))
+        refusals = await refused_moves(
+            source_hv,
+            [(i, policy or self.default_policy) for i in self.on_node(source)],
+            [self.node(t).hypervisor for t in targets],
+        )
         needs = {i.name: i.spec.memory_mib for i in self.on_node(source)}
         return plan_moves(source, needs, capacity, refusals)
 

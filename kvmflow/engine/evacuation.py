@@ -1,7 +1,8 @@
-"""Evacuating a node: where each instance goes, decided from capacities alone.
+"""Evacuating a node: where each instance goes, decided from capacities and the pre-check.
 
-:func:`plan_moves` is a pure function of what each target has free and carries now, so it
-is tested with numbers alone; the engine gathers those figures from the nodes and runs the
+:func:`plan_moves` is a pure function of what each target has free and carries now and of
+which moves the pre-check refuses, so it is tested with numbers alone;
+:func:`refused_moves` asks the pre-check, and the engine gathers the figures and runs the
 moves.
 """
 
@@ -10,6 +11,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from kvmflow.errors import MigrationError
+from kvmflow.instance.instance import Instance
+from kvmflow.kvm.hypervisor import KvmHypervisor
+from kvmflow.migration.compat import check_migration
+from kvmflow.migration.policy import MigrationPolicy
 from kvmflow.migration.results import MigrationResult
 
 
@@ -79,3 +85,25 @@ def plan_moves(
         load[best] += 1
         plan.moves.append((name, best, need))
     return plan
+
+
+async def refused_moves(
+    source: KvmHypervisor,
+    instances: list[tuple[Instance, MigrationPolicy | None]],
+    targets: list[KvmHypervisor],
+) -> dict[tuple[str, str], str]:
+    """The pre-check's refusal of each (instance, target) pair that cannot move, with its
+    reasons (each instance under its policy, or its own hvparams' without one)."""
+    refusals: dict[tuple[str, str], str] = {}
+    for instance, policy in instances:
+        wanted = policy or MigrationPolicy.from_hvparams(instance.spec.hvparams)
+        for target in targets:
+            key = (instance.name, target.node.name)
+            try:
+                problems = await check_migration(source, target, instance.name, wanted)
+            except MigrationError as exc:  # not running: its migration would fail too
+                refusals[key] = exc.reason
+                continue
+            if problems:
+                refusals[key] = "; ".join(map(str, problems))
+    return refusals

@@ -333,3 +333,11 @@ async def stop_serving(name: str, target: KvmHypervisor, disks: list[LocalDisk])
                     await qmp.execute("block-export-del", {"id": disk.job})
             with contextlib.suppress(KvmflowError):
                 await qmp.execute("nbd-server-stop")
+
+
+async def set_copy_speed(qmp: CommandRunner, speed: int) -> None:
+    """Hold every local-disk copy of the QEMU behind ``qmp`` to ``speed`` bytes/s (the
+    engine's share of a link budget, which the RAM stream gets too)."""
+    for job in await qmp.execute("query-block-jobs"):
+        if str(job.get("device", "")).startswith(JOB_PREFIX):
+            await qmp.execute("block-job-set-speed", {"device": job["device"], "speed": speed})
