@@ -141,6 +141,28 @@ async def test_the_pre_check_refuses_a_target_that_already_holds_the_image(
     await instance.stop(force=True)
 
 
+async def test_tls_is_refused_for_local_disks_rather_than_copying_them_in_the_clear(
+    nodes: tuple[KvmHypervisor, KvmHypervisor], storage: Path, dirty_guest: Path, tmp_path: Path
+) -> None:
+    from kvmflow.kvm.tls import MigrationTLS
+    from tests.tls import make_migration_credentials
+
+    source, target = nodes
+    dirs = {hv.node.name: tmp_path / "tls" / hv.node.name for hv in nodes}
+    make_migration_credentials(dirs)
+    for hv in nodes:
+        hv.migration_tls = MigrationTLS(str(dirs[hv.node.name]))
+    image(storage, "node-a", 16 << 20)
+    instance = await writing_guest(source, storage, dirty_guest, "ld-tls")
+    with pytest.raises(IncompatibleTargetError, match="copied unencrypted"):
+        await migrate(
+            instance, target, target_address="127.0.0.1", policy=FAST.with_changes(tls=True)
+        )
+    assert not (storage / "node-b" / "disk.img").exists()
+    assert not await target.is_running("ld-tls")
+    await instance.stop(force=True)
+
+
 async def test_the_pre_check_refuses_a_target_without_the_space(
     nodes: tuple[KvmHypervisor, KvmHypervisor],
     storage: Path,

@@ -14,7 +14,12 @@ from kvmflow.errors import IncompatibleTargetError
 from kvmflow.kvm.argv import relocate_disks
 from kvmflow.kvm.runtime import SavedRuntime
 from kvmflow.migration import tls
-from kvmflow.migration.compat import incompatibilities, pinned_argv, tls_problems
+from kvmflow.migration.compat import (
+    Incompatibility,
+    incompatibilities,
+    pinned_argv,
+    tls_problems,
+)
 from kvmflow.migration.policy import MIB
 from kvmflow.migration.source import SourceMonitor
 
@@ -39,6 +44,14 @@ async def checked_runtime(
     if any(disk.local for disk in spec.disks):
         await run.disks.plan(spec, qmp)
         problems += await run.disks.problems()
+        if run.policy.tls:  # NBD through a drive-mirror URI has no TLS: never in the clear
+            problems.append(
+                Incompatibility(
+                    "its local disks would be copied unencrypted: the disk copy (NBD) has no "
+                    "TLS yet",
+                    "migrate it without tls, over a network you trust, or keep its disks shared",
+                )
+            )
         argv = relocate_disks(argv, spec, run.source.node.name, run.target_hv.node.name)
     if problems:
         run.log.warning("target refused by the pre-check", problems=[str(p) for p in problems])
