@@ -141,9 +141,11 @@ async def test_the_pre_check_refuses_a_target_that_already_holds_the_image(
     await instance.stop(force=True)
 
 
-async def test_tls_is_refused_for_local_disks_rather_than_copying_them_in_the_clear(
+async def test_with_tls_the_disk_copy_is_encrypted_too(
     nodes: tuple[KvmHypervisor, KvmHypervisor], storage: Path, dirty_guest: Path, tmp_path: Path
 ) -> None:
+    """With ``tls``, the NBD export and the source's NBD client use the nodes' credentials,
+    as the RAM stream does; the copy still holds what the guest wrote."""
     from kvmflow.kvm.tls import MigrationTLS
     from tests.tls import make_migration_credentials
 
@@ -152,14 +154,30 @@ async def test_tls_is_refused_for_local_disks_rather_than_copying_them_in_the_cl
     make_migration_credentials(dirs)
     for hv in nodes:
         hv.migration_tls = MigrationTLS(str(dirs[hv.node.name]))
-    image(storage, "node-a", 16 << 20)
+    image(storage, "node-a", 16 << 20, data=4 << 20)
     instance = await writing_guest(source, storage, dirty_guest, "ld-tls")
-    with pytest.raises(IncompatibleTargetError, match="copied unencrypted"):
+    tls = FAST.with_changes(tls=True)
+    await migrate(instance, target, target_address="127.0.0.1", policy=tls)
+    await assert_runs_on(instance, target)
+    await assert_disk_is_what_the_guest_wrote(target, "ld-tls", storage / "node-b" / "disk.img")
+    # Back, from a node whose client certificate the target's CA never signed: the disk
+    # copy, which comes before the RAM stream, is refused by the target's TLS.
+    stranger = tmp_path / "stranger"
+    make_migration_credentials({"node-b": stranger}, ca_name="another CA")
+    target.migration_tls = MigrationTLS(str(stranger))
+    phases: list[str] = []
+    with pytest.raises(MigrationError) as refused:
         await migrate(
-            instance, target, target_address="127.0.0.1", policy=FAST.with_changes(tls=True)
+            instance,
+            source,
+            target_address="127.0.0.1",
+            policy=tls,
+            on_phase=lambda change: phases.append(change.after.value),
         )
-    assert not (storage / "node-b" / "disk.img").exists()
-    assert not await target.is_running("ld-tls")
+    assert "certificate" in str(refused.value).lower(), refused.value
+    assert "streaming" not in phases  # refused at the disk copy, before any RAM went
+    assert instance.machine.node == "node-b"
+    assert (storage / "node-a" / "disk.img").exists() is False  # no partial image left
     await instance.stop(force=True)
 
 

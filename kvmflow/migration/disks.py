@@ -1,4 +1,4 @@
-"""Local disks copied with the guest: NBD on the target, ``drive-mirror`` on the source.
+"""Local disks copied with the guest: NBD on the target, ``blockdev-mirror`` on the source.
 
 An instance's local disks (``Disk(local=True)``) live on its node's own storage, so a live
 migration must carry them. Per disk, in the order libvirt and Incus use:
@@ -10,8 +10,9 @@ images      the target node gets an empty raw image of the same size at the disk
             there, after a pre-check (no file there yet, enough free space) (removed)
 export      the target QEMU, listening for the migration, serves each image over NBD
             (``nbd-server-start`` + writable ``block-export-add``) (the target is killed)
-mirror      the source mirrors each disk into its export while the guest runs
-            (``drive-mirror``, ``sync=full``, ``copy-mode=write-blocking``: once a job is
+mirror      the source mirrors each disk into its export while the guest runs (an NBD
+            client node, ``blockdev-mirror``, ``sync=full``, ``copy-mode=write-blocking``:
+            through TLS when the migration is encrypted; once a job is
             ready every guest write reaches both disks before it completes); zero blocks
             are sent as zeroes, not data (the jobs are cancelled)
 ready       every job is ready; only then does RAM migrate, under the same bandwidth
@@ -42,11 +43,11 @@ from kvmflow.errors import CommandError, KvmflowError, MigrationError
 from kvmflow.kvm.hypervisor import KvmHypervisor
 from kvmflow.kvm.spec import InstanceSpec
 from kvmflow.migration.compat import Incompatibility
-from kvmflow.migration.target import uri_host
 from kvmflow.monitor.queries import CommandRunner
 
 _log = get_logger("kvmflow.migration")
 JOB_PREFIX = "kvmflow-mirror-"
+NBD_NODE_PREFIX = "kvmflow-nbd-"
 NBD_PORTS = (49152, 60999)  # where the target's NBD server listens (a free one, by trying)
 
 
@@ -63,6 +64,11 @@ class LocalDisk:
     @property
     def job(self) -> str:
         return JOB_PREFIX + self.device
+
+    @property
+    def nbd_node(self) -> str:
+        """The source's block node that writes into the target's export."""
+        return NBD_NODE_PREFIX + self.device
 
     def as_record(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -88,7 +94,8 @@ class DiskCopy:
     target: KvmHypervisor
     disks: list[LocalDisk] = field(default_factory=list)
     created: list[str] = field(default_factory=list)  # images made on the target
-    nbd_address: str = ""
+    nbd_host: str = ""
+    nbd_port: int = 0
 
     @property
     def wanted(self) -> bool:
@@ -176,20 +183,25 @@ class DiskCopy:
                 _log.error("partial image left on the target", path=path, error=str(exc))
         self.created.clear()
 
-    async def export(self, target_qmp: CommandRunner, address: str) -> None:
-        """Serve every image from the target QEMU over NBD on ``address`` (a free port)."""
+    async def export(
+        self, target_qmp: CommandRunner, address: str, *, tls_creds: str | None = None
+    ) -> None:
+        """Serve every image from the target QEMU over NBD on ``address`` (a free port),
+        through TLS with the target's credentials object ``tls_creds``."""
         low, high = NBD_PORTS
         for port in random.sample(range(low, high), 20):
+            server: dict[str, object] = {
+                "addr": {"type": "inet", "data": {"host": address, "port": str(port)}}
+            }
+            if tls_creds is not None:
+                server["tls-creds"] = tls_creds
             try:
-                await target_qmp.execute(
-                    "nbd-server-start",
-                    {"addr": {"type": "inet", "data": {"host": address, "port": str(port)}}},
-                )
+                await target_qmp.execute("nbd-server-start", server)
             except CommandError as exc:
                 if "in use" in str(exc).lower():
                     continue
                 raise
-            self.nbd_address = f"{uri_host(address)}:{port}"
+            self.nbd_host, self.nbd_port = address, port
             break
         else:
             raise MigrationError(
@@ -217,22 +229,36 @@ class DiskCopy:
         speed: int | None,
         timeout: float,
         on_progress: Callable[[int, int], None] | None = None,
+        *,
+        tls_creds: str | None = None,
+        tls_hostname: str | None = None,
     ) -> None:
-        """Mirror every disk into the target's export (at most ``speed`` bytes/s each);
-        return once all are ready, telling ``on_progress`` (copied, total) meanwhile."""
+        """Mirror every disk into the target's export (at most ``speed`` bytes/s each),
+        through TLS with the source's credentials object ``tls_creds`` checking the target's
+        certificate for ``tls_hostname``; return once all are ready, telling
+        ``on_progress`` (copied, total) meanwhile."""
         for disk in self.disks:
+            node: dict[str, object] = {
+                "driver": "nbd",
+                "node-name": disk.nbd_node,
+                "server": {"type": "inet", "host": self.nbd_host, "port": str(self.nbd_port)},
+                "export": disk.device,
+            }
+            if tls_creds is not None:
+                node["tls-creds"] = tls_creds
+                if tls_hostname is not None:
+                    node["tls-hostname"] = tls_hostname
+            await qmp.execute("blockdev-add", node)
             arguments: dict[str, object] = {
                 "job-id": disk.job,
                 "device": disk.device,
-                "target": f"nbd://{self.nbd_address}/{disk.device}",
-                "format": "raw",
+                "target": disk.nbd_node,
                 "sync": "full",
-                "mode": "existing",
                 "copy-mode": "write-blocking",
             }
             if speed:
                 arguments["speed"] = speed
-            await qmp.execute("drive-mirror", arguments)
+            await qmp.execute("blockdev-mirror", arguments)
         with anyio.fail_after(timeout):
             while True:
                 jobs = {j["device"]: j for j in await qmp.execute("query-block-jobs")}
@@ -260,6 +286,7 @@ class DiskCopy:
             except KvmflowError:
                 continue  # it had ended already
         await self._wait_gone(qmp, 30)
+        await self._drop_nbd_nodes(qmp)
 
     async def finish(self, qmp: CommandRunner, target_qmp: CommandRunner) -> None:
         """The source has stopped: end each job (the target's copy is now that moment's,
@@ -270,6 +297,7 @@ class DiskCopy:
             if disk.job in running:
                 await qmp.execute("block-job-cancel", {"device": disk.job})
         await self._wait_gone(qmp, 60)
+        await self._drop_nbd_nodes(qmp)
         for disk in self.disks:
             with contextlib.suppress(CommandError):
                 await target_qmp.execute("block-export-del", {"id": disk.job})
@@ -286,6 +314,12 @@ class DiskCopy:
                 except KvmflowError as exc:
                     problems.append(f"the source's copy {disk.source_path} stays: {exc}")
         return problems
+
+    async def _drop_nbd_nodes(self, qmp: CommandRunner) -> None:
+        """The source's NBD client nodes, once no job writes through them."""
+        for disk in self.disks:
+            with contextlib.suppress(CommandError):  # never added, or gone already
+                await qmp.execute("blockdev-del", {"node-name": disk.nbd_node})
 
     async def _wait_gone(self, qmp: CommandRunner, timeout: float) -> None:
         ours = {d.job for d in self.disks}

@@ -14,12 +14,7 @@ from kvmflow.errors import IncompatibleTargetError
 from kvmflow.kvm.argv import relocate_disks
 from kvmflow.kvm.runtime import SavedRuntime
 from kvmflow.migration import tls
-from kvmflow.migration.compat import (
-    Incompatibility,
-    incompatibilities,
-    pinned_argv,
-    tls_problems,
-)
+from kvmflow.migration.compat import incompatibilities, pinned_argv, tls_problems
 from kvmflow.migration.policy import MIB
 from kvmflow.migration.source import SourceMonitor
 
@@ -44,14 +39,6 @@ async def checked_runtime(
     if any(disk.local for disk in spec.disks):
         await run.disks.plan(spec, qmp)
         problems += await run.disks.problems()
-        if run.policy.tls:  # NBD through a drive-mirror URI has no TLS: never in the clear
-            problems.append(
-                Incompatibility(
-                    "its local disks would be copied unencrypted: the disk copy (NBD) has no "
-                    "TLS yet",
-                    "migrate it without tls, over a network you trust, or keep its disks shared",
-                )
-            )
         argv = relocate_disks(argv, spec, run.source.node.name, run.target_hv.node.name)
     if problems:
         run.log.warning("target refused by the pre-check", problems=[str(p) for p in problems])
@@ -72,12 +59,20 @@ async def copy_disks(run: Migration, qmp: SourceMonitor) -> None:
     """Export the target's images and mirror the source's disks into them until every copy
     is ready, within a deadline of four times their size at the policy's bandwidth."""
     target_qmp = await run.target.monitor()
-    await run.disks.export(target_qmp, run.address)
+    creds = tls.CREDS_ID if run.policy.tls else None  # both ends hold it by now
+    await run.disks.export(target_qmp, run.address, tls_creds=creds)
     run.undo.push_async_callback(run.disks.cancel, qmp)
     speed = run.policy.bandwidth_mib * MIB if run.policy.bandwidth_mib else None
     total = sum(d.size for d in run.disks.disks)
     timeout = max(60.0, 4 * total / speed) if speed else 3600.0
-    await run.disks.mirror(qmp, speed, timeout, run.report_disks)
+    await run.disks.mirror(
+        qmp,
+        speed,
+        timeout,
+        run.report_disks,
+        tls_creds=creds,
+        tls_hostname=tls_hostname(run) if creds else None,
+    )
     if run.journal is not None:
         await run.journal({"disks_ready": [d.device for d in run.disks.disks]})
 
@@ -86,7 +81,11 @@ async def encrypt(run: Migration, qmp: SourceMonitor) -> None:
     """The source's client end of the TLS stream, dropped again if the source keeps the
     guest (the undo steps run on an abort; they are dropped at the switch-over)."""
     assert run.source.migration_tls is not None  # the pre-check made sure
-    target_tls = run.target_hv.migration_tls
-    hostname = (target_tls.hostname if target_tls else None) or run.target_hv.node.name
     run.undo.push_async_callback(tls.disable, qmp)
-    await tls.enable(qmp, run.source.migration_tls, "client", hostname=hostname)
+    await tls.enable(qmp, run.source.migration_tls, "client", hostname=tls_hostname(run))
+
+
+def tls_hostname(run: Migration) -> str:
+    """The name the target's server certificate must carry."""
+    target_tls = run.target_hv.migration_tls
+    return (target_tls.hostname if target_tls else None) or run.target_hv.node.name
