@@ -14,11 +14,11 @@ import pytest
 from kvmflow.guest import MARKER, dirty_guest_spec, wait_for_sweeps
 from kvmflow.guest import sweep_count as sweeps
 from kvmflow.instance import Instance, InstanceState
-from kvmflow.kvm import KvmHypervisor
-from kvmflow.kvm.tls import MigrationTLS
+from kvmflow.kvm import Disk, KvmHypervisor
 from kvmflow.migration import MigrationPolicy, migrate
+from kvmflow.migration.disks import NBD_PORTS
 from kvmflow.testing.netns import ONE_GBIT, LinkShape, NetnsLab, leftovers, netns_lab
-from tests.tls import make_migration_credentials
+from tests.tls import give_credentials
 
 pytestmark = pytest.mark.anyio
 PORT = 8102  # each host has a port space of its own: no collisions
@@ -94,34 +94,70 @@ async def test_a_migration_over_the_shaped_link_is_held_to_its_rate(
     await instance.stop(force=True)
 
 
+async def there_plain_back_encrypted(
+    lab: NetnsLab,
+    instance: Instance,
+    hosts: tuple[KvmHypervisor, KvmHypervisor],
+    *,
+    port: int | None = None,
+    ports: tuple[int, int] | None = None,
+) -> tuple[bytes, bytes]:
+    """Migrate host0 -> host1 in the clear, then back with TLS, capturing host0's link
+    each time (on ``port`` or the range ``ports``); returns both captures."""
+    source, target = hosts
+    captures = []
+    for to, address, policy in (
+        (target, lab.hosts[1].address, UNLIMITED),
+        (source, lab.hosts[0].address, UNLIMITED.with_changes(tls=True)),
+    ):
+        with lab.capture(lab.hosts[0], port, ports=ports) as pcap:
+            await migrate(instance, to, target_address=address, policy=policy)
+        captures.append(pcap.read_bytes())
+    return captures[0], captures[1]
+
+
 async def test_the_stream_shows_guest_memory_in_the_clear_and_never_through_tls(
     lab: NetnsLab,
     hosts: tuple[KvmHypervisor, KvmHypervisor],
     dirty_guest: Path,
     tmp_path: Path,
 ) -> None:
-    source, target = hosts
-    dirs = {hv.node.name: tmp_path / "tls" / hv.node.name for hv in hosts}
-    make_migration_credentials(dirs)
-    for hv in hosts:
-        hv.migration_tls = MigrationTLS(str(dirs[hv.node.name]))
+    source = hosts[0]
+    give_credentials(hosts, tmp_path / "tls")
     spec = dirty_guest_spec("marked", dirty_guest, migration_port=PORT, mib=8, marked=True)
     instance = Instance(spec, source)
     await instance.start()
     await wait_for_sweeps(source, "marked")
-    with lab.capture(lab.hosts[0], PORT) as plain:
-        await migrate(instance, target, target_address=lab.hosts[1].address, policy=UNLIMITED)
-    assert MARKER in plain.read_bytes()  # the capture sees guest memory in the clear
-    with lab.capture(lab.hosts[0], PORT) as encrypted:
-        await migrate(
-            instance,
-            source,
-            target_address=lab.hosts[0].address,
-            policy=UNLIMITED.with_changes(tls=True),
-        )
-    captured = encrypted.read_bytes()
+    plain, captured = await there_plain_back_encrypted(lab, instance, hosts, port=PORT)
+    assert MARKER in plain  # the capture sees guest memory in the clear
     assert len(captured) > 8 << 20  # the whole stream was captured ...
     assert MARKER not in captured  # ... and none of it is readable
     assert MARKER[:12] not in captured
+    assert instance.machine.node == source.node.name
+    await instance.stop(force=True)
+
+
+async def test_a_local_disk_crosses_the_link_in_the_clear_only_without_tls(
+    lab: NetnsLab,
+    hosts: tuple[KvmHypervisor, KvmHypervisor],
+    dirty_guest: Path,
+    tmp_path: Path,
+) -> None:
+    """The disk copy (NBD, on a port of its range) shows the disk's bytes on the link
+    without TLS, and none of them with it."""
+    source = hosts[0]
+    give_credentials(hosts, tmp_path / "tls")
+    for host in lab.hosts:
+        (tmp_path / host.name).mkdir()
+    (tmp_path / "host0" / "disk.img").write_bytes(MARKER * ((4 << 20) // len(MARKER) + 1))
+    disk = Disk(str(tmp_path / "{node}" / "disk.img"), local=True)
+    spec = dirty_guest_spec("disk-cap", dirty_guest, migration_port=PORT, mib=4, disks=(disk,))
+    instance = Instance(spec, source)
+    await instance.start()
+    await wait_for_sweeps(source, "disk-cap")
+    plain, captured = await there_plain_back_encrypted(lab, instance, hosts, ports=NBD_PORTS)
+    assert MARKER in plain
+    assert len(captured) > 4 << 20  # the disk went over the link ...
+    assert MARKER[:12] not in captured  # ... unreadable
     assert instance.machine.node == source.node.name
     await instance.stop(force=True)

@@ -147,13 +147,10 @@ async def test_with_tls_the_disk_copy_is_encrypted_too(
     """With ``tls``, the NBD export and the source's NBD client use the nodes' credentials,
     as the RAM stream does; the copy still holds what the guest wrote."""
     from kvmflow.kvm.tls import MigrationTLS
-    from tests.tls import make_migration_credentials
+    from tests.tls import give_credentials, make_migration_credentials
 
     source, target = nodes
-    dirs = {hv.node.name: tmp_path / "tls" / hv.node.name for hv in nodes}
-    make_migration_credentials(dirs)
-    for hv in nodes:
-        hv.migration_tls = MigrationTLS(str(dirs[hv.node.name]))
+    give_credentials(nodes, tmp_path / "tls")
     image(storage, "node-a", 16 << 20, data=4 << 20)
     instance = await writing_guest(source, storage, dirty_guest, "ld-tls")
     tls = FAST.with_changes(tls=True)

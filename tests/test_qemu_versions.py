@@ -255,6 +255,12 @@ hvparams = {{ migration_port = 0, machine_version = "pc-i440fx-7.2" }}
     assert accepted["compatible"] is True
     assert (accepted["source_qemu"], accepted["target_qemu"]) == (new.version, old.version)
     assert cli("info", "chk1", "--json", config=config).returncode == 0  # still runs on new
+    planned = cli("evacuate", "new", "--to", "old", "--dry-run", "--json", config=config)
+    plan = json.loads(planned.stdout)
+    assert [m["instance"] for m in plan["plan"]] == ["chk2"]
+    [(name, why)] = [(u["instance"], u["reason"]) for u in plan["unplaceable"]]
+    assert name == "chk1"
+    assert "no machine type pc-i440fx-10.0" in why
     moved = cli("migrate", "chk2", "old", config=config)
     assert moved.returncode == 0, moved.stderr
     for name in ("chk1", "chk2"):

@@ -19,7 +19,7 @@ from kvmflow.migration.policy import Capabilities
 from tests.conftest import qemus_under
 from tests.guests import assert_runs_on, started_dirty
 from tests.test_policies import migrate_and_break_postcopy
-from tests.tls import make_migration_credentials
+from tests.tls import give_credentials, make_migration_credentials
 
 pytestmark = pytest.mark.anyio
 FAST = MigrationPolicy.fixed(bandwidth_mib=1024, downtime_ms=300, poll_interval=0.1)
@@ -36,10 +36,7 @@ def tls_nodes(
     nodes: tuple[KvmHypervisor, KvmHypervisor], tmp_path: Path
 ) -> tuple[KvmHypervisor, KvmHypervisor]:
     """node-a and node-b with credentials of one CA (the target verifies the source)."""
-    dirs = {hv.node.name: tmp_path / "tls" / hv.node.name for hv in nodes}
-    make_migration_credentials(dirs)
-    for hv in nodes:
-        hv.migration_tls = MigrationTLS(str(dirs[hv.node.name]))
+    give_credentials(nodes, tmp_path / "tls")
     return nodes
 
 

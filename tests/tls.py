@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from kvmflow.kvm import KvmHypervisor
+from kvmflow.kvm.tls import MigrationTLS
 
 
 @dataclass
@@ -102,3 +106,12 @@ def make_migration_credentials(directories: dict[str, Path], ca_name: str = "mig
         client_key = ec.generate_private_key(ec.SECP256R1())
         client = _issue(node, client_key, ca_name, ca_key, usage=ExtendedKeyUsageOID.CLIENT_AUTH)
         _write(directory / "client-cert.pem", client, client_key)
+
+
+def give_credentials(hypervisors: Iterable[KvmHypervisor], directory: Path) -> None:
+    """One CA's migration credentials for each hypervisor's node, under ``directory``."""
+    by_node = {hv.node.name: hv for hv in hypervisors}
+    dirs = {name: directory / name for name in by_node}
+    make_migration_credentials(dirs)
+    for name, hv in by_node.items():
+        hv.migration_tls = MigrationTLS(str(dirs[name]))

@@ -137,10 +137,20 @@ class NetnsLab:
                 raise
 
     @contextlib.contextmanager
-    def capture(self, host: LabHost, port: int) -> Iterator[Path]:
-        """Record the TCP traffic of ``host``'s link to or from ``port`` (a capture filter,
-        at the switch) while the block runs; yields the pcap file, complete after it."""
-        pcap = self.workdir / f"{host.name}-{port}.pcap"
+    def capture(
+        self, host: LabHost, port: int | None = None, *, ports: tuple[int, int] | None = None
+    ) -> Iterator[Path]:
+        """Record the TCP traffic of ``host``'s link to or from ``port`` (or any port of the
+        range ``ports``; a capture filter, at the switch) while the block runs; yields the
+        pcap file, complete after it."""
+        if (port is None) == (ports is None):
+            raise ValueError("capture wants a port or a range of ports")
+        if port is not None:
+            bpf, label = f"tcp port {port}", str(port)
+        else:
+            assert ports is not None
+            bpf, label = f"tcp portrange {ports[0]}-{ports[1]}", f"{ports[0]}-{ports[1]}"
+        pcap = self.workdir / f"{host.name}-{label}.pcap"
         process = subprocess.Popen(
             [
                 "ip",
@@ -155,7 +165,7 @@ class NetnsLab:
                 "0",
                 "-w",
                 str(pcap),
-                f"tcp port {port}",
+                bpf,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
