@@ -53,6 +53,11 @@ async def test_tls_migration_completes(
         assert (await qmp.execute("query-migrate-parameters"))[
             "tls-creds"
         ] == "kvmflow-migration-tls"
+    # Its credentials stay on that QEMU; a plain migration onwards must not use them.
+    await migrate(instance, source, target_address="127.0.0.1", policy=FAST)
+    await assert_runs_on(instance, source)
+    async with source.qmp("tls-ok") as qmp:
+        assert (await qmp.execute("query-migrate-parameters"))["tls-creds"] == ""
     await instance.stop(force=True)
 
 
