@@ -310,3 +310,22 @@ def test_jobs_says_how_far_the_disks_are() -> None:
         progress={"status": "copying-disks", "disk_copied": 24 << 20, "disk_total": 96 << 20},
     )
     assert _job_row(entry, None)["progress_text"] == "copying disks 25% of 96 MiB"
+
+
+def test_local_disk_fields_are_checked() -> None:
+    from kvmflow.errors import ValidationError
+    from kvmflow.kvm.validation import spec_problems
+
+    with pytest.raises(ValidationError, match="local must be true or false"):
+        InstanceSpec.from_dict({"name": "x", "disks": [{"path": "/d.img", "local": "yes"}]})
+    spec = InstanceSpec(
+        "x", disks=(Disk("/srv/{node}/a.img"), Disk("/srv/b.img", keep_source=True))
+    )
+    problems, _ = spec_problems(spec)
+    assert {(p.field, p.allowed) for p in problems} == {
+        ("disks[0].path", "only a local disk's path may name its {node}"),
+        ("disks[1].keep_source", "only a local disk has a source copy"),
+    }
+    local = Disk("/srv/{node}/a.img", local=True, keep_source=True)
+    assert local.path_on("beta") == "/srv/beta/a.img"
+    assert InstanceSpec.from_dict(InstanceSpec("x", disks=(local,)).to_dict()).disks == (local,)
