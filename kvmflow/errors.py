@@ -194,6 +194,20 @@ class LeaseLostError(StoreError):
     """Our lease on an instance expired or was taken over: we must not act on it any more."""
 
 
+class StoreUnavailableError(StoreError):
+    """The store does not answer (etcd without quorum, unreachable): nothing was written,
+    and new operations are refused until it answers again."""
+
+
+class NodeNotHeldError(MisuseError):
+    """The node belongs to another controller's shard: only its owner acts on its
+    instances (``owner`` names it, ``None`` when no controller holds the node now)."""
+
+    def __init__(self, message: str, *, node: str, owner: str | None) -> None:
+        self.node, self.owner = node, owner
+        super().__init__(message)
+
+
 class NothingToAbortError(MisuseError):
     """An abort was asked for an instance that no operation holds."""
 

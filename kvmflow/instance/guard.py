@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -34,7 +35,14 @@ import anyio
 
 from kvmflow._logging import get_logger
 from kvmflow._taskgroups import exit_task_group
-from kvmflow.errors import InstanceBusyError, KvmflowError, LeaseLostError, OperationAbortedError
+from kvmflow.errors import (
+    InstanceBusyError,
+    KvmflowError,
+    LeaseLostError,
+    OperationAbortedError,
+    StoreUnavailableError,
+)
+from kvmflow.fencing import changes_proven_by
 from kvmflow.store.base import (
     JournalEntry,
     Lease,
@@ -64,6 +72,7 @@ class HeldOperation:
     entry: JournalEntry
     outcome: str = "done"
     lost: LeaseLostError | None = field(default=None)
+    unproven: bool = False  # a proof failed for want of the store: later ones do not wait
     aborted: OperationAbortedError | None = field(default=None)
     keep_open: bool = False  # recovery: leave the entry open and the lease in place
     placement: PlacementChange | None = None  # where the close records the instance
@@ -146,7 +155,8 @@ class OperationGuard:
         renewer.start_soon(self._keep, held, renewer.cancel_scope)
         try:
             try:
-                yield held
+                with changes_proven_by(functools.partial(self._prove, held)):
+                    yield held
             except BaseException as exc:
                 if held.aborted is not None:
                     held.outcome = f"aborted: requested by {held.aborted.requested_by}"
@@ -170,6 +180,38 @@ class OperationGuard:
                 await self._close(held)
         if held.lost is not None:
             raise held.lost
+
+    async def _prove(self, held: HeldOperation, step: str) -> None:
+        """Fencing before ``step`` (one that changes a QEMU): the store proves the lease
+        still holds. While the store does not answer (etcd without quorum), wait up to the
+        lease's TTL for it (nobody else can take the lease over meanwhile); then refuse, and
+        take later steps of this operation only with a prompt answer."""
+        patience = 0.0 if held.unproven else self.ttl
+        deadline = time.monotonic() + patience
+        waited = False
+        while True:
+            if held.lost is not None:
+                _log.error("fenced: not taking the step", step=step, reason=str(held.lost))
+                raise held.lost
+            try:
+                await self.store.prove(held.lease)
+            except StoreUnavailableError as exc:
+                if time.monotonic() >= deadline:
+                    held.unproven = True
+                    _log.error("store unavailable: not taking the step", step=step, error=str(exc))
+                    raise
+                if not waited:
+                    _log.warning("store unavailable: waiting for it before a step", step=step)
+                    waited = True
+                await anyio.sleep(0.25)
+                continue
+            except LeaseLostError as exc:
+                held.lost = held.lost or exc
+                self._stop(held)
+                continue
+            if waited:
+                _log.warning("store answers again: taking the step", step=step)
+            return
 
     async def _keep(self, held: HeldOperation, body: anyio.CancelScope) -> None:
         """Beside one body: lead the rounds while no other keeper does, else wait for a

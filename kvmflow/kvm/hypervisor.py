@@ -25,6 +25,7 @@ from kvmflow.errors import (
     QemuStartError,
     StopError,
 )
+from kvmflow.fencing import before_change
 from kvmflow.kvm.argv import QEMU_BINARY, build_argv, execution_args, portable_argv
 from kvmflow.kvm.console import console_command
 from kvmflow.kvm.hvparams import SecurityModel
@@ -224,6 +225,7 @@ class KvmHypervisor:
         if await self.is_running(name):
             raise InstanceRunningError(f"instance {name} is already running on {self.node.name}")
         qemu = await self.qemu()
+        await before_change(f"start QEMU {name} on {self.node.name}")
         await self.paths.ensure(self.node)
         if runtime is not None:
             base_argv = portable_argv(runtime.argv_for(self.paths), qemu.binary)

@@ -24,6 +24,7 @@ from kvmflow.errors import (
     MalformedReplyError,
     MisuseError,
 )
+from kvmflow.fencing import before_change, hmp_changes
 from kvmflow.monitor.connection import ConnectionState
 from kvmflow.monitor.transport import MonitorAddress, as_connector
 
@@ -171,6 +172,8 @@ class HMPClient:
         ``Error:`` raises :class:`CommandError`.
         """
         _check_line(command_line)
+        if hmp_changes(command_line):
+            await before_change(f"hmp {command_line.split()[0]}")
         if timeout is None:
             timeout = self.command_timeout
         async with self._lock:

@@ -27,6 +27,7 @@ from kvmflow.errors import (
     MalformedReplyError,
     MisuseError,
 )
+from kvmflow.fencing import before_change, qmp_changes
 from kvmflow.monitor.calls import Call, Deadlines, PendingCalls
 from kvmflow.monitor.connection import READ_SIZE, ConnectionState, MonitorConnection
 from kvmflow.monitor.events import EventSubscription
@@ -226,6 +227,8 @@ class QMPClient:
         first, and :class:`DeadlineError` after ``timeout`` (default: ``command_timeout``).
         A cancelled or timed-out command leaves the connection usable: its reply is dropped.
         """
+        if qmp_changes(command):
+            await before_change(f"qmp {command} on {self.name}")
         connection = self._connection
         if connection is None:
             raise ConnectionLostError(

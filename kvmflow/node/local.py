@@ -15,6 +15,7 @@ import anyio
 import psutil
 
 from kvmflow.errors import NodeError
+from kvmflow.fencing import before_change
 from kvmflow.monitor.transport import Connector, UnixSocketConnector
 from kvmflow.node.base import CommandResult, NodeInfo, NodeLifecycle, node_errors
 
@@ -86,6 +87,7 @@ class LocalNode(NodeLifecycle):
             return await anyio.to_thread.run_sync(create)
 
     async def remove(self, path: str) -> bool:
+        await before_change(f"remove {path} on {self.name}")
         with node_errors(self.name, f"remove {path}"):
             try:
                 await anyio.Path(path).unlink()
@@ -128,6 +130,8 @@ class LocalNode(NodeLifecycle):
             await anyio.to_thread.run_sync(os.rename, source, target)
 
     async def remove_tree(self, path: str) -> None:
+        await before_change(f"remove {path} on {self.name}")
+
         def remove() -> None:
             if os.path.lexists(path):
                 shutil.rmtree(path)
@@ -158,6 +162,7 @@ class LocalNode(NodeLifecycle):
         return await anyio.to_thread.run_sync(scan)
 
     async def signal_process(self, pid: int, sig: signal.Signals) -> bool:
+        await before_change(f"signal {sig.name} to pid {pid} on {self.name}")
         try:
             os.kill(pid, sig)
         except ProcessLookupError:

@@ -27,6 +27,7 @@ import asyncssh
 
 from kvmflow._logging import get_logger
 from kvmflow.errors import NodeError, SSHConnectError, SSHFailure, TransportError
+from kvmflow.fencing import before_change
 from kvmflow.monitor.transport import Connector, StreamFactoryConnector
 from kvmflow.node.base import CommandResult, NodeInfo, NodeLifecycle, node_errors
 
@@ -265,6 +266,7 @@ class SSHNode(NodeLifecycle):
         return True
 
     async def remove(self, path: str) -> bool:
+        await before_change(f"remove {path} on {self.name}")
         sftp = await self.sftp()
         with self._errors(f"remove {path}"):
             try:
@@ -317,6 +319,7 @@ class SSHNode(NodeLifecycle):
             await sftp.posix_rename(source, target)
 
     async def remove_tree(self, path: str) -> None:
+        await before_change(f"remove {path} on {self.name}")
         result = await self.run(["rm", "-rf", "--", path])
         if not result.ok:
             raise NodeError(f"cannot remove {path}: {result.error_text()}", node=self._name)
@@ -355,6 +358,7 @@ class SSHNode(NodeLifecycle):
         return found
 
     async def signal_process(self, pid: int, sig: signal.Signals) -> bool:
+        await before_change(f"signal {sig.name} to pid {pid} on {self.name}")
         result = await self.run(["kill", f"-{sig.name.removeprefix('SIG')}", str(int(pid))])
         if result.ok:
             return True

@@ -154,6 +154,11 @@ class Store(Protocol):
         gone."""
         ...
 
+    async def prove(self, lease: Lease) -> None:
+        """Fencing before a step that changes a QEMU: ``lease`` still holds (our token,
+        not expired), or :class:`~kvmflow.errors.LeaseLostError`; nothing is written."""
+        ...
+
     async def renew(self, lease: Lease, ttl: float) -> Lease:
         """Extend ``lease``; :class:`~kvmflow.errors.LeaseLostError` if it is no longer ours."""
         ...

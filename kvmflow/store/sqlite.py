@@ -33,7 +33,7 @@ from kvmflow.store.base import (
     busy_message,
 )
 from kvmflow.store.commit import GroupCommitter
-from kvmflow.store.schema import DEFAULT_PATH, connect
+from kvmflow.store.schema import DEFAULT_PATH, connect, translated
 
 
 class SQLiteStore(GroupCommitter):
@@ -87,6 +87,13 @@ class SQLiteStore(GroupCommitter):
                 return lease
 
         return await self._batched(acquire)
+
+    async def prove(self, lease: Lease) -> None:
+        def prove() -> None:
+            with translated(self.path):
+                _prove(self._db, lease, self.path)
+
+        await self._run(prove)
 
     async def renew(self, lease: Lease, ttl: float) -> Lease:
         def renew() -> Lease:

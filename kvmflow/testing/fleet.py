@@ -29,6 +29,7 @@ import anyio
 import anyio.abc
 
 from kvmflow.errors import NodeError
+from kvmflow.fencing import before_change
 from kvmflow.monitor.transport import Connector, UnixSocketConnector
 from kvmflow.node.base import CommandResult, NodeInfo, NodeLifecycle
 from kvmflow.node.local import LocalNode
@@ -409,6 +410,7 @@ class FakeNode(NodeLifecycle):
         return True
 
     async def remove(self, path: str) -> bool:
+        await before_change(f"remove {path} on {self.name}")
         return self.files.pop(path, None) is not None
 
     async def make_dirs(self, path: str, mode: int = 0o700) -> None:
@@ -433,6 +435,7 @@ class FakeNode(NodeLifecycle):
         self.files[target] = self.files.pop(source)
 
     async def remove_tree(self, path: str) -> None:
+        await before_change(f"remove {path} on {self.name}")
         for name in [p for p in self.files if p.startswith(path.rstrip("/") + "/")]:
             del self.files[name]
 
@@ -444,6 +447,7 @@ class FakeNode(NodeLifecycle):
         return [int(pid) for pid in await self._call(op="find", argument=argument)]
 
     async def signal_process(self, pid: int, sig: signal.Signals) -> bool:
+        await before_change(f"signal {sig.name} to pid {pid} on {self.name}")
         return bool(await self._call(op="kill", pid=pid))
 
     async def node_info(self) -> NodeInfo:
