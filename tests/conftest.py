@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -14,6 +15,7 @@ import pytest
 from kvmflow.kvm import KvmHypervisor, ScratchQemu, start_scratch_qemu
 from kvmflow.store import SQLiteStore
 from kvmflow.testing import local_hypervisors
+from kvmflow.testing.etcd import EtcdCluster, etcd_cluster
 from kvmflow.testing.qemu_builds import QemuBuild, debian_qemu, system_qemu
 
 
@@ -199,3 +201,28 @@ def no_lab_left_behind() -> Iterator[None]:
 
     yield
     assert leftovers() == [], f"network namespaces left behind: {leftovers()}"
+
+
+@pytest.fixture(scope="session")
+def shared_etcd() -> Iterator[EtcdCluster]:
+    """One real 3-member etcd cluster for the tests that only read and write (each under a
+    prefix of its own); stopped after the suite."""
+    with etcd_cluster(3) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def etcd() -> Iterator[EtcdCluster]:
+    """A real 3-member etcd cluster of the test's own (members may be killed)."""
+    with etcd_cluster(3) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_etcd_left_behind() -> Iterator[None]:
+    """After the whole suite: no etcd member of a test cluster still runs."""
+    yield
+    left = subprocess.run(
+        ["pgrep", "-f", "kvmflow-etcd-"], capture_output=True, text=True, check=False
+    ).stdout.split()
+    assert left == [], f"etcd members left behind: {left}"

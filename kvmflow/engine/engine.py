@@ -133,15 +133,26 @@ class Engine:
         return self
 
     async def recover(
-        self, *, abort: bool = False, dry_run: bool = False, clean_orphans: bool = False
+        self,
+        *,
+        abort: bool = False,
+        dry_run: bool = False,
+        clean_orphans: bool = False,
+        nodes: set[str] | None = None,
     ) -> list[RecoveryReport]:
-        """Reconcile the store's unfinished operations and every node's QEMUs, per phase
-        (see :mod:`kvmflow.engine.recovery`); needs a ``guard``."""
+        """Reconcile the store's unfinished operations and every node's QEMUs (or only
+        those of ``nodes``: a shard taken over), per phase (see
+        :mod:`kvmflow.engine.recovery`); needs a ``guard``."""
         if self.guard is None:
             raise MisuseError("recovery needs the store of record: make the engine with guard=")
         hypervisors = {name: entry.hypervisor for name, entry in self.nodes.items()}
         recovery = Recovery(
-            hypervisors, self.guard, abort=abort, dry_run=dry_run, clean_orphans=clean_orphans
+            hypervisors,
+            self.guard,
+            abort=abort,
+            dry_run=dry_run,
+            clean_orphans=clean_orphans,
+            only_nodes=nodes,
         )
         return await recovery.run()
 
@@ -259,6 +270,8 @@ class Engine:
             raise MisuseError("the engine is not running; use 'async with Engine(...)'")
         instance = self.instance(name)
         self.node(target)
+        if self.guard is not None and self.guard.node_check is not None:
+            self.guard.node_check(instance.node_name)  # a cluster: the source's owner runs it
         if instance.node_name == target:
             raise MisuseError(f"instance {name} already runs on {target}")
         for ticket in self._tickets.values():

@@ -25,8 +25,10 @@ async def find_orphans(recovery: Recovery, *, skip: set[str]) -> list[RecoveryRe
     """Reports for every instance (except ``skip``: entries still open) whose copies and
     record disagree; acts only as the module says."""
     store = recovery.store
-    placements = {p.instance: p for p in await store.placements()}
-    found = await survey(recovery.hypervisors, placements)
+    only = recovery.only_nodes
+    placements = {p.instance: p for p in await store.placements() if only is None or p.node in only}
+    hypervisors = {n: hv for n, hv in recovery.hypervisors.items() if only is None or n in only}
+    found = await survey(hypervisors, placements)
     reports: list[RecoveryReport] = []
     for name in sorted(set(found) | set(placements)):
         if name in skip or await store.holder(name) is not None:

@@ -53,7 +53,7 @@ from kvmflow.errors import InstanceBusyError, KvmflowError, RecoveryError
 from kvmflow.instance.guard import HeldOperation, OperationGuard
 from kvmflow.instance.instance import Instance
 from kvmflow.instance.states import InstanceState
-from kvmflow.kvm.hypervisor import KvmHypervisor
+from kvmflow.kvm.hypervisor import KvmHypervisor, taking_over
 from kvmflow.migration.adopt import ADOPTABLE, RecordedMigration, adopt
 from kvmflow.migration.disks import clean_after_crash, stop_serving
 from kvmflow.migration.errors import MigrationError
@@ -132,8 +132,10 @@ class Recovery:
         clean_orphans: bool = False,
         on_phase: PhaseListener | None = None,
         resolve: Mapping[str, str] | None = None,
+        only_nodes: set[str] | None = None,
     ) -> None:
         self.hypervisors = hypervisors
+        self.only_nodes = only_nodes  # a controller's shard: entries and copies of these only
         self.resolve = dict(resolve or {})  # instance -> the node whose copy an operator keeps
         self.guard = guard
         self.store = guard.store
@@ -144,10 +146,17 @@ class Recovery:
 
     async def run(self) -> list[RecoveryReport]:
         """Every unfinished entry (one task per instance, its entries in order), then the
-        copies no entry explains."""
+        copies no entry explains; monitors through their spare socket (the dead or frozen
+        owner may still hold the first)."""
+        with taking_over():
+            return await self._run()
+
+    async def _run(self) -> list[RecoveryReport]:
         by_instance: dict[str, list[JournalEntry]] = {}
+        placed = {p.instance: p.node for p in await self.store.placements()}
         for entry in await self.store.unfinished():
-            by_instance.setdefault(entry.instance, []).append(entry)
+            if self.only_nodes is None or _node_of(entry, placed) in self.only_nodes:
+                by_instance.setdefault(entry.instance, []).append(entry)
         reports: list[RecoveryReport] = []
 
         async def settle_all(entries: list[JournalEntry]) -> None:
@@ -159,6 +168,8 @@ class Recovery:
                 tg.start_soon(settle_all, entries)
         open_ids = {entry.instance for entry in await self.store.unfinished()}
         for lease in await self.store.leases():
+            if self.only_nodes is not None and placed.get(lease.instance) not in self.only_nodes:
+                continue
             if lease.instance not in by_instance and lease.instance not in open_ids:
                 reports.append(await self._stale_lease(lease))
         open_now = {
@@ -387,3 +398,12 @@ async def _cont(hv: KvmHypervisor, name: str) -> None:
 
 
 __all__ = ["NEEDS_OPERATOR", "Plan", "Recovery", "RecoveryReport", "Verdict", "judge"]
+
+
+def _node_of(entry: JournalEntry, placed: Mapping[str, str]) -> str | None:
+    """The node whose controller recovers ``entry``: a migration's source, an instance
+    operation's node, an upgrade's node, else where the instance is placed."""
+    if entry.operation == UPGRADE_OPERATION:
+        return entry.instance.removeprefix(NODE_LEASE_PREFIX)
+    node = entry.details.get("source") or entry.details.get("node")
+    return str(node) if node else placed.get(entry.instance)

@@ -27,7 +27,7 @@ import collections
 import contextlib
 import functools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,6 +104,20 @@ class OperationGuard:
         self._held: dict[int, HeldOperation] = {}  # by lease token: what the rounds keep
         self._leader: HeldOperation | None = None  # whose keeper runs the rounds now
         self._followers: collections.deque[tuple[HeldOperation, anyio.Event]] = collections.deque()
+        #: With a shard of nodes (a cluster of controllers): raises unless the node is ours.
+        self.node_check: Callable[[str], None] | None = None
+        #: Leases of operations that ended unproven while the store did not answer, to be
+        #: left for recovery as soon as it answers again.
+        self._unsettled: list[Lease] = []
+
+    def _check_node(self, details: dict[str, Any]) -> None:
+        node = details.get("node")
+        if self.node_check is not None and isinstance(node, str):
+            self.node_check(node)
+
+    def held_operations(self) -> list[HeldOperation]:
+        """The operations this guard holds now."""
+        return list(self._held.values())
 
     async def check_free(self, instance: str) -> None:
         """Refuse at once (:class:`InstanceBusyError` naming the holder) if any process
@@ -121,6 +135,8 @@ class OperationGuard:
         *,
         take_over: bool = False,
     ) -> AsyncIterator[HeldOperation]:
+        self._check_node(details or {})
+        await self._settle_unsettled()
         lease = await self.store.acquire(
             instance, self.owner, operation, self.ttl, take_over=take_over
         )
@@ -139,6 +155,7 @@ class OperationGuard:
         on with that entry (its phases go on; it is closed with the outcome at the end).
         ``held.keep_open = True`` leaves the entry open and the lease in place (for the
         operator: something recovery must not touch)."""
+        self._check_node(entry.details)
         lease = await self.store.acquire(
             entry.instance, self.owner, entry.operation, self.ttl, take_over=True
         )
@@ -300,14 +317,24 @@ class OperationGuard:
                 op._progress, op._reported_at = None, now
             await self.store.record_progress(batch)
 
+    async def _settle_unsettled(self) -> None:
+        """Leave for recovery the operations that ended while the store did not answer."""
+        while self._unsettled:
+            await self.store.abandon(self._unsettled[0])
+            self._unsettled.pop(0)
+
     async def _close(self, held: HeldOperation) -> None:
         if held.lost is not None:
             return  # not ours any more: the new owner (recovery) closes the entry
+        if held.unproven:  # a step was refused for want of the store: what it would have
+            held.keep_open = True  # undone may still be there, so recovery must judge it
         if held.keep_open:  # left for recovery or the operator: the entry stays open, and
             try:  # the lease stays too, but expired, so that only recovery takes it over
                 await self.store.abandon(held.lease)
             except KvmflowError as exc:
                 _log.error("could not leave the lease for recovery", error=str(exc))
+                if held.unproven:
+                    self._unsettled.append(held.lease)
             return
         try:
             await self.store.finish(

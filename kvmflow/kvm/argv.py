@@ -122,6 +122,7 @@ def build_argv(
     else:
         argv += ["-serial", "none"]
     argv += ["-qmp", f"unix:{paths.qmp_socket(name)},server=on,wait=off"]
+    argv += ["-qmp", f"unix:{paths.takeover_socket(name)},server=on,wait=off"]
     argv += ["-monitor", f"unix:{paths.hmp_socket(name)},server=on,wait=off"]
     if hv.use_localtime:
         argv += ["-rtc", "base=localtime"]

@@ -8,10 +8,13 @@ verified instance and its saved runtime, or it leaves nothing behind (files, uid
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import itertools
 import os
 import signal
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import anyio
@@ -37,10 +40,23 @@ from kvmflow.kvm.tls import MigrationTLS
 from kvmflow.kvm.uidpool import UidPool
 from kvmflow.kvm.validation import validate_spec_on
 from kvmflow.monitor.qmp import QMPClient
+from kvmflow.monitor.transport import FirstReachable
 from kvmflow.node.base import Node, NodeInfo
 from kvmflow.node.ssh import SSHNode
 
 _log = get_logger("kvmflow.kvm")
+
+_TAKING_OVER: ContextVar[bool] = ContextVar("kvmflow_taking_over", default=False)
+
+
+@contextlib.contextmanager
+def taking_over() -> Iterator[None]:
+    """Within this block (recovery), monitors are reached through their spare socket."""
+    token = _TAKING_OVER.set(True)
+    try:
+        yield
+    finally:
+        _TAKING_OVER.reset(token)
 
 
 @dataclass(frozen=True)
@@ -194,9 +210,15 @@ class KvmHypervisor:
     def qmp(
         self, name: str, *, connect_timeout: float = 5.0, command_timeout: float | None = None
     ) -> QMPClient:
-        """A QMP client for the instance's monitor (not yet connected)."""
+        """A QMP client for the instance's monitor (not yet connected); within
+        :func:`taking_over`, its spare monitor first (see
+        :meth:`~kvmflow.kvm.runtime.RuntimePaths.takeover_socket`)."""
+        connector = self.node.monitor_connector(self.paths.qmp_socket(name))
+        if _TAKING_OVER.get():
+            spare = self.node.monitor_connector(self.paths.takeover_socket(name))
+            connector = FirstReachable((spare, connector))
         return self.qmp_client_type(
-            self.node.monitor_connector(self.paths.qmp_socket(name)),
+            connector,
             connect_timeout=connect_timeout,
             command_timeout=command_timeout,
         )

@@ -54,6 +54,11 @@ class RuntimePaths:
     def qmp_socket(self, name: str) -> str:
         return os.path.join(self.root, "ctrl", f"{check_instance_name(name)}.qmp")
 
+    def takeover_socket(self, name: str) -> str:
+        """A second QMP monitor, used by recovery only: a controller frozen with the first
+        one open must not keep the one taking over from reaching the QEMU."""
+        return os.path.join(self.root, "ctrl", f"{check_instance_name(name)}.qmp-takeover")
+
     def hmp_socket(self, name: str) -> str:
         return os.path.join(self.root, "ctrl", f"{check_instance_name(name)}.monitor")
 
@@ -86,6 +91,7 @@ class RuntimePaths:
             self.pid_file(name),
             self.uid_file(name),
             self.qmp_socket(name),
+            self.takeover_socket(name),
             self.hmp_socket(name),
             self.serial_socket(name),
             self.serial_socket(name) + ".lock",  # a console's lock (kvmflow.kvm.console)

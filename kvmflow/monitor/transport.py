@@ -82,3 +82,23 @@ def as_connector(address: MonitorAddress) -> Connector:
     if isinstance(address, Connector):
         return address
     raise MisuseError(f"a monitor address is a socket path or a Connector, got {address!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class FirstReachable:
+    """The first of several connectors that connects (a monitor with a spare socket, and
+    a QEMU of older days without it)."""
+
+    connectors: tuple[Connector, ...]
+
+    @property
+    def description(self) -> str:
+        return self.connectors[0].description
+
+    async def connect(self) -> anyio.abc.ByteStream:
+        for connector in self.connectors[:-1]:
+            try:
+                return await connector.connect()
+            except TransportError:
+                continue
+        return await self.connectors[-1].connect()

@@ -31,7 +31,13 @@ import json
 import time
 from typing import Any
 
-from kvmflow.errors import InstanceBusyError, LeaseLostError, NothingToAbortError, StoreError
+from kvmflow.errors import (
+    InstanceBusyError,
+    LeaseLostError,
+    NothingToAbortError,
+    StoreError,
+    StoreUnavailableError,
+)
 from kvmflow.store.base import (
     Fence,
     JournalEntry,
@@ -60,10 +66,16 @@ class EtcdStore(NodeShards):
         self.writes = 0  # transactions that wrote, for the benchmark's count per migration
 
     @classmethod
-    async def open(cls, target: EtcdTarget, owner: Owner, *, ttl: int = 10) -> EtcdStore:
+    async def open(
+        cls, target: EtcdTarget, owner: Owner, *, ttl: int = 10, role: str = "client"
+    ) -> EtcdStore:
+        """Open a session as ``owner``: ``role="controller"`` takes a shard of the nodes
+        (:mod:`kvmflow.engine.shards`); a ``"client"`` (a shell's command) takes none."""
         if not 2 <= ttl <= 3600:
             raise StoreError(f"an etcd session TTL of {ttl} s: use 2 to 3600 s", path=str(target))
-        session = EtcdSession(target, owner, ttl)
+        if role not in ("controller", "client"):
+            raise StoreError(f"role {role!r}: use 'controller' or 'client'", path=str(target))
+        session = EtcdSession(target, owner, ttl, role)
         await session.start()
         return cls(session)
 
@@ -147,11 +159,18 @@ class EtcdStore(NodeShards):
         }
 
     def _lease(
-        self, instance: str, record: dict[str, Any], kv: Any, live: dict[str, tuple[int, float]]
+        self,
+        instance: str,
+        record: dict[str, Any],
+        kv: Any,
+        live: dict[str, tuple[int, float]],
+        now: float | None = None,
     ) -> Lease:
+        """A lease as read: it runs a TTL more while its owner's session lives (the session
+        is renewed all the time), and ended ``now`` (or when abandoned) otherwise."""
         owner = owner_from(record)
         session = live.get(owner.controller)
-        now = time.time()
+        now = time.time() if now is None else now
         alive = session is not None and session[0] == record["session"]
         if alive and record.get("abandoned_at") is None:
             assert session is not None
@@ -177,7 +196,7 @@ class EtcdStore(NodeShards):
             now = time.time()
             found = await self._get("leases", instance)
             if found is not None:
-                held = self._lease(instance, *found, await self._live())
+                held = self._lease(instance, *found, await self._live(), now)
                 gone = held.expires_at <= now or held.owner.alive() is False
                 if not (take_over and gone):
                     raise InstanceBusyError(busy_message(held, now), holder=held)
@@ -203,8 +222,19 @@ class EtcdStore(NodeShards):
     async def prove(self, lease: Lease) -> None:
         """Fencing: the lease still holds (token current, session alive), or
         :class:`LeaseLostError`; raises :class:`StoreUnavailableError` when etcd does
-        not answer."""
+        not answer, or when the lease cannot be vouched for long enough (the keep-alives
+        went unanswered: a step must not be sent on a lease that may run out under it)."""
         await self._fenced(lease, [])
+        session = self.session
+        if session.remaining() < session.ttl / 4:
+            await session.thread.call(session.refresh)
+            session.check()
+            if session.remaining() < session.ttl / 4:
+                raise StoreUnavailableError(
+                    f"the session of controller {self.controller} cannot be vouched for "
+                    f"({session.remaining():.1f} s left): the keep-alives go unanswered",
+                    path=self.path,
+                )
 
     async def renew(self, lease: Lease, ttl: float) -> Lease:
         await self.prove(lease)

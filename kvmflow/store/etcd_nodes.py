@@ -1,4 +1,5 @@
-"""Node shards in etcd: which controllers live, and which one holds each node.
+"""Node shards in etcd: which controllers live, which one holds each node, and the
+requests a shell leaves for a node's controller.
 
 A controller holds a node by the key ``nodes/NODE`` attached to its session's etcd lease:
 created only where no key is (a transaction per node, a hundred nodes a round trip), gone
@@ -9,9 +10,13 @@ Who *should* hold a node is :mod:`kvmflow.engine.shards`'s business; this is the
 from __future__ import annotations
 
 import json
+import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from kvmflow.errors import InstanceBusyError
 from kvmflow.store.etcd_session import owner_from
 
 if TYPE_CHECKING:
@@ -29,6 +34,7 @@ class Controller:
     id: str
     owner: Owner
     ttl: float
+    role: str  # "controller" (holds a shard) or "client" (a shell's command)
 
 
 class NodeShards:
@@ -52,7 +58,14 @@ class NodeShards:
         found = []
         for kv in got:
             record = json.loads(kv.value)
-            found.append(Controller(record["controller"], owner_from(record), record["ttl"]))
+            found.append(
+                Controller(
+                    record["controller"],
+                    owner_from(record),
+                    record["ttl"],
+                    record.get("role", "controller"),
+                )
+            )
         return sorted(found, key=lambda c: c.id)
 
     async def node_owners(self) -> dict[str, str]:
@@ -101,3 +114,56 @@ class NodeShards:
                 for node in nodes[start : start + NODES_PER_TXN]
             ]
             await self._txn([], nested, [])
+
+    # ----------------------------------------------------------------- requests
+
+    async def submit_request(self, instance: str, request: dict[str, Any]) -> str:
+        """Leave ``request`` (an operation on ``instance``) for the controller holding its
+        node; returns its id. Refused while another request for it waits."""
+        tx = self.session.client.transactions
+        ident = f"{instance}-{uuid.uuid4().hex[:12]}"
+        key = self.session.key("requests", instance)
+        record = {**request, "id": ident, "instance": instance, "at": time.time()}
+        ok, replies = await self._txn(
+            [tx.version(key) == 0], [tx.put(key, json.dumps(record).encode())], [tx.get(key)]
+        )
+        if not ok:
+            waiting = json.loads(replies[0][0][0]) if replies[0] else {}
+            raise InstanceBusyError(
+                f"a request for {instance} ({waiting.get('operation')} by "
+                f"{waiting.get('by')}) waits for its controller already",
+                holder=None,
+            )
+        return ident
+
+    async def take_requests(self, wanted: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+        """The waiting requests ``wanted`` accepts, each taken (deleted) by this controller
+        alone: two controllers never run one request."""
+        client, tx = self.session.client, self.session.client.transactions
+        prefix = self.session.key("requests") + b"/"
+        got = await self.session.call(lambda: client.get_prefix(prefix))
+        taken = []
+        for kv in got:
+            request = json.loads(kv.value)
+            if not wanted(request):
+                continue
+            ok, _ = await self._txn([tx.mod(kv.key) == kv.mod_revision], [tx.delete(kv.key)], [])
+            if ok:
+                taken.append(request)
+        return taken
+
+    async def answer_request(self, ident: str, answer: dict[str, Any]) -> None:
+        """Say how a taken request ended (the shell that left it waits for this)."""
+        tx = self.session.client.transactions
+        key = self.session.key("answers", ident)
+        await self._txn([], [tx.put(key, json.dumps(answer).encode())], [])
+
+    async def answer(self, ident: str) -> dict[str, Any] | None:
+        """The answer to request ``ident``, once there (and then removed)."""
+        client, tx = self.session.client, self.session.client.transactions
+        key = self.session.key("answers", ident)
+        got = await self.session.call(lambda: client.get(key))
+        if got is None:
+            return None
+        await self._txn([], [tx.delete(key)], [])
+        return dict(json.loads(got.value))

@@ -149,8 +149,8 @@ class _Client(aetcd.Client):  # type: ignore[misc]
 class EtcdSession:
     """A controller's connection and lease; see the module docstring."""
 
-    def __init__(self, target: EtcdTarget, owner: Owner, ttl: int) -> None:
-        self.target, self.owner, self.ttl = target, owner, ttl
+    def __init__(self, target: EtcdTarget, owner: Owner, ttl: int, role: str) -> None:
+        self.target, self.owner, self.ttl, self.role = target, owner, ttl, role
         self.prefix = target.prefix.rstrip("/").encode()
         self.thread = LoopThread(f"kvmflow-etcd-{owner.controller}")
         self.client = _Client(target)
@@ -185,7 +185,7 @@ class EtcdSession:
         sent = time.monotonic()
         lease = await self.client.lease(self.ttl)
         value = json.dumps(
-            {**_owner_record(self.owner), "ttl": self.ttl, "lease": lease.id}
+            {**_owner_record(self.owner), "ttl": self.ttl, "lease": lease.id, "role": self.role}
         ).encode()
         tx = self.client.transactions
         ok, replies = await self.client.transaction(
