@@ -271,11 +271,29 @@ class EtcdSession:
         failure is a :class:`StoreError`."""
 
         async def run() -> T:
+            started = time.monotonic()
             for attempt in range(attempts):
                 try:
-                    return await factory()
+                    try:
+                        return await factory()
+                    except aetcd.exceptions.ClientError as exc:
+                        if _means_no_answer(exc):
+                            raise aetcd.exceptions.ConnectionTimeoutError(str(exc)) from None
+                        raise
                 except _NO_ANSWER as exc:
-                    if attempt == attempts - 1:
+                    # Another member may answer; a whole timeout spent is enough, though.
+                    last = attempt == attempts - 1 or (
+                        time.monotonic() - started > self.target.request_timeout
+                    )
+                    _log.warning(
+                        "etcd does not answer; giving up"
+                        if last
+                        else "etcd does not answer; trying again",
+                        store=str(self.target),
+                        attempt=attempt + 1,
+                        error=str(exc) or type(exc).__name__,
+                    )
+                    if last:
                         raise Unavailable(
                             f"etcd at {self.target} does not answer ({exc or type(exc).__name__}):"
                             " no quorum, or no member reachable; nothing was written, and new"
@@ -325,6 +343,22 @@ class EtcdSession:
                 )
             event.set()  # something may have changed while not watching
             await asyncio.sleep(0.5)
+
+
+#: What etcd says when it cannot serve a request now (no leader, no quorum), as errors of
+#: their own code.
+_NO_ANSWER_TEXTS = (
+    "context deadline exceeded",
+    "request timed out",
+    "no leader",
+    "leader changed",
+    "too many requests",
+)
+
+
+def _means_no_answer(exc: Exception) -> bool:
+    text = str(exc)
+    return any(fragment in text for fragment in _NO_ANSWER_TEXTS)
 
 
 def _owner_record(owner: Owner) -> dict[str, Any]:
