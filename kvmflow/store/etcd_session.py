@@ -161,6 +161,7 @@ class EtcdSession:
         self.unanswered_since: float | None = None  # monotonic, while keep-alives fail
         self._keepalive: Any = None
         self._changes: dict[bytes, asyncio.Event] = {}
+        self._closed = False
 
     def key(self, *parts: str) -> bytes:
         return b"/".join([self.prefix, *(part.encode() for part in parts)])
@@ -238,7 +239,11 @@ class EtcdSession:
         self.valid_until = max(self.valid_until, sent + reply.TTL)
 
     async def close(self) -> None:
-        """Revoke the lease (the controller leaves at once, its nodes free) and stop."""
+        """Revoke the lease (the controller leaves at once, its nodes free) and stop; a
+        second close does nothing."""
+        if self._closed:
+            return
+        self._closed = True
 
         async def leave() -> None:
             if self.lease_id and self.lost is None:
@@ -269,6 +274,8 @@ class EtcdSession:
         """Run one client call on its loop: an unanswered call is tried again on another
         member (``attempts`` in all), then :class:`StoreUnavailableError`; any other
         failure is a :class:`StoreError`."""
+        if self._closed:
+            raise StoreError("the store session is closed", path=str(self.target))
 
         async def run() -> T:
             started = time.monotonic()
