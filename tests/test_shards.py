@@ -73,9 +73,9 @@ async def member(
         NodeEntry(KvmHypervisor(FakeNode(name, control), RuntimePaths(str(root / name))), name)
         for name in NODES
     ]
-    async with store, Engine(entries, guard=guard, recover_on_enter=False) as engine:
-        async with ShardKeeper(engine, store, interval=0.2) as keeper:
-            yield Member(store, engine, keeper)
+    engine = Engine(entries, guard=guard, recover_on_enter=False)
+    async with store, engine, ShardKeeper(engine, store, interval=0.2) as keeper:
+        yield Member(store, engine, keeper)
 
 
 async def settled(members: list[Member], timeout: float = 20) -> dict[str, str]:

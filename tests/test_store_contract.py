@@ -22,7 +22,7 @@ from kvmflow.errors import (
     StoreError,
 )
 from kvmflow.store import Owner, SQLiteStore, Store
-from kvmflow.store.base import PlacementChange
+from kvmflow.store.base import Lease, PlacementChange
 from kvmflow.store.etcd import EtcdStore
 from kvmflow.store.url import etcd_target
 from kvmflow.testing.etcd import EtcdCluster
@@ -80,7 +80,7 @@ async def test_a_second_owner_is_refused_naming_the_first(stores: tuple[Store, O
     lease = await store.acquire("vm", owner(store, "first"), "migrate", 30)
     with pytest.raises(InstanceBusyError, match="busy with 'migrate' by first") as refused:
         await other.acquire("vm", owner(other, "second"), "stop", 30)
-    assert refused.value.holder is not None
+    assert isinstance(refused.value.holder, Lease)
     assert refused.value.holder.token == lease.token
     held = await other.holder("vm")
     assert held is not None
@@ -111,7 +111,7 @@ async def test_the_journal_keeps_intent_phases_progress_and_outcome(
     assert (placement.node, placement.token) == ("node-b", lease.token)
     [closed] = await store.history("vm")
     assert (closed.outcome, closed.phase) == ("moved", "streaming")
-    with pytest.raises(StoreError, match="not open|lost"):
+    with pytest.raises(StoreError, match=r"not open|lost"):
         await store.record_phase(lease, closed, "again", {})
 
 
