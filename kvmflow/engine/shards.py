@@ -102,7 +102,7 @@ class ShardKeeper:
         self.lost: LeaseLostError | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
         self._lost_event: anyio.Event | None = None
-        self._changed = store.session.watch("controllers")
+        self._changed = store.session.watch("controllers", "nodes")
 
     # ----------------------------------------------------------------- lifecycle
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import json
 import socket
@@ -160,7 +161,6 @@ class EtcdSession:
         self.lost: str | None = None  # why the session is gone for good
         self.unanswered_since: float | None = None  # monotonic, while keep-alives fail
         self._keepalive: Any = None
-        self._changes: dict[bytes, asyncio.Event] = {}
         self._closed = False
 
     def key(self, *parts: str) -> bytes:
@@ -316,15 +316,17 @@ class EtcdSession:
 
     # ------------------------------------------------------------------ watches
 
-    def watch(self, *parts: str) -> Callable[[float], Awaitable[bool]]:
-        """A waiter that returns ``True`` when a key under ``parts`` changed (or ``False``
-        after its timeout), fed by an etcd watch re-established after any failure."""
-        prefix = self.key(*parts) + b"/"
-        self.thread.submit(lambda: self._watch_forever(prefix))
+    def watch(self, *kinds: str) -> Callable[[float], Awaitable[bool]]:
+        """A waiter that returns ``True`` when a key under any of ``kinds`` (``"nodes"``,
+        ...) changed, or ``False`` after its timeout; fed by etcd watches re-established
+        after any failure."""
+        event = asyncio.Event()  # only touched on the client's loop
+        for kind in kinds:
+            prefix = self.key(kind) + b"/"
+            self.thread.submit(functools.partial(self._watch_forever, prefix, event))
 
         async def wait(timeout: float) -> bool:
             async def on_loop() -> bool:
-                event = self._changes.setdefault(prefix, asyncio.Event())
                 try:
                     await asyncio.wait_for(event.wait(), timeout)
                 except TimeoutError:
@@ -336,8 +338,7 @@ class EtcdSession:
 
         return wait
 
-    async def _watch_forever(self, prefix: bytes) -> None:
-        event = self._changes.setdefault(prefix, asyncio.Event())
+    async def _watch_forever(self, prefix: bytes, event: asyncio.Event) -> None:
         while self.lost is None:
             try:
                 async for _ in await self.client.watch_prefix(prefix):
