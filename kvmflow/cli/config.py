@@ -43,6 +43,7 @@ from kvmflow.kvm.runtime import DEFAULT_ROOT, RuntimePaths
 from kvmflow.kvm.spec import SPEC_KEYS, InstanceSpec
 from kvmflow.kvm.tls import MigrationTLS
 from kvmflow.node.ssh import SSHTarget
+from kvmflow.store.url import ALLOWED, check_url
 
 SSH_KEYS = {"host", "port", "user", "identity_file", "known_hosts"}
 TLS_KEYS = {"migration_tls_dir", "migration_tls_verify", "migration_tls_hostname"}
@@ -55,7 +56,8 @@ NODE_KEYS = {
     *TLS_KEYS,
 }
 QEMU_BINARY_PATH = re.compile(r"/?[A-Za-z0-9._+-]+(/[A-Za-z0-9._+-]+)*")
-STORE_KEYS = {"path"}
+STORE_KEYS = ("path", "url", "controller", "ttl")
+CONTROLLER_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.:-]{0,252}")
 USER_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 #: Where the command line looks for its configuration, in order (the first that exists).
@@ -86,7 +88,9 @@ class Config:
     searched: tuple[str, ...] = ()  # where a config file was looked for (none was found)
     nodes: dict[str, NodeConfig] = field(default_factory=dict)
     instances: dict[str, InstanceConfig] = field(default_factory=dict)
-    store_path: str | None = None  # [store] path; None: $KVMFLOW_STORE or the default
+    store_path: str | None = None  # [store] path or url; None: $KVMFLOW_STORE or the default
+    controller: str | None = None  # [store] controller: this host's controller id (etcd)
+    store_ttl: int = 10  # [store] ttl: seconds a dead controller's nodes wait (etcd)
 
 
 def find_config() -> Path | None:
@@ -138,6 +142,21 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
                 )
             )
     config.store_path = _store(data.get("store", {}), problems)
+    store = data.get("store", {})
+    if isinstance(store, dict):
+        controller, ttl = store.get("controller"), store.get("ttl", 10)
+        if controller is not None and not (
+            isinstance(controller, str) and CONTROLLER_ID.fullmatch(controller)
+        ):
+            problems.append(
+                FieldProblem("store.controller", controller, "1 to 64 characters of [A-Za-z0-9._-]")
+            )
+        elif controller is not None:
+            config.controller = controller
+        if not isinstance(ttl, int) or isinstance(ttl, bool) or not 2 <= ttl <= 3600:
+            problems.append(FieldProblem("store.ttl", ttl, "whole seconds, 2 to 3600"))
+        else:
+            config.store_ttl = ttl
     for name, body in _table(data, "nodes", problems).items():
         node = _node(name, body, problems)
         if node is not None:
@@ -183,8 +202,21 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
 
 def _store(body: Any, problems: list[FieldProblem]) -> str | None:
     if not isinstance(body, dict):
-        problems.append(FieldProblem("store", body, "a table with path = FILE"))
+        problems.append(FieldProblem("store", body, "a table with path = FILE or url = URL"))
         return None
+    if "path" in body and "url" in body:
+        problems.append(FieldProblem("store", body, "path = FILE or url = URL, not both"))
+        return None
+    if "url" in body:
+        url = body["url"]
+        try:
+            if not isinstance(url, str):
+                raise ConfigError([FieldProblem("store.url", url, ALLOWED)])
+            check_url(url)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            return None
+        return url
     for key in body:
         if key not in STORE_KEYS:
             problems.append(

@@ -5,9 +5,11 @@ progress bars, and how a command ends (its nodes closed; SIGTERM cancels like Ct
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -20,7 +22,7 @@ from rich.text import Text
 from kvmflow.cli.config import Config
 from kvmflow.cli.progress import MigrationBars
 from kvmflow.engine import Engine, Limits, NodeEntry
-from kvmflow.errors import ConfigError, FieldProblem
+from kvmflow.errors import ConfigError, FieldProblem, NodeNotHeldError
 from kvmflow.instance import Instance
 from kvmflow.instance.guard import OperationGuard
 from kvmflow.kvm import KvmHypervisor, RuntimePaths, default_accelerator
@@ -28,6 +30,8 @@ from kvmflow.kvm.spec import InstanceSpec
 from kvmflow.migration import MigrationPolicy
 from kvmflow.node import LocalNode, SSHNode
 from kvmflow.store import DEFAULT_PATH, Owner, SQLiteStore
+from kvmflow.store.etcd import EtcdStore
+from kvmflow.store.url import etcd_target, is_etcd, sqlite_path
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 T = TypeVar("T")
@@ -80,11 +84,28 @@ class Context:
         self.run(ask)
         return found[0]
 
+    @property
+    def clustered(self) -> bool:
+        """Whether the store is etcd: a cluster of controllers shares the fleet."""
+        return is_etcd(self.store_path)
+
     @contextlib.asynccontextmanager
     async def guard(self) -> AsyncIterator[OperationGuard]:
-        """The store, open for one command, and this process's leases in it."""
-        async with await SQLiteStore.open(self.store_path) as store:
-            yield OperationGuard(store, Owner.this_process("kvmflow-cli"))
+        """The store, open for one command, and this process's leases in it. With etcd,
+        this command is a client of the cluster: a node a controller holds is refused
+        (naming it), as only its controller acts on its instances."""
+        if not self.clustered:
+            async with await SQLiteStore.open(sqlite_path(self.store_path)) as store:
+                yield OperationGuard(store, Owner.this_process("kvmflow-cli"))
+            return
+        me = Owner.this_process(f"cli-{socket.gethostname()}-{os.getpid()}")
+        ttl = self.config.store_ttl
+        target = etcd_target(self.store_path)
+        async with await EtcdStore.open(target, me, ttl=ttl, role="client") as etcd:
+            owners = await etcd.node_owners()
+            guard = OperationGuard(etcd, me, ttl=ttl)
+            guard.node_check = functools.partial(refuse_held_nodes, owners)
+            yield guard
 
     def spec(self, name: str) -> InstanceSpec:
         entry = self.config.instances.get(name)
@@ -158,6 +179,17 @@ class Context:
             self.console.print(table)
         elif text is not None:
             self.console.print(text, highlight=False, markup=False)
+
+
+def refuse_held_nodes(owners: dict[str, str], node: str) -> None:
+    """A shell's command acts on no node a controller holds (it asks the controller)."""
+    if node in owners:
+        raise NodeNotHeldError(
+            f"node {node} is managed by controller {owners[node]}: only it acts on its "
+            "instances (kvmflow migrate asks it; stop it to act from here)",
+            node=node,
+            owner=owners[node],
+        )
 
 
 class Terminated(Exception):

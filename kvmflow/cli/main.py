@@ -21,7 +21,7 @@ from argcomplete.shell_integration import shellcode
 from rich.console import Console
 
 from kvmflow import __version__
-from kvmflow.cli import commands, records
+from kvmflow.cli import cluster, commands, records
 from kvmflow.cli.config import Config, NodeConfig, find_config, load_config, parse_node_flag
 from kvmflow.cli.context import (
     EXIT_FAILED,
@@ -102,9 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--store",
-        metavar="FILE",
-        help="the store of record (SQLite); default: $KVMFLOW_STORE, the config's "
-        "[store] path, or /var/lib/kvmflow/store.sqlite",
+        metavar="FILE|URL",
+        help="the store of record: a SQLite file (sqlite:///PATH) or a cluster's etcd "
+        "(etcd://HOST:PORT,.../PREFIX); default: $KVMFLOW_STORE, the config's [store], "
+        "or /var/lib/kvmflow/store.sqlite",
     )
     parser.add_argument("--version", action="version", version=f"kvmflow {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
@@ -129,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on", dest="on_node", metavar="NODE", help="only instances with a copy there")
     p.add_argument("--tag", metavar="TAG", help="only instances with this tag")
     command("jobs", "operations in flight (from any shell), with phase and progress")
+    p = command("controller", "run one controller of a cluster (etcd store): its shard, takeovers")
+    p.add_argument(
+        "--id", metavar="NAME", help="this controller's id (default: [store] controller)"
+    )
     command("verify", "check the fleet: nodes reachable, each instance once where recorded")
     p = command("abort", "ask the owner of an operation in flight to cancel it")
     p.add_argument("name").completer = complete_instances  # type: ignore[attr-defined]
@@ -267,6 +272,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
             tag=args.tag,
         )
         return ctx.run(records.cmd_list, ctx, view)
+    if args.command == "controller":
+        return ctx.run(cluster.cmd_controller, ctx, args.id)
     if args.command == "jobs":
         return ctx.run(records.cmd_jobs, ctx)
     if args.command == "node":
@@ -298,10 +305,12 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if args.command == "info":
         return ctx.run(commands.cmd_info, ctx, args.name)
     if args.command == "start":
-        return ctx.run(commands.cmd_start, ctx, args.name)
+        return ctx.run(cluster.cmd_start_anywhere, ctx, args.name)
     if args.command == "stop":
         return ctx.run(
-            lambda: commands.cmd_stop(ctx, args.name, force=args.force, timeout=args.timeout)
+            lambda: cluster.cmd_stop_anywhere(
+                ctx, args.name, force=args.force, timeout=args.timeout
+            )
         )
     if args.command == "reboot":
         return ctx.run(
@@ -324,8 +333,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
         policy = build_policy(PolicyFlags.from_args(args), spec)
         if args.check:
             return ctx.run(lambda: commands.cmd_migrate_check(ctx, args.name, args.target, policy))
+
         return ctx.run(
-            lambda: commands.cmd_migrate(
+            lambda: cluster.cmd_migrate_anywhere(
                 ctx,
                 args.name,
                 args.target,

@@ -8,7 +8,7 @@ is cancelled. Requests (``kvmflow migrate`` with an etcd store) wait under
 transaction: one controller only), runs it through the engine (leases, journal, fencing as
 for any operation) and answers under ``answers/ID``.
 
-A request's life:
+Requests are ``migrate``, ``start`` and ``stop``. A request's life:
 
 ============  ==============================================================
 state         meaning
@@ -30,7 +30,7 @@ import anyio.abc
 from kvmflow._logging import get_logger
 from kvmflow.engine.engine import Engine
 from kvmflow.engine.shards import ShardKeeper, Takeover
-from kvmflow.errors import KvmflowError, LeaseLostError
+from kvmflow.errors import KvmflowError, LeaseLostError, MisuseError
 from kvmflow.instance.instance import Instance
 from kvmflow.migration.policy import MigrationPolicy
 from kvmflow.store.etcd import EtcdStore
@@ -39,6 +39,10 @@ _log = get_logger("kvmflow.engine")
 
 #: Finds (or refreshes) the engine's instance before a request runs on it.
 InstanceFinder = Callable[[str], Awaitable[Instance | None]]
+
+
+#: The operations a shell may ask of a node's controller.
+REQUESTS = ("migrate", "start", "stop")
 
 
 class ClusterController:
@@ -93,28 +97,8 @@ class ClusterController:
             await changed(self.interval)
 
     async def _run_request(self, request: dict[str, Any]) -> None:
-        name = request["instance"]
         try:
-            if self.find_instance is not None:
-                found = await self.find_instance(name)
-                if found is not None:
-                    self.engine.add_instance(found)
-            if request.get("operation") != "migrate":
-                raise KvmflowError(f"unknown request {request.get('operation')!r}: only migrate")
-            policy = request.get("policy")
-            ticket = self.engine.submit_migration(
-                name,
-                request["target"],
-                policy=MigrationPolicy.from_record(policy) if policy else None,
-                live=bool(request.get("live", True)),
-            )
-            result = await ticket.wait()
-            answer: dict[str, Any] = {
-                "ok": True,
-                "by": self.store.controller,
-                "detail": f"{name} moved to {request['target']}",
-                "downtime_ms": result.downtime_ms,
-            }
+            answer = {"ok": True, "by": self.store.controller, **await self._execute(request)}
         except KvmflowError as exc:
             answer = {
                 "ok": False,
@@ -128,3 +112,36 @@ class ClusterController:
                 self.answered += 1
             except KvmflowError as exc:
                 _log.error("could not answer a request", request=request["id"], error=str(exc))
+
+    async def _execute(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Run one request through the engine (leases, journal, fencing as for any
+        operation); what it did, for the answer."""
+        name, operation = request["instance"], request.get("operation")
+        if operation not in REQUESTS:
+            raise MisuseError(f"unknown request {operation!r}: one of {', '.join(REQUESTS)}")
+        if self.find_instance is not None:
+            found = await self.find_instance(name)
+            if found is not None:
+                self.engine.add_instance(found)
+        if operation == "migrate":
+            policy = request.get("policy")
+            ticket = self.engine.submit_migration(
+                name,
+                request["target"],
+                policy=MigrationPolicy.from_record(policy) if policy else None,
+                live=bool(request.get("live", True)),
+            )
+            result = await ticket.wait()
+            return {
+                "detail": f"{name} moved to {request['target']}",
+                "downtime_ms": result.downtime_ms,
+            }
+        if operation == "start":
+            info = await self.engine.start(name)
+            node = self.engine.instance(name).node_name
+            return {"detail": f"started {name} on {node}", "node": node, "pid": info.pid}
+        instance = self.engine.instance(name)
+        await instance.stop(
+            force=bool(request.get("force")), timeout=float(request.get("timeout", 30))
+        )
+        return {"detail": f"stopped {name} on {instance.node_name}", "node": instance.node_name}

@@ -199,7 +199,7 @@ class ShardKeeper:
         reports = await self.engine.recover(nodes=set(claimed))
         self.recovered += reports
         seconds = time.monotonic() - started
-        _log.warning(
+        (_log.warning if reports else _log.info)(
             "nodes taken over",
             controller=self.me,
             nodes=len(claimed),
