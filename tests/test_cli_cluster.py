@@ -19,6 +19,7 @@ from kvmflow.engine.shards import owner_of
 from kvmflow.testing.etcd import EtcdCluster
 from tests.test_cli_commands import kvmflow
 
+CLI = (sys.executable, "-m", "kvmflow.cli.main")
 FAST = ("--policy", "fixed", "--bandwidth", "1000", "--downtime", "2000")
 
 
