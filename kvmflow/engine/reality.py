@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 
@@ -22,7 +23,7 @@ from kvmflow.kvm.hypervisor import KvmHypervisor
 from kvmflow.kvm.spec import check_instance_name
 from kvmflow.migration.hmp_monitor import HmpMigrationMonitor
 from kvmflow.monitor.hmp import HMPClient
-from kvmflow.monitor.queries import RunState, query_status
+from kvmflow.monitor.queries import RunState, Status, query_status
 
 _log = get_logger("kvmflow.engine")
 
@@ -88,21 +89,36 @@ async def look(hypervisor: KvmHypervisor, name: str) -> Copy | None:
     if pid is None:
         stale = [p for p in hypervisor.paths.instance_files(name) if await _exists(hypervisor, p)]
         return Copy(name, node, CopyState.FAILED, stale_files=tuple(stale)) if stale else None
-    # Asked over HMP: an operation in flight (a migration) holds the QMP socket, which
-    # serves one client at a time, and this look must not wait for it to end.
-    connector = hypervisor.node.monitor_connector(hypervisor.paths.hmp_socket(name))
+    # Asked over the spare QMP socket, else HMP: an operation in flight (a migration)
+    # holds the first QMP socket, which serves one client at a time, and this look must
+    # not wait for it to end.
     try:
-        with anyio.fail_after(ASK_TIMEOUT):
-            async with HMPClient(connector, command_timeout=ASK_TIMEOUT) as hmp:
-                monitor = HmpMigrationMonitor(hmp)
-                status = await query_status(monitor)
-                answer = await monitor.execute("query-migrate")
-    except (KvmflowError, TimeoutError, OSError) as exc:
-        _log.warning("copy did not say its state", instance=name, node=node, error=str(exc))
-        return Copy(name, node, CopyState.UNREACHABLE, pid)
+        status, answer = await _ask_spare_qmp(hypervisor, name)
+    except (KvmflowError, TimeoutError, OSError):
+        connector = hypervisor.node.monitor_connector(hypervisor.paths.hmp_socket(name))
+        try:
+            with anyio.fail_after(ASK_TIMEOUT):
+                async with HMPClient(connector, command_timeout=ASK_TIMEOUT) as hmp:
+                    monitor = HmpMigrationMonitor(hmp)
+                    status = await query_status(monitor)
+                    answer = await monitor.execute("query-migrate")
+        except (KvmflowError, TimeoutError, OSError) as exc:
+            _log.warning("copy did not say its state", instance=name, node=node, error=str(exc))
+            return Copy(name, node, CopyState.UNREACHABLE, pid)
     migration = answer.get("status") if isinstance(answer, dict) else None
     state = _FROM_RUN_STATE.get(status.state, CopyState.OTHER)
     return Copy(name, node, state, pid, str(migration) if migration else None)
+
+
+async def _ask_spare_qmp(hypervisor: KvmHypervisor, name: str) -> tuple[Status, Any]:
+    """Run state and migration status over the spare QMP socket (briefly: a recovery may
+    hold it, and then HMP answers instead)."""
+    connector = hypervisor.node.monitor_connector(hypervisor.paths.takeover_socket(name))
+    with anyio.fail_after(ASK_TIMEOUT / 2):
+        async with hypervisor.qmp_client_type(
+            connector, connect_timeout=ASK_TIMEOUT / 2, command_timeout=ASK_TIMEOUT / 2
+        ) as qmp:
+            return await query_status(qmp), await qmp.execute("query-migrate")
 
 
 async def _exists(hypervisor: KvmHypervisor, path: str) -> bool:

@@ -27,12 +27,14 @@ from typing import Any
 
 import anyio
 import anyio.abc
+from anyio.streams.stapled import MultiListener
 
 from kvmflow.errors import NodeError
 from kvmflow.fencing import before_change
 from kvmflow.monitor.transport import Connector, UnixSocketConnector
 from kvmflow.node.base import CommandResult, NodeInfo, NodeLifecycle
 from kvmflow.node.local import LocalNode
+from kvmflow.testing.fleet_files import FleetFiles, NodeFiles, fleet_files_op
 from kvmflow.testing.probe_answers import probe_answer
 
 GREETING = (
@@ -67,7 +69,8 @@ class FakeQemu:
     completed_at: float | None = None
     clients: list[anyio.abc.SocketStream] = field(default_factory=list)
     alive: bool = True
-    listener: anyio.abc.SocketListener | None = None
+    listener: anyio.abc.Listener[anyio.abc.SocketStream] | None = None
+    spare_paths: list[str] = field(default_factory=list)
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     sim: dict[str, float] | None = None  # the running migration's numbers
 
@@ -81,6 +84,7 @@ class Fleet:
         self.by_port: dict[int, FakeQemu] = {}
         self.pids = itertools.count(FAKE_PID_BASE)
         self.free_ports = itertools.count(40000)
+        self.node_files: dict[str, NodeFiles] = {}  # of the nodes whose files live here
 
     # ------------------------------------------------------------------ control
 
@@ -100,6 +104,8 @@ class Fleet:
                 return False
             await self.exit(qemu)
             return True
+        if op == "files":
+            return await fleet_files_op(self.node_files, request)
         if op == "completed_at":
             return {
                 q.name + "@" + str(q.pid): q.completed_at
@@ -112,14 +118,23 @@ class Fleet:
         def value(flag: str) -> str:
             return argv[argv.index(flag) + 1]
 
-        qmp = value("-qmp").removeprefix("unix:").split(",")[0]
+        sockets = [
+            argv[i + 1].removeprefix("unix:").split(",")[0]
+            for i, a in enumerate(argv)
+            if a == "-qmp"
+        ]
+        qmp = sockets[0]
         memory = int(value("-m")) << 20
         pid = next(self.pids)
         qemu = FakeQemu(pid, value("-name"), argv, qmp, memory, dirty_rate)
         if "-incoming" in argv:
             qemu.status = "inmigrate"
-        await anyio.Path(qmp).unlink(missing_ok=True)
-        qemu.listener = await anyio.create_unix_listener(qmp)
+        listeners = []
+        for path in sockets:  # the first monitor, and the spare one recovery uses
+            await anyio.Path(path).unlink(missing_ok=True)
+            listeners.append(await anyio.create_unix_listener(path))
+        qemu.listener = MultiListener(listeners)
+        qemu.spare_paths = sockets[1:]
         self.qemus[pid] = qemu
         self.task_group.start_soon(self.serve, qemu)
         return pid
@@ -144,7 +159,8 @@ class Fleet:
                 for client in list(qemu.clients):
                     await anyio.aclose_forcefully(client)
                 await listener.aclose()
-            await anyio.Path(qemu.qmp_path).unlink(missing_ok=True)
+            for path in (qemu.qmp_path, *qemu.spare_paths):
+                await anyio.Path(path).unlink(missing_ok=True)
 
     async def client(self, qemu: FakeQemu, stream: anyio.abc.SocketStream) -> None:
         qemu.clients.append(stream)
@@ -350,11 +366,17 @@ async def serve_fleet(control_path: str) -> None:
 class FakeNode(NodeLifecycle):
     """A node whose QEMUs are simulated by a fleet process (see the module docstring)."""
 
-    def __init__(self, name: str, control_path: str, *, dirty_rate: float = 0.0) -> None:
+    def __init__(
+        self, name: str, control_path: str, *, dirty_rate: float = 0.0, shared_files: bool = False
+    ) -> None:
         self._name = name
         self.control_path = control_path
         self.dirty_rate = dirty_rate
-        self.files: dict[str, bytes] = {}
+        #: Its files: in this object, or (``shared_files``) in the fleet process, where
+        #: every controller process sees them.
+        self.files: NodeFiles | FleetFiles = (
+            FleetFiles(name, self._call) if shared_files else NodeFiles()
+        )
         self._idle: list[anyio.abc.SocketStream] = []  # control connections not in use
 
     @property
@@ -394,50 +416,41 @@ class FakeNode(NodeLifecycle):
         if probed is not None:
             return probed
         pid = await self._call(op="spawn", argv=argv, dirty_rate=self.dirty_rate)
-        self.files[argv[argv.index("-pidfile") + 1]] = f"{pid}\n".encode()
+        await self.files.write(argv[argv.index("-pidfile") + 1], f"{pid}\n".encode())
         return CommandResult(tuple(argv), 0, b"", b"")
 
     async def read_file(self, path: str) -> bytes | None:
-        return self.files.get(path)
+        return await self.files.read(path)
 
     async def write_file(self, path: str, data: bytes, mode: int = 0o600) -> None:
-        self.files[path] = data
+        await self.files.write(path, data)
 
     async def create_exclusive(self, path: str, data: bytes, mode: int = 0o600) -> bool:
-        if path in self.files:
-            return False
-        self.files[path] = data
-        return True
+        return await self.files.create(path, data)
 
     async def remove(self, path: str) -> bool:
         await before_change(f"remove {path} on {self.name}")
-        return self.files.pop(path, None) is not None
+        return await self.files.remove(path)
 
     async def make_dirs(self, path: str, mode: int = 0o700) -> None:
         os.makedirs(path, exist_ok=True)  # sockets of the fleet live here
 
     async def path_kind(self, path: str) -> str | None:
         """The fake's files are in memory; paths outside them are this machine's."""
-        if path in self.files:
-            return "file"
-        if any(name.startswith(path.rstrip("/") + "/") for name in self.files):
-            return "directory"
-        return await LocalNode(self.name).path_kind(path)
+        return await self.files.kind(path) or await LocalNode(self.name).path_kind(path)
 
     async def user_exists(self, name: str) -> bool:
         return await LocalNode(self.name).user_exists(name)
 
     async def list_dir(self, path: str) -> list[str]:
-        prefix = path.rstrip("/") + "/"
-        return sorted({p[len(prefix) :].split("/")[0] for p in self.files if p.startswith(prefix)})
+        return await self.files.list(path)
 
     async def rename(self, source: str, target: str) -> None:
-        self.files[target] = self.files.pop(source)
+        await self.files.rename(source, target)
 
     async def remove_tree(self, path: str) -> None:
         await before_change(f"remove {path} on {self.name}")
-        for name in [p for p in self.files if p.startswith(path.rstrip("/") + "/")]:
-            del self.files[name]
+        await self.files.remove_tree(path)
 
     async def process_cmdline(self, pid: int) -> list[str] | None:
         result = await self._call(op="cmdline", pid=pid)
