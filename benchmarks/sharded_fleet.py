@@ -22,15 +22,18 @@ from __future__ import annotations
 
 import argparse
 import collections
+import faulthandler
 import json
 import logging
 import os
+import queue
 import resource
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import IO, Any
@@ -143,13 +146,13 @@ class Controller:
             for i, name in enumerate(names)
         ]
         emit(f"{tag}-submitted", migrations=len(tickets))
-        done = 0
+        done, errors = 0, collections.Counter[str]()
         for ticket in tickets:
             try:
                 await ticket.wait()
                 done += 1
-            except Exception as exc:
-                emit("failed", instance=ticket.instance.name, error=str(exc))
+            except Exception as exc:  # counted; the others go on
+                errors[f"{type(exc).__name__}: {exc}"[:200]] += 1
             peak = max(peak, rss_mib())
         wall = time.monotonic() - began
         emit(
@@ -160,6 +163,7 @@ class Controller:
             core_share=round((cpu_seconds() - cpu) / max(wall, 1e-9), 3),
             peak_rss_mib=round(peak, 1),
             store_writes_per_migration=round((self.store.writes - writes) / max(done, 1), 2),
+            errors=dict(errors.most_common(3)),
         )
 
     async def commands(self, tg: anyio.abc.TaskGroup) -> None:
@@ -205,9 +209,22 @@ async def run_controller(args: argparse.Namespace) -> None:
 
 
 class Child:
+    """A controller process; a thread reads its events as they come (a child must never
+    block on a full pipe while the parent waits on another)."""
+
     def __init__(self, ident: str, process: subprocess.Popen[str]) -> None:
         self.ident, self.process = ident, process
         self.events: list[dict[str, Any]] = []
+        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        stdout: IO[str] | None = self.process.stdout
+        assert stdout is not None
+        for line in stdout:
+            if line.startswith("{"):
+                self._queue.put(json.loads(line))
+        self._queue.put(None)
 
     def send(self, **command: Any) -> None:
         stdin: IO[str] | None = self.process.stdin
@@ -216,18 +233,17 @@ class Child:
         stdin.flush()
 
     def wait_for(self, kind: str, timeout: float = 900) -> dict[str, Any]:
-        stdout: IO[str] | None = self.process.stdout
-        assert stdout is not None
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = stdout.readline()
-            if not line:
+        while True:
+            try:
+                event = self._queue.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                raise RuntimeError(f"{self.ident}: no {kind!r} in {timeout} s") from None
+            if event is None:
                 raise RuntimeError(f"{self.ident} ended before {kind!r}")
-            event = json.loads(line)
             self.events.append(event)
             if event["event"] == kind:
                 return dict(event)
-        raise RuntimeError(f"{self.ident}: no {kind!r} in {timeout} s")
 
 
 def main() -> None:
@@ -251,6 +267,7 @@ def main() -> None:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if args.role == "controller":
+        faulthandler.register(signal.SIGUSR1)  # a stuck controller says where it is
         anyio.run(run_controller, args)
         return
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # clean up on the way out too

@@ -139,10 +139,12 @@ class Engine:
         dry_run: bool = False,
         clean_orphans: bool = False,
         nodes: set[str] | None = None,
+        survey: bool = True,
     ) -> list[RecoveryReport]:
         """Reconcile the store's unfinished operations and every node's QEMUs (or only
         those of ``nodes``: a shard taken over), per phase (see
-        :mod:`kvmflow.engine.recovery`); needs a ``guard``."""
+        :mod:`kvmflow.engine.recovery`); ``survey=False`` skips the search for copies no
+        entry explains (a takeover needs the open entries only). Needs a ``guard``."""
         if self.guard is None:
             raise MisuseError("recovery needs the store of record: make the engine with guard=")
         hypervisors = {name: entry.hypervisor for name, entry in self.nodes.items()}
@@ -153,6 +155,7 @@ class Engine:
             dry_run=dry_run,
             clean_orphans=clean_orphans,
             only_nodes=nodes,
+            survey=survey,
         )
         return await recovery.run()
 

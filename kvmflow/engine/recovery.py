@@ -133,9 +133,11 @@ class Recovery:
         on_phase: PhaseListener | None = None,
         resolve: Mapping[str, str] | None = None,
         only_nodes: set[str] | None = None,
+        survey: bool = True,
     ) -> None:
         self.hypervisors = hypervisors
         self.only_nodes = only_nodes  # a controller's shard: entries and copies of these only
+        self.survey = survey  # False: the open entries only, no search for orphans
         self.resolve = dict(resolve or {})  # instance -> the node whose copy an operator keeps
         self.guard = guard
         self.store = guard.store
@@ -175,7 +177,8 @@ class Recovery:
         open_now = {
             r.instance for r in reports if r.verdict in NEEDS_OPERATOR | {Verdict.IN_FLIGHT}
         }
-        reports += await find_orphans(self, skip=open_now)
+        if self.survey:
+            reports += await find_orphans(self, skip=open_now)
         for report in reports:
             log = _log.warning if not report.ok else _log.info
             log(

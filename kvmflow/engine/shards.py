@@ -196,7 +196,7 @@ class ShardKeeper:
     async def _take_over(self, claimed: list[str]) -> None:
         claimed_at, started = time.time(), time.monotonic()
         _log.info("nodes claimed; recovering them", controller=self.me, nodes=len(claimed))
-        reports = await self.engine.recover(nodes=set(claimed))
+        reports = await self.engine.recover(nodes=set(claimed), survey=False)
         self.recovered += reports
         seconds = time.monotonic() - started
         (_log.warning if reports else _log.info)(
