@@ -49,6 +49,11 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
             },
         ),
         (
+            "sharded_fleet.py",
+            ["--nodes", "40", "--per-node", "2", "--rest", "1", "--evacuate", "0.1", "--ttl", "3"],
+            {"at_rest", "evacuation", "takeover"},
+        ),
+        (
             "fleet.py",
             ["--migrations", "20", "--gc", "tuned", "--store", "on"],
             {"failed", "engine_core_share_in_flight", "completion_notice_ms_p99"},
