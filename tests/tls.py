@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,3 +116,42 @@ def give_credentials(hypervisors: Iterable[KvmHypervisor], directory: Path) -> N
     make_migration_credentials(dirs)
     for name, hv in by_node.items():
         hv.migration_tls = MigrationTLS(str(dirs[name]))
+
+
+def make_etcd_credentials(directory: Path, addresses: Iterable[str], ca_name: str) -> None:
+    """A CA (``ca-cert.pem``), a server certificate for ``addresses`` (IP SANs:
+    ``server-cert.pem``/``-key.pem``) and a client certificate (``client-cert.pem``/
+    ``-key.pem``) of it, for an etcd cluster with client certificate authentication."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _issue(ca_name, ca_key, ca_name, ca_key, ca=True)
+    _write(directory / "ca-cert.pem", ca, None)
+    now = datetime.datetime.now(datetime.UTC)
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server = (
+        x509.CertificateBuilder()
+        .subject_name(_name("etcd"))
+        .issuer_name(_name(ca_name))
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address(a)) for a in addresses]
+            ),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    _write(directory / "server-cert.pem", server, server_key)
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    client = _issue("kvmflow", client_key, ca_name, ca_key, usage=ExtendedKeyUsageOID.CLIENT_AUTH)
+    _write(directory / "client-cert.pem", client, client_key)

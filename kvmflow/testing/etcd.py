@@ -30,6 +30,16 @@ class EtcdUnavailable(RuntimeError):
     """No etcd binary here, or a cluster that did not come up."""
 
 
+@dataclass(frozen=True)
+class EtcdTLS:
+    """Server TLS for a test cluster: members serve clients over TLS with this certificate
+    and require a client certificate of ``ca_file``'s CA."""
+
+    ca_file: str
+    cert_file: str
+    key_file: str
+
+
 @dataclass
 class Member:
     """One etcd member: where it listens and its process while it runs."""
@@ -57,6 +67,7 @@ class EtcdCluster:
 
     members: list[Member]
     workdir: Path
+    tls: EtcdTLS | None = None
     _initial: str = field(default="", repr=False)
 
     def url(self, prefix: str = "/kvmflow") -> str:
@@ -75,12 +86,13 @@ class EtcdCluster:
         member = self.members[index]
         if member.process is not None and member.process.poll() is None:
             return
+        scheme = "https" if self.tls else "http"
         argv = [
             ETCD,
             "--name", member.name,
             "--data-dir", str(member.data_dir),
-            "--listen-client-urls", f"http://{member.endpoint}",
-            "--advertise-client-urls", f"http://{member.endpoint}",
+            "--listen-client-urls", f"{scheme}://{member.endpoint}",
+            "--advertise-client-urls", f"{scheme}://{member.endpoint}",
             "--listen-peer-urls", member.peer_url,
             "--initial-advertise-peer-urls", member.peer_url,
             "--initial-cluster", self._initial,
@@ -91,6 +103,9 @@ class EtcdCluster:
             "--logger", "zap",
             "--log-outputs", str(member.log),
         ]  # fmt: skip
+        if self.tls is not None:
+            argv += ["--cert-file", self.tls.cert_file, "--key-file", self.tls.key_file]
+            argv += ["--client-cert-auth", "--trusted-ca-file", self.tls.ca_file]
         member.process = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
@@ -108,7 +123,7 @@ class EtcdCluster:
         chosen = [self.members[i] for i in members] if members else self.members
         deadline = time.monotonic() + timeout
         for member in chosen:
-            while not _healthy(member):
+            while not (_listening(member) if self.tls else _healthy(member)):
                 if member.process is not None and member.process.poll() is not None:
                     raise EtcdUnavailable(f"etcd {member.name} exited: {_tail(member.log)}")
                 if time.monotonic() > deadline:
@@ -124,6 +139,14 @@ def _healthy(member: Member) -> bool:
     except OSError:
         return False
     return b'"health":"true"' in reply
+
+
+def _listening(member: Member) -> bool:
+    try:
+        with socket.create_connection((member.address, member.client_port), timeout=1):
+            return True
+    except OSError:
+        return False
 
 
 def _tail(log: Path, lines: int = 5) -> str:
@@ -144,8 +167,9 @@ def _free_port(host: str, taken: set[int]) -> int:
 
 
 @contextlib.contextmanager
-def etcd_cluster(size: int = 3) -> Iterator[EtcdCluster]:
-    """Start a ``size``-member cluster (see the module docstring); stop it on the way out."""
+def etcd_cluster(size: int = 3, *, tls: EtcdTLS | None = None) -> Iterator[EtcdCluster]:
+    """Start a ``size``-member cluster (see the module docstring), serving clients over
+    TLS with ``tls``; stop it on the way out."""
     if not shutil.which(ETCD) and not Path(ETCD).exists():
         raise EtcdUnavailable("no etcd binary: install Debian's etcd-server package")
     if not 1 <= size <= len(MEMBER_ADDRESSES):
@@ -163,7 +187,7 @@ def etcd_cluster(size: int = 3) -> Iterator[EtcdCluster]:
         )
         for i, address in enumerate(MEMBER_ADDRESSES[:size])
     ]
-    cluster = EtcdCluster(members, workdir)
+    cluster = EtcdCluster(members, workdir, tls)
     cluster._initial = ",".join(f"{m.name}={m.peer_url}" for m in members)
     try:
         for index in range(size):
