@@ -137,6 +137,9 @@ def test_a_shells_commands_go_to_the_nodes_controllers(
     stopped = kvmflow("stop", "web1", "--force", config=config, env=env)
     assert stopped.returncode == 0, stopped.stderr
     assert f"controller {owners['beta']}: stopped web1 on beta" in stopped.stdout
+    jobs = kvmflow("jobs", "--json", config=config, env=env)
+    assert jobs.returncode == 0, jobs.stderr
+    assert json.loads(jobs.stdout) == []
 
 
 def test_a_controller_needs_an_etcd_store_and_a_bad_url_is_refused(config: Path) -> None:

@@ -92,9 +92,10 @@ class ClusterController:
             try:
                 for request in await self.store.take_requests(self._is_mine):
                     tg.start_soon(self._run_request, request)
+                await changed(self.interval)
             except KvmflowError as exc:  # the store hiccuped: the next round tries again
                 _log.warning("requests could not be read", error=str(exc))
-            await changed(self.interval)
+                await anyio.sleep(self.interval)
 
     async def _run_request(self, request: dict[str, Any]) -> None:
         try:

@@ -123,8 +123,8 @@ class ShardKeeper:
 
     async def _keep(self) -> None:
         while True:
-            await self._changed(self.interval)
             try:
+                await self._changed(self.interval)
                 await self.rebalance()
             except LeaseLostError as exc:
                 self.lost, self.held = exc, set()
@@ -134,6 +134,7 @@ class ShardKeeper:
                 return
             except KvmflowError as exc:  # the store hiccuped: the next round tries again
                 _log.warning("shard keeper could not reach the store", error=str(exc))
+                await anyio.sleep(self.interval)
 
     async def wait_lost(self) -> LeaseLostError:
         """Until the session is lost (the controller must stand down); returns why."""

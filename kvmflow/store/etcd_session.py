@@ -326,6 +326,9 @@ class EtcdSession:
             self.thread.submit(functools.partial(self._watch_forever, prefix, event))
 
         async def wait(timeout: float) -> bool:
+            if self._closed:
+                raise StoreError("the store session is closed", path=str(self.target))
+
             async def on_loop() -> bool:
                 try:
                     await asyncio.wait_for(event.wait(), timeout)
