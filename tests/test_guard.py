@@ -304,3 +304,57 @@ async def _has(names: Callable[[], Awaitable[set[str]]], name: str) -> bool:
 
 async def _lacks(names: Callable[[], Awaitable[set[str]]], name: str) -> bool:
     return name not in await names()
+
+
+class SlowRenewals:
+    """A store whose renewal round reads the leases just after the follower's closing
+    write (its lease released) and answers while that close is still under way."""
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self.store = store
+        self.renewing = anyio.Event()
+        self.closed = anyio.Event()
+        self.answered = anyio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    async def renew_all(self, leases: list[Any], ttl: float) -> Any:
+        if "vm-follow" in {lease.instance for lease in leases} and not self.closed.is_set():
+            self.renewing.set()
+            await self.closed.wait()
+            result = await self.store.renew_all(leases, ttl)
+            self.answered.set()
+            return result
+        return await self.store.renew_all(leases, ttl)
+
+    async def finish(self, lease: Any, entry: Any, outcome: str, **kwargs: Any) -> Any:
+        closed = await self.store.finish(lease, entry, outcome, **kwargs)
+        if lease.instance == "vm-follow":
+            self.closed.set()
+            await self.answered.wait()
+        return closed
+
+
+async def test_an_operation_that_ends_during_a_renewal_round_is_not_reported_lost(
+    store: SQLiteStore,
+) -> None:
+    """Found by the sharded fleet benchmark: a follower that ended (its lease released)
+    while the leader's renewal round was in the store was then marked lost, and its
+    completed operation raised LeaseLostError."""
+    slow = SlowRenewals(store)
+    guard = OperationGuard(cast(Store, slow), Owner.this_process("ctl-1"), ttl=0.3)
+    leader_may_end = anyio.Event()
+
+    async def leader() -> None:
+        async with guard.hold("vm-lead", "migrate"):
+            await leader_may_end.wait()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(leader)
+        await anyio.sleep(0.05)  # the leader leads the rounds; the follower follows
+        async with guard.hold("vm-follow", "migrate"):
+            await slow.renewing.wait()  # a round renewing the follower is in the store
+        leader_may_end.set()
+    assert [e.outcome for e in await store.history("vm-follow")] == ["done"]
+    assert await store.leases() == []

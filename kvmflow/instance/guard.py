@@ -307,6 +307,8 @@ class OperationGuard:
             for lease in renewed:
                 by_token[lease.token].lease, by_token[lease.token]._renewed_at = lease, now
             for lease, exc in lost:
+                if lease.token not in self._held:
+                    continue  # it ended (and released its lease) while the store answered
                 by_token[lease.token].lost = exc
                 self._stop(by_token[lease.token])
         every = max(PROGRESS_EVERY_SECONDS, len(held) / PROGRESS_ROWS_PER_SECOND)
