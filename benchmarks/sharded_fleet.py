@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import faulthandler
 import json
 import logging
@@ -67,6 +68,18 @@ def paths(root: Path, node: str) -> RuntimePaths:
 
 def node_names(count: int) -> list[str]:
     return [f"n{i:05d}" for i in range(count)]
+
+
+def fleet_of(node: str, fleets: int) -> int:
+    """Which fleet process simulates ``node``'s QEMUs (migrations stay within one: a fleet
+    process holds at most its descriptor limit, ~20,000 here, of sockets)."""
+    return (int(node[1:]) // 20) % fleets
+
+
+def evacuated_nodes(nodes: list[str], share: float) -> list[str]:
+    """Every ``1/share``-th node (spread over the fleets and the controllers)."""
+    step = max(1, round(1 / share))
+    return [node for i, node in enumerate(nodes) if i % step == 0]
 
 
 def rss_mib() -> float:
@@ -132,8 +145,18 @@ class Controller:
     async def evacuate(self, nodes: list[str], policy: MigrationPolicy, tag: str) -> None:
         """Every instance of ``nodes`` this controller holds, to its other nodes."""
         mine = [n for n in nodes if n in self.cluster.keeper.held]
-        targets = sorted(self.cluster.keeper.held - set(nodes))
-        names = [f"{node}-vm{k}" for node in mine for k in range(self.args.per_node)]
+        fleets = self.args.fleets
+        targets: dict[int, list[str]] = {f: [] for f in range(fleets)}  # within one fleet
+        for node in sorted(self.cluster.keeper.held - set(nodes)):
+            targets[fleet_of(node, fleets)].append(node)
+        moves = []
+        for i, node in enumerate(mine):
+            choices = targets[fleet_of(node, fleets)]
+            moves += [
+                (f"{node}-vm{k}", choices[(i * 31 + k) % len(choices)])
+                for k in range(self.args.per_node)
+            ]
+        names = [name for name, _ in moves]
         for name in names:  # the guests run (started without a lease: set-up, not measured)
             instance = self.engine.instance(name)
             guard, instance.guard = instance.guard, None
@@ -142,8 +165,7 @@ class Controller:
         writes, cpu, began = self.store.writes, cpu_seconds(), time.monotonic()
         peak = rss_mib()
         tickets = [
-            self.engine.submit_migration(name, targets[i % len(targets)], policy=policy)
-            for i, name in enumerate(names)
+            self.engine.submit_migration(name, target, policy=policy) for name, target in moves
         ]
         emit(f"{tag}-submitted", migrations=len(tickets))
         done, errors = 0, collections.Counter[str]()
@@ -175,6 +197,9 @@ class Controller:
                 tg.start_soon(self.rest, command["seconds"])
             elif command["do"] == "evacuate":
                 tg.start_soon(self.evacuate, command["nodes"], FAST, "evacuated")
+            elif command["do"] == "stats":
+                stats = self.engine.statistics()
+                emit("stats", active=stats.active, queued=stats.queued)
             elif command["do"] == "slow-wave":
                 tg.start_soon(self.evacuate, command["nodes"], SLOW, "slow-wave")
 
@@ -184,8 +209,15 @@ async def run_controller(args: argparse.Namespace) -> None:
     store = await EtcdStore.open(etcd_target(args.url), owner, ttl=args.ttl, role="controller")
     guard = OperationGuard(store, owner, ttl=args.ttl)
     root = Path(args.root)
+    controls = args.control.split(",")
     entries = [
-        NodeEntry(KvmHypervisor(FakeNode(n, args.control, shared_files=True), paths(root, n)), n)
+        NodeEntry(
+            KvmHypervisor(
+                FakeNode(n, controls[fleet_of(n, len(controls))], shared_files=True),
+                paths(root, n),
+            ),
+            n,
+        )
         for n in node_names(args.nodes)
     ]
     limits = Limits(max_outbound=2, max_inbound=4)
@@ -254,6 +286,7 @@ def main() -> None:
     parser.add_argument("--evacuate", type=float, default=0.05)
     parser.add_argument("--ttl", type=int, default=5)
     parser.add_argument("--rest", type=float, default=10.0)
+    parser.add_argument("--fleets", type=int, default=2, help="fleet processes")
     parser.add_argument("--role", default="parent")
     parser.add_argument("--id", default="")
     parser.add_argument("--url", default="")
@@ -276,14 +309,18 @@ def main() -> None:
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="kvsf-", dir="/var/tmp"))
-    control = str(root / "fleet.sock")
+    sockets = [str(root / f"fleet{i}.sock") for i in range(args.fleets)]
+    control = ",".join(sockets)
     ids = [f"ctl-{i}" for i in range(args.controllers)]
     nodes = node_names(args.nodes)
-    with etcd_cluster(3) as etcd, fleet_process(control):
+    with contextlib.ExitStack() as stack:
+        etcd = stack.enter_context(etcd_cluster(3))
+        for socket_path in sockets:
+            stack.enter_context(fleet_process(socket_path))
         url = etcd.url("/bench")
         common = ["--url", url, "--control", control, "--root", str(root)]
         common += ["--nodes", str(args.nodes), "--per-node", str(args.per_node)]
-        common += ["--ttl", str(args.ttl)]
+        common += ["--ttl", str(args.ttl), "--fleets", str(args.fleets)]
         children = [
             Child(
                 ident,
@@ -336,19 +373,21 @@ def run_phases(
         {"controller": c.ident, **r, **{k: g[k] for k in ("instances", "kib_per_instance")}}
         for c, r, g in zip(children, rest, registered, strict=True)
     ]
-    evacuated = nodes[: max(1, int(len(nodes) * args.evacuate))]
+    evacuated = evacuated_nodes(nodes, args.evacuate)
     for child in children:
         child.send(do="evacuate", nodes=evacuated)
     result["evacuation"] = [
         {"controller": child.ident, **child.wait_for("evacuated")} for child in children
     ]
     # Takeover: a slower wave in flight, then one controller killed.
-    wave = nodes[len(evacuated) : len(evacuated) + max(1, len(evacuated) // 5)]
+    wave = [n for i, n in enumerate(nodes) if n not in set(evacuated) and i % 97 == 1]
     for child in children:
         child.send(do="slow-wave", nodes=wave)
     victim, survivors = children[-1], children[:-1]
-    submitted = victim.wait_for("slow-wave-submitted")
+    victim.wait_for("slow-wave-submitted")
     time.sleep(2.0)  # its migrations are set up and streaming (each takes ~4 s at 64 MiB/s)
+    victim.send(do="stats")
+    in_flight = victim.wait_for("stats")
     killed_at = time.time()
     os.kill(victim.process.pid, signal.SIGKILL)
     victim_nodes = expected[victim.ident]
@@ -367,7 +406,8 @@ def run_phases(
                 break
     result["takeover"] = {
         "victim_nodes": victim_nodes,
-        "in_flight_when_killed": submitted["migrations"],
+        "in_flight_when_killed": in_flight["active"],
+        "queued_when_killed": in_flight["queued"],
         "ttl_seconds": args.ttl,
         "claimed_after_seconds": round(max(claimed_at) - killed_at, 2),
         "recovered_after_seconds": round(max(done_at) - killed_at, 2),

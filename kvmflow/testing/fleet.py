@@ -27,7 +27,6 @@ from typing import Any
 
 import anyio
 import anyio.abc
-from anyio.streams.stapled import MultiListener
 
 from kvmflow.errors import NodeError
 from kvmflow.fencing import before_change
@@ -69,7 +68,7 @@ class FakeQemu:
     completed_at: float | None = None
     clients: list[anyio.abc.SocketStream] = field(default_factory=list)
     alive: bool = True
-    listener: anyio.abc.Listener[anyio.abc.SocketStream] | None = None
+    listener: anyio.abc.SocketListener | None = None
     spare_paths: list[str] = field(default_factory=list)
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     sim: dict[str, float] | None = None  # the running migration's numbers
@@ -129,11 +128,11 @@ class Fleet:
         qemu = FakeQemu(pid, value("-name"), argv, qmp, memory, dirty_rate)
         if "-incoming" in argv:
             qemu.status = "inmigrate"
-        listeners = []
-        for path in sockets:  # the first monitor, and the spare one recovery uses
-            await anyio.Path(path).unlink(missing_ok=True)
-            listeners.append(await anyio.create_unix_listener(path))
-        qemu.listener = MultiListener(listeners)
+        await anyio.Path(qmp).unlink(missing_ok=True)
+        qemu.listener = await anyio.create_unix_listener(qmp)
+        for spare in sockets[1:]:  # the spare monitor: a link to the same (no descriptor)
+            await anyio.Path(spare).unlink(missing_ok=True)
+            await anyio.Path(spare).symlink_to(qmp)
         qemu.spare_paths = sockets[1:]
         self.qemus[pid] = qemu
         self.task_group.start_soon(self.serve, qemu)
