@@ -373,12 +373,14 @@ def run_phases(
         {"controller": c.ident, **r, **{k: g[k] for k in ("instances", "kib_per_instance")}}
         for c, r, g in zip(children, rest, registered, strict=True)
     ]
+    print(json.dumps(result), file=sys.stderr, flush=True)  # what is measured so far
     evacuated = evacuated_nodes(nodes, args.evacuate)
     for child in children:
         child.send(do="evacuate", nodes=evacuated)
     result["evacuation"] = [
         {"controller": child.ident, **child.wait_for("evacuated")} for child in children
     ]
+    print(json.dumps(result), file=sys.stderr, flush=True)
     # Takeover: a slower wave in flight, then one controller killed.
     wave = [n for i, n in enumerate(nodes) if n not in set(evacuated) and i % 97 == 1]
     for child in children:

@@ -90,7 +90,13 @@ class Fleet:
     async def control(self, request: dict[str, Any]) -> Any:
         op = request["op"]
         if op == "spawn":
-            return await self.spawn(request["argv"], request.get("dirty_rate", 0.0))
+            pid = await self.spawn(request["argv"], request.get("dirty_rate", 0.0))
+            node = request.get("files_of")  # its pid file, written as QEMU writes its own
+            if node is not None:
+                argv = request["argv"]
+                files = self.node_files.setdefault(node, NodeFiles())
+                await files.write(argv[argv.index("-pidfile") + 1], f"{pid}\n".encode())
+            return pid
         if op == "cmdline":
             qemu = self.qemus.get(request["pid"])
             return qemu.argv if qemu is not None and qemu.alive else None
@@ -414,8 +420,11 @@ class FakeNode(NodeLifecycle):
         probed = probe_answer(argv)
         if probed is not None:
             return probed
-        pid = await self._call(op="spawn", argv=argv, dirty_rate=self.dirty_rate)
-        await self.files.write(argv[argv.index("-pidfile") + 1], f"{pid}\n".encode())
+        if isinstance(self.files, FleetFiles):  # the fleet writes the pid file with the QEMU
+            await self._call(op="spawn", argv=argv, dirty_rate=self.dirty_rate, files_of=self.name)
+        else:
+            pid = await self._call(op="spawn", argv=argv, dirty_rate=self.dirty_rate)
+            await self.files.write(argv[argv.index("-pidfile") + 1], f"{pid}\n".encode())
         return CommandResult(tuple(argv), 0, b"", b"")
 
     async def read_file(self, path: str) -> bytes | None:
