@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Awaitable, Callable, Iterator
 from contextvars import ContextVar
-from typing import Any
 
 #: Proves that the caller may take the step it names, or raises why not.
 Proof = Callable[[str], Awaitable[None]]
@@ -61,8 +60,3 @@ def changes_proven_by(proof: Proof | None) -> Iterator[None]:
         yield
     finally:
         _PROOF.reset(token)
-
-
-def current_proof() -> Any:
-    """The proof in force here (``None`` outside an operation), for tests and hooks."""
-    return _PROOF.get()

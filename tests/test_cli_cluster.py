@@ -13,9 +13,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 
 from kvmflow.engine.shards import owner_of
+from kvmflow.store import Owner
+from kvmflow.store.etcd import EtcdStore
+from kvmflow.store.url import etcd_target
 from kvmflow.testing.etcd import EtcdCluster
 from tests.test_cli_commands import kvmflow
 
@@ -45,24 +49,14 @@ kernel_args = "mib=8 pause=20", serial_console = false }}
     return path
 
 
-def shards(url: str, config: Path) -> dict[str, str]:
-    """node -> controller, as the store says (read by a small client process)."""
-    code = (
-        "import anyio, json, sys\n"
-        "from kvmflow.store import Owner\n"
-        "from kvmflow.store.etcd import EtcdStore\n"
-        "from kvmflow.store.url import etcd_target\n"
-        "async def main():\n"
-        "    async with await EtcdStore.open(etcd_target(sys.argv[1]), Owner.this_process('peek'))"
-        " as s:\n"
-        "        print(json.dumps(await s.node_owners()))\n"
-        "anyio.run(main)\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code, url], capture_output=True, text=True, timeout=30, check=True
-    )
-    owners: dict[str, str] = json.loads(done.stdout)
-    return owners
+def shards(url: str) -> dict[str, str]:
+    """node -> controller, as the store says."""
+
+    async def read() -> dict[str, str]:
+        async with await EtcdStore.open(etcd_target(url), Owner.this_process("peek")) as store:
+            return await store.node_owners()
+
+    return anyio.run(read)
 
 
 def split_ids() -> tuple[str, str]:
@@ -101,8 +95,8 @@ def controllers(
     ]
     try:
         deadline = time.monotonic() + 30
-        while set(shards(url, config).values()) != set(split_ids()):
-            assert time.monotonic() < deadline, shards(url, config)
+        while set(shards(url).values()) != set(split_ids()):
+            assert time.monotonic() < deadline, shards(url)
             assert all(p.poll() is None for p in started)
             time.sleep(0.2)
         yield url, started
@@ -122,7 +116,7 @@ def test_a_shells_commands_go_to_the_nodes_controllers(
 ) -> None:
     url, _ = controllers
     env = {"KVMFLOW_STORE": url}
-    owners = shards(url, config)
+    owners = shards(url)
     started = kvmflow("start", "web1", config=config, env=env)
     assert started.returncode == 0, started.stderr
     assert f"controller {owners['alpha']}: started web1 on alpha" in started.stdout

@@ -8,6 +8,7 @@ misbehaviour (SIGKILL, SIGSTOP) are hooks at a phase, never a sleep.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -124,19 +125,11 @@ class ControllerProcess:
 
     async def stop(self) -> None:
         if self.process.returncode is None:
-            with _suppress_lookup():
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(self.process.pid, signal.SIGCONT)
             self.process.kill()
         with anyio.move_on_after(10):
             await self.process.wait()
-
-
-class _suppress_lookup:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: object, *rest: object) -> bool:
-        return kind is ProcessLookupError
 
 
 async def client_store(cluster: EtcdCluster, prefix: str) -> EtcdStore:

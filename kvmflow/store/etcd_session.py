@@ -186,7 +186,7 @@ class EtcdSession:
         sent = time.monotonic()
         lease = await self.client.lease(self.ttl)
         value = json.dumps(
-            {**_owner_record(self.owner), "ttl": self.ttl, "lease": lease.id, "role": self.role}
+            {**owner_record(self.owner), "ttl": self.ttl, "lease": lease.id, "role": self.role}
         ).encode()
         tx = self.client.transactions
         ok, replies = await self.client.transaction(
@@ -372,7 +372,7 @@ def _means_no_answer(exc: Exception) -> bool:
     return any(fragment in text for fragment in _NO_ANSWER_TEXTS)
 
 
-def _owner_record(owner: Owner) -> dict[str, Any]:
+def owner_record(owner: Owner) -> dict[str, Any]:
     return {
         "controller": owner.controller,
         "host": owner.host,
@@ -383,6 +383,3 @@ def _owner_record(owner: Owner) -> dict[str, Any]:
 
 def owner_from(record: dict[str, Any]) -> Owner:
     return Owner(record["controller"], record["host"], record["pid"], record["pid_started"])
-
-
-owner_record = _owner_record
